@@ -1,0 +1,45 @@
+"""
+Durable file writes: nothing partial is ever visible where a complete file is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """
+    Replace C{path} with C{data}: write a temp file beside it (created with
+    C{mode}, so a key is never readable by others even for a moment), fsync
+    it, rename it over the target, then fsync the folder so the rename
+    survives a crash.
+    """
+    folder = path.parent
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(folder)
+
+
+def fsync_directory(folder: Path) -> None:
+    """
+    Make a rename or creation in C{folder} durable.
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

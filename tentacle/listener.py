@@ -1,0 +1,378 @@
+"""
+One TLS connection to the agent, from its first byte to the message exchange.
+
+The order of checks follows Halibut's listener, and is the security model:
+
+  1. TLS handshake (any client certificate, or none, completes it).
+  2. Read the initial request up to a blank line (at most 20,000 characters).
+  3. Not C{MX}: a browser or curl; send the friendly page and close.
+  4. C{MX}: the peer's certificate must be in the trust list, else it is
+     logged with its address and thumbprint and the connection is reset
+     without a byte written.
+  5. Read the identity line C{MX-CLIENT 1.0}, answer C{MX-SERVER 1.0}, and
+     hand the connection to the message exchange.
+
+Nothing but the friendly page happens before step 4.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IReactorTime,
+    ISSLTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from OpenSSL import SSL
+
+from tentacle.page import FRIENDLY_PAGE
+from tentacle.trust import PeerIdentity, TrustList
+
+#: Halibut stops reading a first request at this many characters.
+MAX_INITIAL_REQUEST = 20000
+#: An identity line is a few words; anything longer is not a Halibut client.
+MAX_IDENTITY_LINE = 1024
+IDENTITY_ANSWER = b"MX-SERVER 1.0\r\n\r\n"
+
+SessionFactory = Callable[[PeerIdentity], IProtocol]
+
+
+def describe_address(address: IAddress) -> str:
+    """
+    C{host:port}, with IPv6 hosts in brackets, for log lines.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]  # IPv4 through the dual-stack socket
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def reset_connection(transport: ITransport) -> None:
+    """
+    Drop a connection with a TCP reset, as Halibut does to untrusted
+    peers, so they learn nothing, not even a TLS close.
+    """
+    tcp = getattr(transport, "transport", transport)
+    handle = getattr(tcp, "getHandle", lambda: None)()
+    if isinstance(handle, socket.socket):
+        try:
+            handle.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+        except OSError:
+            pass
+    transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class InitialRequestTooLong(Exception):
+    pass
+
+
+class PreambleReader:
+    """
+    Reads the first request as Halibut does: carriage returns ignored, ends
+    at a blank line, capped in length.  Pure, so it is simple to fuzz.
+    """
+
+    def __init__(self, limit: int = MAX_INITIAL_REQUEST) -> None:
+        self._limit = limit
+        self._chars: list[str] = []
+        self._previous_newline = False
+
+    def feed(self, data: bytes) -> tuple[str, bytes] | None:
+        """
+        @return: C{None} while incomplete; else the request (lines joined by
+            C{\\n}, without the blank line) and the bytes that followed it.
+        @raise InitialRequestTooLong: past the limit.
+        """
+        for index, byte in enumerate(data):
+            if byte == 0x0D:
+                continue
+            if byte == 0x0A:
+                if self._previous_newline:
+                    return "".join(self._chars), data[index + 1 :]
+                self._previous_newline = True
+            else:
+                self._previous_newline = False
+            # Latin-1 maps each byte to one character, as Halibut's byte-wise read does.
+            self._chars.append(chr(byte))
+            if len(self._chars) >= self._limit:
+                raise InitialRequestTooLong()
+        return None
+
+
+class AgentConnection(Protocol):
+    """
+    One connection, from the TLS handshake to the hand-over to the exchange.
+    """
+
+    log = Logger()
+
+    factory: ListenerFactory
+
+    def __init__(self) -> None:
+        self._preamble: PreambleReader | None = PreambleReader()
+        self._identity_buffer = b""
+        self._peer: PeerIdentity | None = None
+        self._session: IProtocol | None = None
+        self._timeout: IDelayedCall | None = None
+        self._address = "?"
+        self._finished = False
+
+    @property
+    def peer(self) -> PeerIdentity | None:
+        """
+        The authenticated peer, once its certificate has been found trusted.
+        """
+        return self._peer
+
+    def connectionMade(self) -> None:
+        self._address = describe_address(self.transport.getPeer())
+        self._timeout = self.factory.clock.callLater(
+            self.factory.handshake_timeout, self._timed_out
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        if self._session is not None:
+            self._session.dataReceived(data)
+            return
+        if self._preamble is not None:
+            try:
+                done = self._preamble.feed(data)
+            except InitialRequestTooLong:
+                self.log.warn(
+                    "Disconnected {peer}: its initial request passed {limit} characters",
+                    peer=self._address,
+                    limit=MAX_INITIAL_REQUEST,
+                )
+                self._abort()
+                return
+            if done is None:
+                return
+            self._preamble = None
+            request, data = done
+            if not self._dispatch_initial_request(request):
+                return
+        self._read_identity(data)
+
+    def _dispatch_initial_request(self, request: str) -> bool:
+        """
+        @return: whether the connection goes on to the identity line.
+        """
+        if not request.strip():
+            self.log.info("Ignoring an empty request from {peer}", peer=self._address)
+            self._close()
+            return False
+        if not request.startswith("MX"):
+            self.log.info(
+                "{peer} appears to be a web browser; sending the friendly page",
+                peer=self._address,
+            )
+            self.transport.write(FRIENDLY_PAGE)
+            self._close()
+            return False
+        peer = self._peer_identity()
+        if peer is None:
+            self.log.warn(
+                "Refused a client at {peer}: it attempted a message exchange "
+                "without a client certificate",
+                peer=self._address,
+                event="client_denied",
+            )
+            self._reset()
+            return False
+        if not self.factory.trust.trusts(peer):
+            self.log.warn(
+                "Refused a client at {peer}: its certificate {thumbprint} "
+                "(SHA-256 {sha256}, subject {subject}) is not in the trust list",
+                peer=self._address,
+                thumbprint=peer.thumbprint,
+                sha256=peer.sha256,
+                subject=peer.subject,
+                event="client_denied",
+            )
+            self._reset()
+            return False
+        self.log.info(
+            "Client at {peer} authenticated as {thumbprint} over {tls_version}",
+            peer=self._address,
+            thumbprint=peer.thumbprint,
+            tls_version=self._tls_version(),
+            event="client_authenticated",
+        )
+        self._peer = peer
+        self.factory.authenticated(self)
+        return True
+
+    def _read_identity(self, data: bytes) -> None:
+        self._identity_buffer += data
+        buffer = self._identity_buffer
+        first = buffer.find(b"\n")
+        if first < 0 or buffer.find(b"\n", first + 1) < 0:
+            if len(buffer) > MAX_IDENTITY_LINE:
+                self._protocol_error("the identity line is too long")
+            return
+        second = buffer.find(b"\n", first + 1)
+        line, blank, rest = buffer[:first + 1], buffer[first + 1 : second + 1], buffer[second + 1 :]
+        if not line.endswith(b"\r\n") or blank != b"\r\n":
+            self._protocol_error("the identity line must be followed by an empty line, both ending in CRLF")
+            return
+        parts = line[:-2].decode("utf-8", "replace").split(" ")
+        if parts[0] != "MX-CLIENT":
+            self._protocol_error(f"unknown identity type {parts[0][:40]!r} (expected MX-CLIENT)")
+            return
+        self._identity_buffer = b""
+        self._cancel_timeout()
+        self.transport.write(IDENTITY_ANSWER)
+        self._start_session(rest)
+
+    def _start_session(self, leftover: bytes) -> None:
+        assert self._peer is not None
+        if self.factory.session_factory is None:
+            self._close()
+            return
+        session = self.factory.session_factory(self._peer)
+        self._session = session
+        session.makeConnection(self.transport)
+        if leftover:
+            session.dataReceived(leftover)
+
+    def _protocol_error(self, why: str) -> None:
+        self.log.warn(
+            "Closed the connection from {peer}: protocol error: {why}",
+            peer=self._address,
+            why=why,
+        )
+        self._abort()
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        self.log.info(
+            "Disconnected {peer}: no complete request within {timeout} seconds",
+            peer=self._address,
+            timeout=self.factory.handshake_timeout,
+        )
+        self._abort()
+
+    def revoke(self) -> None:
+        """
+        The peer's thumbprint left the trust list: cut it off at once.
+        """
+        self.log.warn(
+            "Disconnected {peer}: {thumbprint} is no longer trusted",
+            peer=self._address,
+            thumbprint=self._peer.thumbprint if self._peer else None,
+        )
+        self._reset()
+
+    def _peer_identity(self) -> PeerIdentity | None:
+        certificate = ISSLTransport(self.transport).getPeerCertificate()
+        if certificate is None:
+            return None
+        return PeerIdentity.from_certificate(certificate.to_cryptography())
+
+    def _tls_version(self) -> str:
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        if isinstance(handle, SSL.Connection):
+            return handle.get_protocol_version_name()
+        return "unknown TLS"
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _close(self) -> None:
+        self._finished = True
+        self._cancel_timeout()
+        self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._finished = True
+        self._cancel_timeout()
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _reset(self) -> None:
+        self._finished = True
+        self._cancel_timeout()
+        reset_connection(self.transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._finished = True
+        self._cancel_timeout()
+        self.factory.disconnected(self)
+        if reason.check(SSL.Error) and self._preamble is not None:
+            self.log.info(
+                "TLS with {peer} failed: {error}",
+                peer=self._address,
+                error=reason.getErrorMessage(),
+            )
+        if self._session is not None:
+            self._session.connectionLost(reason)
+
+
+class ListenerFactory(Factory):
+    """
+    Builds L{AgentConnection}s and keeps track of the authenticated ones,
+    so removing a thumbprint from the trust list cuts its servers off.
+
+    @ivar session_factory: builds the message exchange for an authenticated
+        peer; when C{None}, the connection closes after the identity answer.
+    """
+
+    protocol = AgentConnection
+    noisy = False
+
+    def __init__(
+        self,
+        trust: TrustList,
+        clock: IReactorTime,
+        handshake_timeout: float,
+        session_factory: SessionFactory | None = None,
+    ) -> None:
+        self.trust = trust
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.session_factory = session_factory
+        self._authenticated: set[AgentConnection] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def startFactory(self) -> None:
+        self._unsubscribe = self.trust.on_removal(self._trust_removed)
+
+    def stopFactory(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def authenticated(self, connection: AgentConnection) -> None:
+        self._authenticated.add(connection)
+
+    def disconnected(self, connection: AgentConnection) -> None:
+        self._authenticated.discard(connection)
+
+    @property
+    def authenticated_connections(self) -> frozenset[AgentConnection]:
+        return frozenset(self._authenticated)
+
+    def _trust_removed(self, removed: frozenset[str]) -> None:
+        for connection in list(self._authenticated):
+            peer = connection.peer
+            if peer is not None and not self.trust.trusts(peer):
+                self._authenticated.discard(connection)
+                connection.revoke()

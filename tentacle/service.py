@@ -1,0 +1,182 @@
+"""
+L{TentacleService}: the whole agent as one Twisted service, for twistd or for
+embedding in any Twisted application::
+
+    from twisted.application.service import MultiService
+    from tentacle.config import ConfigFile, resolve_home
+    from tentacle.service import TentacleService
+
+    home = resolve_home(None)
+    config_file = ConfigFile(home)
+    agent = TentacleService(config_file.load(), reactor, config_file=config_file)
+    agent.setServiceParent(my_multi_service)
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any, Callable
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from tentacle.config import ConfigError, ConfigFile, TentacleConfig
+from tentacle.identity import Identity, IdentityStore
+from tentacle.listener import ListenerFactory, SessionFactory
+from tentacle.tls import AgentTLSOptions
+from tentacle.trust import TrustList
+
+#: How often a running agent looks for edits to its configuration file, so
+#: `tentacle configure --trust` takes effect within a few seconds.
+CONFIG_POLL_INTERVAL = 2.0
+
+
+def _default_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class TentacleService(MultiService):
+    """
+    The listening agent: TLS listener, trust list and configuration watcher.
+
+    @param config: what to listen on and whom to trust.
+    @param reactor: provides TCP, time and threads; the global one by default.
+    @param identity: our certificate and key; read from the home when omitted.
+    @param config_file: when given, trust is reloaded from it when it
+        changes (polled every L{CONFIG_POLL_INTERVAL} seconds) and on L{reload}.
+    @param handle_sighup: reload on SIGHUP too (for daemons; an embedding
+        application usually owns its signals).
+    @param session_factory: the message exchange for authenticated peers.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: TentacleConfig,
+        reactor: Any = None,
+        *,
+        identity: Identity | None = None,
+        config_file: ConfigFile | None = None,
+        handle_sighup: bool = False,
+        session_factory: SessionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor if reactor is not None else _default_reactor()
+        self.config = config
+        self.identity = identity if identity is not None else IdentityStore(config.home).load()
+        self.trust = TrustList(config.trusted_thumbprints)
+        self.listener_factory = ListenerFactory(
+            self.trust, self.reactor, config.handshake_timeout, session_factory
+        )
+        self.port: IListeningPort | None = None
+        self._config_file = config_file
+        self._config_signature = config_file.signature() if config_file else None
+        self._handle_sighup = handle_sighup
+        self._previous_sighup: Callable[..., Any] | int | None = None
+        if config_file is not None:
+            watcher = TimerService(CONFIG_POLL_INTERVAL, self._poll_config)
+            watcher.clock = self.reactor
+            watcher.setServiceParent(self)
+
+    def _endpoints(self) -> list[IStreamServerEndpoint]:
+        address = self.config.listen_address
+        if address is None:
+            # One dual-stack IPv6 socket takes IPv4 too; without IPv6, fall back.
+            return [
+                TCP6ServerEndpoint(self.reactor, self.config.port, interface="::"),
+                TCP4ServerEndpoint(self.reactor, self.config.port),
+            ]
+        if ":" in address:
+            return [TCP6ServerEndpoint(self.reactor, self.config.port, interface=address)]
+        return [TCP4ServerEndpoint(self.reactor, self.config.port, interface=address)]
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind before privileges are dropped, and fail loudly: an agent that
+        cannot listen must not look as if it started.
+        """
+        factory = TLSMemoryBIOFactory(
+            AgentTLSOptions(self.identity), False, self.listener_factory
+        )
+        factory.noisy = False
+        errors: list[BaseException] = []
+        for endpoint in self._endpoints():
+            result = endpoint.listen(factory)
+            ports: list[IListeningPort] = []
+            result.addCallbacks(ports.append, lambda f: errors.append(f.value))
+            if ports:
+                self.port = ports[0]
+                break
+        if self.port is None:
+            raise errors[-1]
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+        host = self.port.getHost() if self.port else None
+        self.log.info(
+            "Tentacle listening on port {port} as {thumbprint}; trusting {count} server(s)",
+            port=getattr(host, "port", None),
+            thumbprint=self.identity.thumbprint,
+            count=len(self.trust.thumbprints),
+        )
+        if not self.trust.thumbprints:
+            self.log.warn(
+                "No server is trusted yet, so every message exchange will be "
+                "refused: run 'tentacle configure --trust <server thumbprint>'"
+            )
+        if self._handle_sighup:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stopService(self) -> Any:
+        if self._handle_sighup and self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        d = super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            d.addCallback(lambda _: port.stopListening())
+        for connection in self.listener_factory.authenticated_connections:
+            connection.transport.loseConnection()
+        return d
+
+    def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def _poll_config(self) -> None:
+        assert self._config_file is not None
+        signature = self._config_file.signature()
+        if signature != self._config_signature:
+            self._config_signature = signature
+            self.reload()
+
+    def reload(self) -> None:
+        """
+        Re-read the trust list from the configuration file; servers no longer
+        trusted are disconnected at once.  A broken file changes nothing.
+        """
+        if self._config_file is None:
+            return
+        try:
+            config = self._config_file.load()
+        except ConfigError as e:
+            self.log.error("Configuration not reloaded: {error}", error=str(e))
+            return
+        self.apply_trust(config.trusted_thumbprints)
+
+    def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
+        added, removed = self.trust.replace(thumbprints)
+        for t in sorted(added):
+            self.log.info("Now trusting {thumbprint}", thumbprint=t)
+        for t in sorted(removed):
+            self.log.info("No longer trusting {thumbprint}", thumbprint=t)

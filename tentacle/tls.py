@@ -1,0 +1,76 @@
+"""
+The agent's TLS policy: which versions and suites, and how client certificates are taken.
+
+Like Halibut's listener we I{request} a client certificate but never require
+or validate one during the handshake: browsers and curl must complete it to see
+the friendly page, and a server's self-signed certificate has no chain to
+check.  Trust is decided afterwards, by thumbprint (L{tentacle.trust}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from zope.interface import implementer
+
+from tentacle.identity import Identity
+
+#: Forward-secret AEAD suites only for TLS 1.2 (Mozilla "intermediate" without
+#: the DHE ones, which need parameters we do not ship).  TLS 1.3 suites are all
+#: AEAD and are not governed by this string.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+def _accept_any_certificate(
+    connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int
+) -> bool:
+    """
+    Let every client certificate through the handshake; the listener checks
+    its thumbprint against the trust list before acting on anything.
+    """
+    return True
+
+
+def _no_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class AgentTLSOptions:
+    """
+    Server-side TLS for the listener: TLS 1.2 minimum (1.3 preferred by
+    OpenSSL when both sides have it), AEAD suites, our certificate, and a
+    request for the client's certificate that tolerates its absence.
+    """
+
+    def __init__(self, identity: Identity) -> None:
+        self._options = CertificateOptions(
+            privateKey=identity.private_key,
+            certificate=identity.certificate,
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
+            enableSessions=False,
+        )
+        self._context: SSL.Context | None = None
+
+    def _get_context(self) -> SSL.Context:
+        if self._context is None:
+            context = self._options.getContext()
+            context.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)
+            # We speak no ALPN protocol.  Twisted 26.10's default selector
+            # answers an empty name, which OpenSSL turns into an
+            # internal-error alert: every browser and curl offers ALPN.
+            context.set_alpn_select_callback(_no_alpn)
+            self._context = context
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        self._get_context()  # CertificateOptions builds connections from this cached context
+        return self._options.serverConnectionForTLS(tlsProtocol)

@@ -1,0 +1,79 @@
+"""
+Who may drive this agent: the list of trusted server thumbprints.
+
+Trust is decided after the TLS handshake, by the SHA-1 thumbprint or SHA-256
+fingerprint of the certificate the peer presented, as Halibut does.  The list
+can change while the agent runs; whoever holds live connections subscribes to
+hear which thumbprints were removed, so it can cut them off at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import attrs
+from cryptography import x509
+
+from tentacle.identity import describe_subject, sha1_thumbprint, sha256_fingerprint
+
+
+@attrs.frozen
+class PeerIdentity:
+    """
+    What we know of a peer's certificate, enough to decide and to log.
+    """
+
+    thumbprint: str
+    sha256: str
+    subject: str
+
+    @classmethod
+    def from_certificate(cls, certificate: x509.Certificate) -> PeerIdentity:
+        return cls(
+            thumbprint=sha1_thumbprint(certificate),
+            sha256=sha256_fingerprint(certificate),
+            subject=describe_subject(certificate),
+        )
+
+
+RemovalListener = Callable[[frozenset[str]], None]
+
+
+class TrustList:
+    """
+    The thumbprints (canonical: upper-case hex) of the servers we obey.
+    """
+
+    def __init__(self, thumbprints: Iterable[str] = ()) -> None:
+        self._thumbprints = frozenset(thumbprints)
+        self._listeners: list[RemovalListener] = []
+
+    @property
+    def thumbprints(self) -> frozenset[str]:
+        return self._thumbprints
+
+    def trusts(self, peer: PeerIdentity) -> bool:
+        return peer.thumbprint in self._thumbprints or peer.sha256 in self._thumbprints
+
+    def replace(self, thumbprints: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+        """
+        Install a new list; tell subscribers what was removed.
+
+        @return: the thumbprints added and removed.
+        """
+        new = frozenset(thumbprints)
+        added, removed = new - self._thumbprints, self._thumbprints - new
+        self._thumbprints = new
+        if removed:
+            for listener in list(self._listeners):
+                listener(removed)
+        return added, removed
+
+    def on_removal(self, listener: RemovalListener) -> Callable[[], None]:
+        """
+        Call C{listener} with the removed thumbprints whenever some are removed.
+
+        @return: a function that unsubscribes.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
