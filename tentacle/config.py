@@ -44,6 +44,14 @@ def check_port(value: object) -> int:
     return value
 
 
+def _any_port(value: int) -> None:
+    """
+    Port 0 (any free port) is fine for embedding and tests, not for users.
+    """
+    if value != 0:
+        check_port(value)
+
+
 def check_listen_address(value: object) -> str | None:
     """
     An IP literal, or None (or "any") for every interface, IPv4 and IPv6.
@@ -89,7 +97,7 @@ class TentacleConfig:
     """
 
     home: Path
-    port: int = attrs.field(default=DEFAULT_PORT, validator=lambda _i, _a, v: check_port(v))
+    port: int = attrs.field(default=DEFAULT_PORT, validator=lambda _i, _a, v: _any_port(v))
     listen_address: str | None = None
     trusted_thumbprints: tuple[str, ...] = ()
     application_directory: Path | None = None

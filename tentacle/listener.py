@@ -18,7 +18,7 @@ Nothing but the friendly page happens before step 4.
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import (
     IAddress,
@@ -133,6 +133,15 @@ class AgentConnection(Protocol):
         self._finished = False
 
     @property
+    def _link(self) -> Any:
+        """
+        The TLS transport; typed loosely since it provides several
+        interfaces (ITransport, ISSLTransport, abortConnection).
+        """
+        assert self.transport is not None
+        return self.transport
+
+    @property
     def peer(self) -> PeerIdentity | None:
         """
         The authenticated peer, once its certificate has been found trusted.
@@ -140,7 +149,7 @@ class AgentConnection(Protocol):
         return self._peer
 
     def connectionMade(self) -> None:
-        self._address = describe_address(self.transport.getPeer())
+        self._address = describe_address(self._link.getPeer())
         self._timeout = self.factory.clock.callLater(
             self.factory.handshake_timeout, self._timed_out
         )
@@ -183,7 +192,7 @@ class AgentConnection(Protocol):
                 "{peer} appears to be a web browser; sending the friendly page",
                 peer=self._address,
             )
-            self.transport.write(FRIENDLY_PAGE)
+            self._link.write(FRIENDLY_PAGE)
             self._close()
             return False
         peer = self._peer_identity()
@@ -238,7 +247,7 @@ class AgentConnection(Protocol):
             return
         self._identity_buffer = b""
         self._cancel_timeout()
-        self.transport.write(IDENTITY_ANSWER)
+        self._link.write(IDENTITY_ANSWER)
         self._start_session(rest)
 
     def _start_session(self, leftover: bytes) -> None:
@@ -248,7 +257,7 @@ class AgentConnection(Protocol):
             return
         session = self.factory.session_factory(self._peer)
         self._session = session
-        session.makeConnection(self.transport)
+        session.makeConnection(self._link)
         if leftover:
             session.dataReceived(leftover)
 
@@ -281,7 +290,7 @@ class AgentConnection(Protocol):
         self._reset()
 
     def _peer_identity(self) -> PeerIdentity | None:
-        certificate = ISSLTransport(self.transport).getPeerCertificate()
+        certificate: Any = ISSLTransport(self._link).getPeerCertificate()
         if certificate is None:
             return None
         return PeerIdentity.from_certificate(certificate.to_cryptography())
@@ -300,17 +309,17 @@ class AgentConnection(Protocol):
     def _close(self) -> None:
         self._finished = True
         self._cancel_timeout()
-        self.transport.loseConnection()
+        self._link.loseConnection()
 
     def _abort(self) -> None:
         self._finished = True
         self._cancel_timeout()
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self._link.abortConnection()
 
     def _reset(self) -> None:
         self._finished = True
         self._cancel_timeout()
-        reset_connection(self.transport)
+        reset_connection(self._link)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._finished = True
@@ -335,7 +344,7 @@ class ListenerFactory(Factory):
         peer; when C{None}, the connection closes after the identity answer.
     """
 
-    protocol = AgentConnection
+    protocol = AgentConnection  # type: ignore[assignment]
     noisy = False
 
     def __init__(

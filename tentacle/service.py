@@ -104,7 +104,7 @@ class TentacleService(MultiService):
         cannot listen must not look as if it started.
         """
         factory = TLSMemoryBIOFactory(
-            AgentTLSOptions(self.identity), False, self.listener_factory
+            AgentTLSOptions(self.identity), False, self.listener_factory, clock=self.reactor
         )
         factory.noisy = False
         errors: list[BaseException] = []
@@ -147,7 +147,8 @@ class TentacleService(MultiService):
         if port is not None:
             d.addCallback(lambda _: port.stopListening())
         for connection in self.listener_factory.authenticated_connections:
-            connection.transport.loseConnection()
+            if connection.transport is not None:
+                connection.transport.loseConnection()
         return d
 
     def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
@@ -177,6 +178,6 @@ class TentacleService(MultiService):
     def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
         added, removed = self.trust.replace(thumbprints)
         for t in sorted(added):
-            self.log.info("Now trusting {thumbprint}", thumbprint=t)
+            self.log.info("Now trusting {thumbprint}", thumbprint=t, event="trust_added")
         for t in sorted(removed):
-            self.log.info("No longer trusting {thumbprint}", thumbprint=t)
+            self.log.info("No longer trusting {thumbprint}", thumbprint=t, event="trust_removed")

@@ -51,9 +51,11 @@ class AgentTLSOptions:
     """
 
     def __init__(self, identity: Identity) -> None:
+        # cryptography objects are what pyOpenSSL 26 wants; Twisted's hints
+        # still name the older pyOpenSSL types.
         self._options = CertificateOptions(
-            privateKey=identity.private_key,
-            certificate=identity.certificate,
+            privateKey=identity.private_key,  # type: ignore[arg-type]
+            certificate=identity.certificate,  # type: ignore[arg-type]
             raiseMinimumTo=TLSVersion.TLSv1_2,
             acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
             enableSessions=False,

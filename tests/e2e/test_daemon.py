@@ -1,0 +1,104 @@
+"""
+The agent as users start it: a real child process running C{tentacle run}
+(which is C{twistd -n tentacle}), checked over a real socket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+import tentacle
+from tentacle.identity import IdentityStore
+from tentacle.page import FRIENDLY_PAGE
+from tests.support import client_context, converse, in_thread
+
+CHECKOUT = str(Path(tentacle.__file__).resolve().parent.parent)
+
+
+def child_environment(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TENTACLE_HOME"] = str(home)
+    env["PYTHONPATH"] = CHECKOUT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class AgentProcess(ProcessProtocol):
+    """
+    Watches the agent's log for the line saying it listens.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[None] = Deferred()
+        self.ended: Deferred[Any] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"Tentacle listening on port" in self.output and not self.listening.called:
+            self.listening.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.listening.called:
+            self.listening.errback(Exception(f"agent exited: {self.output!r}"))
+        self.ended.callback(reason.value)
+
+
+class DaemonTests(TestCase):
+    async def test_twistd_lists_the_plugin(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "--help"],
+            env=child_environment(home),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out.decode(), r"\n\s+tentacle\s+A listening deployment agent")
+
+    async def test_run_on_a_fresh_home(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        port = free_port()
+        env = child_environment(home)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tentacle.cli", "configure", "--port", str(port), "--listen-ip", "127.0.0.1"], env=env
+        )
+        self.assertEqual(code, 0, err)
+        agent = AgentProcess()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            agent, sys.executable, [sys.executable, "-m", "tentacle.cli", "run"], env=env
+        )
+        try:
+            await agent.listening
+            thumbprint = IdentityStore(home).load().thumbprint
+            self.assertIn(f"its thumbprint is {thumbprint}".encode(), agent.output)
+            result = await in_thread(
+                converse, port, client_context(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            self.assertEqual(result.received, FRIENDLY_PAGE)
+        finally:
+            if process.pid is not None:
+                process.signalProcess(signal.SIGTERM)
+            reason = await agent.ended
+        # twistd shuts down cleanly, then re-raises SIGTERM so its parent
+        # sees how it ended.
+        self.assertIn(getattr(reason, "signal", None), (None, signal.SIGTERM))
+        self.assertIn(b"Server Shut Down", agent.output)

@@ -1,0 +1,92 @@
+"""
+The configuration file: defaults, validation with clear messages, atomic saves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tentacle.config import (
+    DEFAULT_PORT,
+    ConfigError,
+    ConfigFile,
+    TentacleConfig,
+    resolve_home,
+)
+
+
+class HomeTests(SynchronousTestCase):
+    def test_precedence(self) -> None:
+        self.assertEqual(resolve_home("/a", {"TENTACLE_HOME": "/b"}), Path("/a"))
+        self.assertEqual(resolve_home(None, {"TENTACLE_HOME": "/b"}), Path("/b"))
+        self.assertEqual(resolve_home(None, {}), Path("~/.tentacle").expanduser())
+
+
+class ConfigFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = Path(self.mktemp())
+        self.file = ConfigFile(self.home)
+
+    def test_defaults_without_file(self) -> None:
+        config = self.file.load()
+        self.assertEqual(config.port, DEFAULT_PORT)
+        self.assertIsNone(config.listen_address)
+        self.assertEqual(config.trusted_thumbprints, ())
+        self.assertEqual(config.applications, self.home / "Applications")
+        self.assertEqual(config.handshake_timeout, 30.0)
+
+    def test_round_trip(self) -> None:
+        config = TentacleConfig(
+            home=self.home, port=1234, listen_address="::1",
+            trusted_thumbprints=("A" * 40, "B" * 64),
+            application_directory=Path("/srv/apps"), handshake_timeout=5,
+        )
+        self.file.save(config)
+        self.assertEqual(self.file.load(), config)
+        self.assertEqual(json.loads(self.file.path.read_text())["listen-port"], 1234)
+
+    def test_trust_is_normalized_and_deduplicated(self) -> None:
+        config = TentacleConfig(home=self.home).trust("a" * 40).trust("A" * 40)
+        self.assertEqual(config.trusted_thumbprints, ("A" * 40,))
+
+    def test_distrust_unknown(self) -> None:
+        e = self.assertRaises(ConfigError, TentacleConfig(home=self.home).distrust, "a" * 40)
+        self.assertIn("is not in the trust list", str(e))
+
+    def write(self, data: object) -> None:
+        self.home.mkdir()
+        self.file.path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+
+    def test_invalid_json(self) -> None:
+        self.write("{nope")
+        e = self.assertRaises(ConfigError, self.file.load)
+        self.assertIn("is not valid JSON", str(e))
+
+    def test_bad_values_name_the_key(self) -> None:
+        cases = [
+            ({"listen-port": 0}, "listen-port: the port must be"),
+            ({"listen-port": "10933"}, "listen-port: the port must be"),
+            ({"listen-address": "nowhere"}, "listen-address: 'nowhere' is not an IP address"),
+            ({"trusted-thumbprints": ["xyz"]}, "'xyz' is not a thumbprint"),
+            ({"trusted-thumbprints": "A" * 40}, "must be a list"),
+            ({"handshake-timeout": -1}, "handshake-timeout: a timeout must be a positive"),
+            ({"colour": "blue"}, "unknown setting(s): colour"),
+            ([], "must be a JSON object"),
+        ]
+        for data, message in cases:
+            self.file.path.unlink(missing_ok=True)
+            self.home.mkdir(exist_ok=True)
+            self.file.path.write_text(json.dumps(data))
+            e = self.assertRaises(ConfigError, self.file.load)
+            self.assertIn(message, str(e))
+            self.assertIn(str(self.file.path), str(e))
+
+    def test_signature_changes_on_save(self) -> None:
+        self.assertIsNone(self.file.signature())
+        self.file.save(TentacleConfig(home=self.home))
+        first = self.file.signature()
+        self.file.save(TentacleConfig(home=self.home, port=2))
+        self.assertNotEqual(first, self.file.signature())

@@ -1,0 +1,336 @@
+"""
+The listener's order of checks, over in-memory TLS with a fake clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.address import IPv4Address
+from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
+
+from tentacle.identity import Identity
+from tentacle.listener import (
+    IDENTITY_ANSWER,
+    MAX_INITIAL_REQUEST,
+    AgentConnection,
+    InitialRequestTooLong,
+    ListenerFactory,
+    PreambleReader,
+    describe_address,
+)
+from tentacle.page import FRIENDLY_PAGE
+from tentacle.tls import AgentTLSOptions
+from tentacle.trust import PeerIdentity, TrustList
+from tests.support import LogCapture, Recorder, client_tls_options, identity
+
+MX_PREAMBLE = b"MX\r\n\r\n"
+MX_IDENTITY = b"MX-CLIENT 1.0\r\n\r\n"
+
+
+class PreambleReaderTests(SynchronousTestCase):
+    def test_ends_at_blank_line_and_keeps_the_rest(self) -> None:
+        reader = PreambleReader()
+        self.assertIsNone(reader.feed(b"M"))
+        self.assertEqual(reader.feed(b"X\r\n\r\nMX-CLIENT"), ("MX\n", b"MX-CLIENT"))
+
+    def test_linux_client_newlines(self) -> None:
+        self.assertEqual(PreambleReader().feed(b"MX\n\nrest"), ("MX\n", b"rest"))
+
+    def test_http_request(self) -> None:
+        request, rest = PreambleReader().feed(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        ) or ("", b"")
+        self.assertTrue(request.startswith("GET / HTTP/1.1\nHost: x"))
+        self.assertEqual(rest, b"")
+
+    def test_carriage_returns_do_not_end_it(self) -> None:
+        self.assertIsNone(PreambleReader().feed(b"MX\r\r\r\n\r"))
+
+    def test_limit(self) -> None:
+        reader = PreambleReader(limit=10)
+        reader.feed(b"x" * 9)
+        self.assertRaises(InitialRequestTooLong, reader.feed, b"y")
+
+    def test_default_limit_is_halibuts(self) -> None:
+        reader = PreambleReader()
+        reader.feed(b"x" * (MAX_INITIAL_REQUEST - 1))
+        self.assertRaises(InitialRequestTooLong, reader.feed, b"x")
+
+
+class DescribeAddressTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        from twisted.internet.address import IPv6Address
+
+        self.assertEqual(describe_address(IPv4Address("TCP", "10.0.0.1", 5)), "10.0.0.1:5")
+        self.assertEqual(describe_address(IPv6Address("TCP", "::1", 5)), "[::1]:5")
+        self.assertEqual(
+            describe_address(IPv6Address("TCP", "::ffff:10.0.0.1", 5)), "10.0.0.1:5"
+        )
+
+
+class Session(Protocol):
+    """
+    Stands in for the message exchange: records what it is handed.
+    """
+
+    def __init__(self, peer: PeerIdentity) -> None:
+        self.peer = peer
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class InMemoryAgent:
+    """
+    The listener behind real (in-memory) TLS, on a fake clock.
+    """
+
+    def __init__(
+        self,
+        trusted: tuple[str, ...] = (),
+        handshake_timeout: float = 30.0,
+        with_sessions: bool = False,
+    ) -> None:
+        self.clock = Clock()
+        self.trust = TrustList(trusted)
+        self.sessions: list[Session] = []
+        self.factory = ListenerFactory(
+            self.trust,
+            self.clock,
+            handshake_timeout,
+            self._session if with_sessions else None,
+        )
+        self.factory.doStart()
+        self.tls = TLSMemoryBIOFactory(
+            AgentTLSOptions(identity("agent")), False, self.factory, clock=self.clock
+        )
+
+    def _session(self, peer: PeerIdentity) -> Session:
+        session = Session(peer)
+        self.sessions.append(session)
+        return session
+
+    def connect(self, client: Identity | None = None) -> tuple[Recorder, Any, IOPump]:
+        recorder = Recorder()
+        client_factory = TLSMemoryBIOFactory(
+            client_tls_options(client), True, _Once(recorder), clock=self.clock
+        )
+        tls_client, tls_server, pump = connectedServerAndClient(
+            lambda: self.tls.buildProtocol(None),
+            lambda: client_factory.buildProtocol(None),
+            serverTransportFactory=lambda p: FakeTransport(
+                p, isServer=True, peerAddress=IPv4Address("TCP", "192.0.2.7", 50123)
+            ),
+            clock=self.clock,
+        )
+        return recorder, tls_server, pump
+
+
+class _Once:
+    """
+    A factory-like callable handing out one prepared protocol.
+    """
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+def connection_of(tls_server: Any) -> AgentConnection:
+    wrapped = tls_server.wrappedProtocol
+    assert isinstance(wrapped, AgentConnection)
+    return wrapped
+
+
+class ListenerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+
+    def test_friendly_page_without_certificate(self) -> None:
+        agent = InMemoryAgent()
+        recorder, _, pump = agent.connect()
+        recorder.transport.write(b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n")
+        pump.flush()
+        self.assertEqual(recorder.received, FRIENDLY_PAGE)
+        self.assertIsNotNone(recorder.lost)
+
+    def test_untrusted_certificate_gets_nothing(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, server, pump = agent.connect(identity("intruder"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertEqual(recorder.received, b"")
+        self.assertIsNotNone(recorder.lost)
+        [event] = self.logs.matching(event="client_denied")
+        self.assertEqual(event["thumbprint"], identity("intruder").thumbprint)
+        self.assertEqual(event["peer"], "192.0.2.7:50123")
+
+    def test_no_certificate_gets_nothing(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, _, pump = agent.connect(None)
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertEqual(recorder.received, b"")
+        self.assertIsNotNone(recorder.lost)
+        [event] = self.logs.matching(event="client_denied")
+        self.assertNotIn("thumbprint", event)
+
+    def test_trusted_by_sha1(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertEqual(recorder.received, IDENTITY_ANSWER)
+        [event] = self.logs.matching(event="client_authenticated")
+        self.assertEqual(event["thumbprint"], identity("server").thumbprint)
+
+    def test_trusted_by_sha256(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").sha256,))
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertEqual(recorder.received, IDENTITY_ANSWER)
+
+    def test_identity_answer_then_close_without_exchange(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+
+    def test_hands_over_to_session_with_leftover_bytes(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,), with_sessions=True)
+        recorder, server, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY + b"first")
+        pump.flush()
+        recorder.transport.write(b"second")
+        pump.flush()
+        [session] = agent.sessions
+        self.assertEqual(session.received, b"firstsecond")
+        self.assertEqual(session.peer.thumbprint, identity("server").thumbprint)
+        self.assertIsNone(recorder.lost)
+
+    def test_identity_split_across_writes(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,), with_sessions=True)
+        recorder, _, pump = agent.connect(identity("server"))
+        for piece in [b"M", b"X\n", b"\nMX-CLI", b"ENT 1.0\r", b"\n\r", b"\n"]:
+            recorder.transport.write(piece)
+            pump.flush()
+        self.assertEqual(recorder.received, IDENTITY_ANSWER)
+        self.assertEqual(len(agent.sessions), 1)
+
+    def test_unknown_identity_type_closes(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + b"MX-SUBSCRIBER 1.0 poll://x/\r\n\r\n")
+        pump.flush()
+        self.assertEqual(recorder.received, b"")
+        self.assertIsNotNone(recorder.lost)
+        self.assertTrue(self.logs.matching(why="unknown identity type 'MX-SUBSCRIBER' (expected MX-CLIENT)"))
+
+    def test_identity_without_blank_line_closes(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + b"MX-CLIENT 1.0\r\nNEXT\r\n")
+        pump.flush()
+        self.assertEqual(recorder.received, b"")
+        self.assertIsNotNone(recorder.lost)
+
+    def test_overlong_identity_line_closes(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + b"MX-CLIENT " + b"9" * 2000)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+
+    def test_overlong_initial_request_is_cut_at_the_limit(self) -> None:
+        """
+        The reader never holds more than the limit: the connection is cut
+        while the 25,000 characters are still arriving.
+        """
+        agent = InMemoryAgent()
+        recorder, server, pump = agent.connect()
+        connection = connection_of(server)
+        sent = 0
+        while recorder.lost is None and sent < 25000:
+            recorder.transport.write(b"A" * 1000)
+            sent += 1000
+            pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        self.assertLessEqual(sent, MAX_INITIAL_REQUEST + 1000)
+        self.assertEqual(recorder.received, b"")
+        self.assertTrue(self.logs.matching(limit=MAX_INITIAL_REQUEST))
+        self.assertIsNone(connection.peer)
+
+    def test_silent_peer_times_out(self) -> None:
+        agent = InMemoryAgent(handshake_timeout=30)
+        recorder, _, pump = agent.connect()
+        agent.clock.advance(29)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+        agent.clock.advance(1)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+
+    def test_incomplete_request_times_out(self) -> None:
+        agent = InMemoryAgent(handshake_timeout=5)
+        recorder, _, pump = agent.connect()
+        recorder.transport.write(b"GET / HTTP/1.1\r\n")
+        pump.flush()
+        agent.clock.advance(5)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        self.assertEqual(recorder.received, b"")
+
+    def test_authenticated_connection_has_no_handshake_timeout(self) -> None:
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,), with_sessions=True)
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        agent.clock.advance(3600)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+
+    def test_removed_thumbprint_is_cut_off(self) -> None:
+        server_thumbprint = identity("server").thumbprint
+        other = identity("other").thumbprint
+        agent = InMemoryAgent(trusted=(server_thumbprint, other), with_sessions=True)
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        bystander, _, pump2 = agent.connect(identity("other"))
+        bystander.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump2.flush()
+        agent.trust.replace({other})
+        pump.flush()
+        pump2.flush()
+        self.assertIsNotNone(recorder.lost)
+        self.assertIsNone(bystander.lost)
+        # and a new connection from the removed server is refused
+        again, _, pump3 = agent.connect(identity("server"))
+        again.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump3.flush()
+        self.assertEqual(again.received, b"")
+        self.assertIsNotNone(again.lost)
+
+    def test_empty_request_is_ignored(self) -> None:
+        agent = InMemoryAgent()
+        recorder, _, pump = agent.connect()
+        recorder.transport.write(b"\r\n\r\n")
+        pump.flush()
+        self.assertEqual(recorder.received, b"")
+        self.assertIsNotNone(recorder.lost)

@@ -1,0 +1,137 @@
+"""
+The twistd plugin and the service it makes, on a memory reactor and fake clock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from tentacle.config import ConfigFile, TentacleConfig
+from tentacle.identity import IdentityStore
+from tentacle.service import CONFIG_POLL_INTERVAL, TentacleService
+from tentacle.tap import Options, makeService
+from tests.support import LogCapture, identity
+
+
+class PluginTests(SynchronousTestCase):
+    def test_discovered(self) -> None:
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("tentacle", makers)
+        self.assertIsInstance(makers["tentacle"].options(), Options)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertIsNone(options["home"])
+        self.assertIsNone(options["port"])
+
+    def test_bad_port(self) -> None:
+        e = self.assertRaises(UsageError, Options().parseOptions, ["--port", "0"])
+        self.assertIn("expected a number from 1 to 65535", str(e))
+
+    def test_bad_address(self) -> None:
+        e = self.assertRaises(UsageError, Options().parseOptions, ["--listen-address", "x"])
+        self.assertIn("is not an IP address", str(e))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = Path(self.mktemp()).absolute()
+        self.logs = LogCapture.install(self)
+
+    def make(self, *argv: str) -> TentacleService:
+        options = Options()
+        options.parseOptions(["--home", str(self.home), *argv])
+        service = makeService(options, MemoryReactorClock())
+        assert isinstance(service, TentacleService)
+        return service
+
+    def test_first_start_creates_identity_and_says_what_next(self) -> None:
+        service = self.make()
+        stored = IdentityStore(self.home).load()
+        self.assertEqual(service.identity.thumbprint, stored.thumbprint)
+        [event] = [e for e in self.logs.events if e.get("thumbprint") == stored.thumbprint]
+        self.assertIn("tentacle configure --trust", event["log_format"])
+
+    def test_existing_identity_is_kept(self) -> None:
+        IdentityStore(self.home).save(identity("agent"))
+        self.assertEqual(self.make().identity.thumbprint, identity("agent").thumbprint)
+
+    def test_options_override_config_file(self) -> None:
+        ConfigFile(self.home).save(TentacleConfig(home=self.home, port=2000, trusted_thumbprints=("A" * 40,)))
+        service = self.make("--port", "3000", "--listen-address", "127.0.0.1")
+        self.assertEqual(service.config.port, 3000)
+        self.assertEqual(service.config.listen_address, "127.0.0.1")
+        self.assertEqual(service.trust.thumbprints, {"A" * 40})
+
+    def test_broken_config_is_a_usage_error(self) -> None:
+        self.home.mkdir()
+        ConfigFile(self.home).path.write_text('{"listen-port": "x"}')
+        e = self.assertRaises(UsageError, self.make)
+        self.assertIn("listen-port", str(e))
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = Path(self.mktemp()).absolute()
+        self.reactor = MemoryReactorClock()
+        self.config_file = ConfigFile(self.home)
+        self.config_file.save(TentacleConfig(home=self.home, trusted_thumbprints=("A" * 40,)))
+        self.logs = LogCapture.install(self)
+
+    def service(self, **changes: object) -> TentacleService:
+        import attrs
+
+        config = attrs.evolve(self.config_file.load(), **changes)
+        return TentacleService(
+            config, self.reactor, identity=identity("agent"), config_file=self.config_file
+        )
+
+    def test_listens_dual_stack_by_default(self) -> None:
+        service = self.service()
+        service.startService()
+        [(port, factory, backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (10933, "::"))
+
+    def test_listens_on_given_address(self) -> None:
+        self.service(listen_address="127.0.0.1").startService()
+        [(port, _, _, interface)] = self.reactor.tcpServers
+        self.assertEqual(interface, "127.0.0.1")
+
+    def test_bind_failure_is_raised(self) -> None:
+        class Refusing(MemoryReactorClock):
+            def listenTCP(self, *args: object, **kwargs: object) -> object:
+                raise CannotListenError("", 10933, OSError("in use"))
+
+        self.reactor = Refusing()
+        self.assertRaises(CannotListenError, self.service().privilegedStartService)
+
+    def test_edited_config_is_picked_up_by_polling(self) -> None:
+        service = self.service()
+        service.startService()
+        self.config_file.save(self.config_file.load().trust("B" * 40).distrust("A" * 40))
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        self.assertEqual(service.trust.thumbprints, {"B" * 40})
+        self.assertTrue(self.logs.matching(event="trust_added", thumbprint="B" * 40))
+        self.assertTrue(self.logs.matching(event="trust_removed", thumbprint="A" * 40))
+
+    def test_broken_config_keeps_trust(self) -> None:
+        service = self.service()
+        service.startService()
+        self.config_file.path.write_text("{")
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        self.assertEqual(service.trust.thumbprints, {"A" * 40})
+        self.assertEqual(len([e for e in self.logs.events if "not reloaded" in e.get("log_format", "")]), 1)
+
+    def test_warns_when_nothing_is_trusted(self) -> None:
+        self.service(trusted_thumbprints=()).startService()
+        self.assertTrue([e for e in self.logs.events if "No server is trusted yet" in e.get("log_format", "")])
