@@ -25,6 +25,9 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from tentacle.contracts import tentacle_registry
+from tentacle.dispatch import Dispatcher
+from tentacle.halibut.exchange import exchange_factory
 from tentacle.config import ConfigError, ConfigFile, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.listener import ListenerFactory, SessionFactory
@@ -53,7 +56,10 @@ class TentacleService(MultiService):
         changes (polled every L{CONFIG_POLL_INTERVAL} seconds) and on L{reload}.
     @param handle_sighup: reload on SIGHUP too (for daemons; an embedding
         application usually owns its signals).
-    @param session_factory: the message exchange for authenticated peers.
+    @param dispatcher: the services offered to trusted servers; register
+        more on C{service.dispatcher} before the first request.
+    @param session_factory: replaces the Halibut message exchange
+        altogether (for tests and experiments).
     """
 
     log = Logger()
@@ -66,10 +72,14 @@ class TentacleService(MultiService):
         identity: Identity | None = None,
         config_file: ConfigFile | None = None,
         handle_sighup: bool = False,
+        dispatcher: Dispatcher | None = None,
         session_factory: SessionFactory | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor if reactor is not None else _default_reactor()
+        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        if session_factory is None:
+            session_factory = exchange_factory(self.dispatcher, tentacle_registry(), self.reactor)
         self.config = config
         self.identity = identity if identity is not None else IdentityStore(config.home).load()
         self.trust = TrustList(config.trusted_thumbprints)

@@ -151,7 +151,7 @@ class Exchange:
     """
 
     received: bytes
-    ending: str  # "closed", "reset", or "timeout"
+    ending: str  # "closed", "reset", "timeout" or "open"
 
 
 def converse(
@@ -159,9 +159,11 @@ def converse(
     context: ssl.SSLContext,
     send: bytes,
     timeout: float = 10.0,
+    expect: int | None = None,
 ) -> Exchange:
     """
-    Connect with TLS, send, and read until the agent closes or resets.
+    Connect with TLS, send, and read until the agent closes or resets, or
+    until C{expect} bytes have arrived (ending "open").
     """
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     received = b""
@@ -180,6 +182,8 @@ def converse(
                 if not chunk:
                     return Exchange(received, "closed")
                 received += chunk
+                if expect is not None and len(received) >= expect:
+                    return Exchange(received, "open")
     except ConnectionResetError:
         return Exchange(received, "reset")
 

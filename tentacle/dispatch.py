@@ -1,0 +1,212 @@
+"""
+Service dispatch: a request's (service, method, params) to a Python call, and
+its outcome (or failure) to a Halibut response.
+
+The registry is public API.  An application that embeds the agent can
+register its own services next to Tentacle's::
+
+    from tentacle.contracts import Operation, Parameter, ServiceContract
+
+    ECHO = ServiceContract("IEchoService", "MyApp.IEchoService, MyApp", (
+        Operation("SayHello", (Parameter("name", str),), str),
+    ))
+
+    class Echo:
+        async def say_hello(self, name: str) -> str:
+            return f"Hello {name}"
+
+    dispatcher.register(ECHO, Echo())
+
+Each operation is served by the implementation's method of the same name in
+snake case (C{SayHello} -> C{say_hello}), plain or C{async}.  A method that
+takes a keyword-only C{context} parameter also receives the L{CallContext}:
+the caller's identity and the request's data streams.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import traceback
+import uuid
+from typing import IO, Any, Callable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from tentacle.contracts import Operation, ServiceContract
+from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMessage, ServerError
+from tentacle.halibut.streams import ReceivedStream
+from tentacle.trust import PeerIdentity
+
+SERVICE_NOT_FOUND = "Halibut.Exceptions.ServiceNotFoundHalibutClientException"
+METHOD_NOT_FOUND = "Halibut.Exceptions.MethodNotFoundHalibutClientException"
+AMBIGUOUS_METHOD = "Halibut.Exceptions.AmbiguousMethodMatchHalibutClientException"
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+#: Opens an outgoing stream's payload when it is time to send it.
+PayloadOpener = Callable[[], IO[bytes]]
+
+
+@attrs.define
+class CallContext:
+    """
+    What a service method may know of its call besides its arguments.
+
+    @ivar peer: the authenticated caller.
+    @ivar received: the data streams that came with the request, by id.
+    """
+
+    peer: PeerIdentity | None
+    request: RequestMessage
+    received: Mapping[uuid.UUID, ReceivedStream] = attrs.field(factory=dict)
+    outgoing: dict[uuid.UUID, PayloadOpener] = attrs.field(factory=dict)
+
+    def payload(self, stream: DataStream) -> IO[bytes]:
+        """
+        The received bytes of a data stream argument, rewound; owned by the
+        exchange, which discards them after the response.
+        """
+        received = self.received.get(stream.id)
+        if received is None:
+            raise KeyError(f"no data stream {stream.id} arrived with this request")
+        fileobj: IO[bytes] = received.sink.fileobj()  # type: ignore[attr-defined]
+        return fileobj
+
+    def send(self, length: int, opener: PayloadOpener) -> DataStream:
+        """
+        A data stream to return (or put in the result): its bytes are read
+        from C{opener()} after the response message, in chunks.
+        """
+        stream = DataStream.fresh(length)
+        self.outgoing[stream.id] = opener
+        return stream
+
+
+@attrs.frozen
+class _Bound:
+    operation: Operation
+    call: Callable[..., Any]
+    wants_context: bool
+
+
+class Dispatcher:
+    """
+    The services this agent offers, by contract name and wire method name.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._services: dict[str, dict[str, _Bound]] = {}
+
+    @property
+    def contracts(self) -> frozenset[str]:
+        """
+        The names of the registered contracts, e.g. for a capabilities answer.
+        """
+        return frozenset(self._services)
+
+    def register(self, contract: ServiceContract, implementation: object) -> None:
+        """
+        Serve C{contract} with C{implementation}'s methods.
+
+        @raise TypeError: when a method is missing, so a half-implemented
+            service fails at start-up rather than at the first call.
+        """
+        bound: dict[str, _Bound] = {}
+        for operation in contract.operations:
+            name = snake_case(operation.name)
+            call = getattr(implementation, name, None)
+            if not callable(call):
+                raise TypeError(
+                    f"{type(implementation).__name__} does not implement "
+                    f"{contract.name}.{operation.name} (expected a method {name!r})"
+                )
+            parameters = inspect.signature(call).parameters
+            wants_context = (
+                "context" in parameters
+                and parameters["context"].kind is inspect.Parameter.KEYWORD_ONLY
+            )
+            bound[operation.name.lower()] = _Bound(operation, call, wants_context)
+        self._services[contract.name] = bound
+
+    def dispatch(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
+        """
+        Run one request.  Never fails: every error becomes a response with
+        C{error} set, so the caller can answer it and keep the connection.
+        """
+        return ensureDeferred(self._dispatch(request, context))
+
+    async def _dispatch(self, request: RequestMessage, context: CallContext) -> ResponseMessage:
+        service = self._services.get(request.service)
+        if service is None:
+            return _error(
+                request,
+                f"Service not found: {request.service}",
+                SERVICE_NOT_FOUND,
+            )
+        bound = service.get(request.method.lower())
+        if bound is None:
+            return _error(
+                request,
+                f"Service {request.service} has no method named {request.method}",
+                METHOD_NOT_FOUND,
+            )
+        operation = bound.operation
+        if not operation.accepts(request.params):
+            expected = ", ".join(f"{p.type.__name__} {p.name}" for p in operation.parameters)
+            got = ", ".join(type(a).__name__ for a in request.params)
+            return _error(
+                request,
+                f"{request.service}.{operation.name} takes ({expected}), not ({got})",
+                METHOD_NOT_FOUND,
+            )
+        kwargs = {"context": context} if bound.wants_context else {}
+        try:
+            result = bound.call(*request.params, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as e:
+            self.log.failure(
+                "{service}.{method} raised",
+                service=request.service,
+                method=operation.name,
+            )
+            return ResponseMessage(
+                request.id,
+                ServerError(str(e) or type(e).__name__, "".join(traceback.format_exception(e))),
+            )
+        if operation.returns is None:
+            result = None
+        elif result is not None and not isinstance(result, operation.returns):
+            self.log.error(
+                "{service}.{method} returned a {got}, not a {expected}",
+                service=request.service,
+                method=operation.name,
+                got=type(result).__name__,
+                expected=operation.returns.__name__,
+            )
+            return _error(
+                request,
+                f"Internal error: {request.service}.{operation.name} returned the wrong type",
+                None,
+            )
+        return ResponseMessage(request.id, None, result)
+
+
+def _error(request: RequestMessage, message: str, error_type: str | None) -> ResponseMessage:
+    return ResponseMessage(request.id, ServerError(message, message, error_type))
+
+
+__all__ = [
+    "CallContext",
+    "Dispatcher",
+    "PayloadOpener",
+    "snake_case",
+]

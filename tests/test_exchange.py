@@ -1,0 +1,336 @@
+"""
+The exchange and the dispatcher, in memory: bytes in, bytes out, fake clock.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tentacle.contracts import Operation, Parameter, ServiceContract, tentacle_registry
+from tentacle.dispatch import (
+    METHOD_NOT_FOUND,
+    SERVICE_NOT_FOUND,
+    CallContext,
+    Dispatcher,
+    snake_case,
+)
+from tentacle.halibut import bson
+from tentacle.halibut.deflate import Inflater, compress
+from tentacle.halibut.exchange import ExchangeSettings, MessageExchange
+from tentacle.halibut.serializer import (
+    DataStream,
+    RequestMessage,
+    ResponseMessage,
+    ServerError,
+    decode_message,
+    encode_message,
+)
+from tentacle.halibut.streams import stream_header, stream_trailer
+from tests.support import LogCapture
+from tests.wire_client import request
+
+SERVICE = ServiceContract(
+    "IThingService",
+    "Tests.IThingService, Tests",
+    (
+        Operation("Echo", (Parameter("text", str),), str),
+        Operation("Boom", (Parameter("text", str),), str),
+        Operation("Later", (Parameter("text", str),), str),
+        Operation("Wrong", (), str),
+        Operation("Nothing", (), None),
+        Operation("Download", (Parameter("size", str),), DataStream),
+        Operation("Short", (), DataStream),
+        Operation("Length", (Parameter("data", DataStream),), str),
+    ),
+)
+
+
+class Things:
+    def echo(self, text: str) -> str:
+        return text
+
+    def boom(self, text: str) -> str:
+        raise ValueError(f"no {text} today")
+
+    async def later(self, text: str) -> str:
+        return text.upper()
+
+    def wrong(self) -> str:
+        return 42  # type: ignore[return-value]
+
+    def nothing(self) -> None:
+        return None
+
+    def download(self, size: str, *, context: CallContext) -> DataStream:
+        return context.send(int(size), lambda: io.BytesIO(b"z" * int(size)))
+
+    def short(self, *, context: CallContext) -> DataStream:
+        return context.send(10, lambda: io.BytesIO(b"z" * 5))
+
+    def length(self, data: DataStream, *, context: CallContext) -> str:
+        return str(len(context.payload(data).read()))
+
+
+def encode_request(message: RequestMessage) -> bytes:
+    data, _ = encode_message(message)
+    return compress(data)
+
+
+class Harness:
+    def __init__(self, settings: ExchangeSettings = ExchangeSettings()) -> None:
+        self.clock = Clock()
+        dispatcher = Dispatcher()
+        dispatcher.register(SERVICE, Things())
+        self.exchange = MessageExchange(dispatcher, tentacle_registry(), None, self.clock, settings)
+        self.transport = StringTransport()
+        self.exchange.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.exchange.dataReceived(data)
+        # StringTransport never pulls from a producer; do what the reactor would.
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+
+    def responses(self) -> list[ResponseMessage]:
+        """
+        Every response written so far (and forget them).
+        """
+        data = self.transport.value()
+        self.transport.clear()
+        found = []
+        while data.startswith(b"PROCEED\r\n"):
+            data = data[len(b"PROCEED\r\n") :]
+        while data:
+            inflater = Inflater()
+            payload = inflater.feed(data)
+            assert payload is not None, "incomplete response"
+            message, _ = decode_message(payload, tentacle_registry(), expected=ResponseMessage)
+            assert isinstance(message, ResponseMessage)
+            found.append(message)
+            data = inflater.unused
+            while data.startswith(b"PROCEED\r\n"):
+                data = data[len(b"PROCEED\r\n") :]
+        return found
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting or getattr(self.transport, "disconnected", False))
+
+
+class DispatchErrorTests(SynchronousTestCase):
+    """
+    Errors become responses, field by field, and the connection goes on.
+    """
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+        self.harness = Harness()
+
+    def call(self, message: RequestMessage) -> ResponseMessage:
+        self.harness.send(encode_request(message))
+        [response] = self.harness.responses()
+        self.assertEqual(response.id, message.id)
+        self.assertFalse(self.harness.closed)
+        return response
+
+    def test_unknown_service(self) -> None:
+        response = self.call(request("INoService", "Echo", "x"))
+        self.assertIsNone(response.result)
+        self.assertEqual(
+            response.error,
+            ServerError("Service not found: INoService", "Service not found: INoService", SERVICE_NOT_FOUND),
+        )
+
+    def test_unknown_method(self) -> None:
+        response = self.call(request("IThingService", "Nope", "x"))
+        message = "Service IThingService has no method named Nope"
+        self.assertEqual(response.error, ServerError(message, message, METHOD_NOT_FOUND))
+
+    def test_wrong_argument_count_and_type(self) -> None:
+        response = self.call(request("IThingService", "Echo"))
+        message = "IThingService.Echo takes (str text), not ()"
+        self.assertEqual(response.error, ServerError(message, message, METHOD_NOT_FOUND))
+        self.harness.send(b"NEXT\r\n")
+        response = self.call(request("IThingService", "Echo", True))
+        assert response.error is not None
+        self.assertEqual(response.error.message, "IThingService.Echo takes (str text), not (bool)")
+
+    def test_raising_method(self) -> None:
+        response = self.call(request("IThingService", "Boom", "cake"))
+        assert response.error is not None
+        self.assertEqual(response.error.message, "no cake today")
+        self.assertIn("ValueError: no cake today", response.error.details or "")
+        self.assertIn("Traceback", response.error.details or "")
+        self.assertIsNone(response.error.halibut_error_type)
+        self.assertIsNone(response.result)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_wrong_return_type(self) -> None:
+        response = self.call(request("IThingService", "Wrong"))
+        assert response.error is not None
+        self.assertIn("returned the wrong type", response.error.message)
+
+    def test_method_names_ignore_case(self) -> None:
+        self.assertEqual(self.call(request("IThingService", "echo", "hi")).result, "hi")
+
+
+class ExchangeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+
+    def test_request_next_proceed_end(self) -> None:
+        h = Harness()
+        h.send(encode_request(request("IThingService", "Echo", "one")))
+        self.assertEqual([r.result for r in h.responses()], ["one"])
+        h.send(b"\r\n\r\nNEXT\r\n")  # blank lines are skipped
+        self.assertEqual(h.transport.value(), b"PROCEED\r\n")
+        h.send(encode_request(request("IThingService", "Later", "two")))
+        self.assertEqual([r.result for r in h.responses()], ["TWO"])
+        h.send(b"END\r\n")
+        self.assertTrue(h.closed)
+
+    def test_void_method(self) -> None:
+        h = Harness()
+        h.send(encode_request(request("IThingService", "Nothing")))
+        [response] = h.responses()
+        self.assertEqual((response.error, response.result), (None, None))
+
+    def test_request_in_single_bytes(self) -> None:
+        h = Harness()
+        for byte in encode_request(request("IThingService", "Echo", "slow")) + b"NEXT\r\n":
+            h.send(bytes([byte]))
+        self.assertEqual([r.result for r in h.responses()], ["slow"])
+
+    def test_next_sent_ahead_waits_for_the_response(self) -> None:
+        h = Harness()
+        h.send(encode_request(request("IThingService", "Echo", "a")) + b"NEXT\r\n")
+        self.assertEqual(h.transport.value().count(b"PROCEED"), 1)
+        self.assertEqual([r.result for r in h.responses()], ["a"])
+
+    def test_data_stream_in_and_out(self) -> None:
+        h = Harness()
+        ref = DataStream.fresh(3)
+        data, streams = encode_message(request("IThingService", "Length", ref))
+        self.assertEqual(streams, [ref])
+        h.send(compress(data) + stream_header(ref.id, 3) + b"abc" + stream_trailer(3))
+        self.assertEqual([r.result for r in h.responses()], ["3"])
+        h.send(b"NEXT\r\n" + encode_request(request("IThingService", "Download", "70000")))
+        out = h.transport.value()[len(b"PROCEED\r\n") :]
+        inflater = Inflater()
+        payload = inflater.feed(out)
+        assert payload is not None
+        message, [stream] = decode_message(payload, tentacle_registry(), expected=ResponseMessage)
+        rest = inflater.unused
+        self.assertEqual(rest[:24], stream_header(stream.id, 70000))
+        self.assertEqual(rest[24:-8], b"z" * 70000)
+        self.assertEqual(rest[-8:], stream_trailer(70000))
+
+    def test_short_outgoing_stream_aborts(self) -> None:
+        h = Harness()
+        h.send(encode_request(request("IThingService", "Short")))
+        self.assertTrue(h.transport.disconnecting)
+        self.assertTrue(self.logs.matching(why="a data stream ended 5 bytes short"))
+
+    def test_trailer_mismatch_aborts(self) -> None:
+        h = Harness()
+        ref = DataStream.fresh(3)
+        data, _ = encode_message(request("IThingService", "Length", ref))
+        h.send(compress(data) + stream_header(ref.id, 3) + b"abc" + stream_trailer(4))
+        self.assertEqual(h.transport.value(), b"")
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_unknown_control_word(self) -> None:
+        h = Harness()
+        h.send(encode_request(request("IThingService", "Echo", "a")))
+        h.responses()
+        h.send(b"HELLO\r\n")
+        self.assertTrue(h.transport.disconnecting)
+        self.assertTrue(self.logs.matching(why="unexpected control message 'HELLO'"))
+
+    def test_garbage_instead_of_a_request(self) -> None:
+        h = Harness()
+        h.send(b"\xff" * 100)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.transport.value(), b"")
+
+    def test_unknown_type_is_answered_then_closed(self) -> None:
+        h = Harness()
+        tree = {
+            "Message": {
+                "$type": "Halibut.Transport.Protocol.RequestMessage, Halibut",
+                "id": "call-1",
+                "activityId": uuid.uuid4(),
+                "endpoint": None,
+                "service": "IThingService",
+                "method": "Echo",
+                "params": [{"$type": "System.Diagnostics.Process, System", "StartInfo": {}}],
+            }
+        }
+        h.send(compress(bson.encode_document(tree)))
+        [response] = h.responses()
+        self.assertEqual(response.id, "call-1")
+        assert response.error is not None
+        self.assertIn("System.Diagnostics.Process", response.error.message)
+        self.assertTrue(h.closed)
+
+    def test_oversized_message_is_refused(self) -> None:
+        from tentacle.halibut.errors import CodecLimits
+
+        h = Harness(ExchangeSettings(limits=CodecLimits(max_message_bytes=1024)))
+        h.send(encode_request(request("IThingService", "Echo", "x" * 5000)))
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.transport.value(), b"")
+
+
+class TimeoutTests(SynchronousTestCase):
+    def test_idle_between_requests(self) -> None:
+        h = Harness(ExchangeSettings(idle_timeout=600, heartbeat_timeout=60))
+        h.send(encode_request(request("IThingService", "Echo", "a")))
+        h.responses()
+        h.clock.advance(599)
+        self.assertFalse(h.closed)
+        h.clock.advance(1)
+        self.assertTrue(h.closed)
+
+    def test_stalled_request(self) -> None:
+        h = Harness(ExchangeSettings(idle_timeout=600, heartbeat_timeout=60))
+        data = encode_request(request("IThingService", "Echo", "a"))
+        h.send(data[:5])
+        h.clock.advance(59)
+        h.send(data[5:6])  # progress resets the heartbeat
+        h.clock.advance(59)
+        self.assertFalse(h.closed)
+        h.clock.advance(1)
+        self.assertTrue(h.closed)
+
+    def test_stalled_control_line(self) -> None:
+        h = Harness(ExchangeSettings(idle_timeout=600, heartbeat_timeout=60))
+        h.send(encode_request(request("IThingService", "Echo", "a")))
+        h.responses()
+        h.send(b"NE")
+        h.clock.advance(60)
+        self.assertTrue(h.closed)
+
+
+class SnakeCaseTests(SynchronousTestCase):
+    def test_names(self) -> None:
+        self.assertEqual(snake_case("StartScript"), "start_script")
+        self.assertEqual(snake_case("GetCapabilities"), "get_capabilities")
+        self.assertEqual(snake_case("UploadFile"), "upload_file")
+
+
+class RegisterTests(SynchronousTestCase):
+    def test_missing_method_fails_at_registration(self) -> None:
+        e = self.assertRaises(TypeError, Dispatcher().register, SERVICE, object())
+        self.assertIn("does not implement IThingService.Echo (expected a method 'echo')", str(e))
+
+    def test_contracts(self) -> None:
+        d = Dispatcher()
+        d.register(SERVICE, Things())
+        self.assertEqual(d.contracts, {"IThingService"})
