@@ -94,6 +94,8 @@ class TentacleConfig:
         of the servers' certificates; several at once allow rotation.
     @ivar handshake_timeout: seconds a new connection has to finish TLS and
         send its first request before it is cut off.
+    @ivar allowed_roots: when not empty, file transfers are confined to
+        these folders; empty means any path, as Tentacle allows.
     """
 
     home: Path
@@ -102,6 +104,7 @@ class TentacleConfig:
     trusted_thumbprints: tuple[str, ...] = ()
     application_directory: Path | None = None
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    allowed_roots: tuple[Path, ...] = ()
 
     @property
     def applications(self) -> Path:
@@ -136,6 +139,7 @@ class TentacleConfig:
             "trusted-thumbprints": list(self.trusted_thumbprints),
             "application-directory": str(self.applications),
             "handshake-timeout": self.handshake_timeout,
+            "allowed-roots": [str(p) for p in self.allowed_roots],
         }
 
     @classmethod
@@ -166,12 +170,25 @@ def _directory(value: object) -> Path | None:
     return Path(value).expanduser().absolute()
 
 
+def _directories(values: object) -> tuple[Path, ...]:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError("expected a list of folder paths")
+    folders = []
+    for value in values:
+        folder = _directory(value)
+        if folder is None:
+            raise ValueError("expected a list of folder paths, not a null")
+        folders.append(folder)
+    return tuple(folders)
+
+
 _SETTINGS: dict[str, tuple[str, Any]] = {
     "listen-port": ("port", check_port),
     "listen-address": ("listen_address", check_listen_address),
     "trusted-thumbprints": ("trusted_thumbprints", _thumbprints),
     "application-directory": ("application_directory", _directory),
     "handshake-timeout": ("handshake_timeout", check_timeout),
+    "allowed-roots": ("allowed_roots", lambda v: _directories(v)),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 
