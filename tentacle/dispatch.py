@@ -21,6 +21,14 @@ Each operation is served by the implementation's method of the same name in
 snake case (C{SayHello} -> C{say_hello}), plain or C{async}.  A method that
 takes a keyword-only C{context} parameter also receives the L{CallContext}:
 the caller's identity and the request's data streams.
+
+By default a received data stream is spooled (memory, then a temp file)
+before the method runs.  An operation that knows better where the bytes
+belong, such as an upload, can say so with a C{<method>_sink} method: it is
+called with the request's arguments and C{stream=} (an L{ExpectedStream})
+as soon as the request message is decoded, before the payload arrives, and
+returns the L{StreamSink} to write it to.  If it raises, the payload is
+read and dropped, and the error is the answer.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from twisted.logger import Logger
 
 from tentacle.contracts import Operation, ServiceContract
 from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMessage, ServerError
-from tentacle.halibut.streams import ReceivedStream
+from tentacle.halibut.streams import ExpectedStream, ReceivedStream, StreamSink
 from tentacle.trust import PeerIdentity
 
 SERVICE_NOT_FOUND = "Halibut.Exceptions.ServiceNotFoundHalibutClientException"
@@ -93,6 +101,7 @@ class _Bound:
     operation: Operation
     call: Callable[..., Any]
     wants_context: bool
+    sink: Callable[..., StreamSink] | None
 
 
 class Dispatcher:
@@ -133,8 +142,28 @@ class Dispatcher:
                 "context" in parameters
                 and parameters["context"].kind is inspect.Parameter.KEYWORD_ONLY
             )
-            bound[operation.name.lower()] = _Bound(operation, call, wants_context)
+            sink = getattr(implementation, f"{name}_sink", None)
+            bound[operation.name.lower()] = _Bound(operation, call, wants_context, sink)
         self._services[contract.name] = bound
+
+    def _bound(self, request: RequestMessage) -> _Bound | None:
+        bound = self._services.get(request.service, {}).get(request.method.lower())
+        if bound is None or not bound.operation.accepts(request.params):
+            return None
+        return bound
+
+    def sink_for(self, request: RequestMessage, stream: ExpectedStream) -> StreamSink | None:
+        """
+        Where the operation wants this stream's payload written, or C{None}
+        for the default spool.
+
+        @raise Exception: whatever the operation's sink method raises, to be
+            answered once the payload has been read past.
+        """
+        bound = self._bound(request)
+        if bound is None or bound.sink is None:
+            return None
+        return bound.sink(*request.params, stream=stream)
 
     def dispatch(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
         """

@@ -47,8 +47,27 @@ SERVICE = ServiceContract(
         Operation("Download", (Parameter("size", str),), DataStream),
         Operation("Short", (), DataStream),
         Operation("Length", (Parameter("data", DataStream),), str),
+        Operation("Store", (Parameter("name", str), Parameter("data", DataStream)), str),
     ),
 )
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.finished = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def discard(self) -> None:
+        pass
+
+
+STORED: dict[str, ListSink] = {}
 
 
 class Things:
@@ -75,6 +94,17 @@ class Things:
 
     def length(self, data: DataStream, *, context: CallContext) -> str:
         return str(len(context.payload(data).read()))
+
+    def store_sink(self, name: str, data: DataStream, *, stream: Any) -> ListSink:
+        if name == "forbidden":
+            raise PermissionError(f"may not store {name}")
+        sink = STORED[name] = ListSink()
+        return sink
+
+    def store(self, name: str, data: DataStream, *, context: CallContext) -> str:
+        sink = context.received[data.id].sink
+        assert isinstance(sink, ListSink) and sink.finished
+        return str(b"".join(sink.chunks))
 
 
 def encode_request(message: RequestMessage) -> bytes:
@@ -230,6 +260,26 @@ class ExchangeTests(SynchronousTestCase):
         self.assertEqual(rest[:24], stream_header(stream.id, 70000))
         self.assertEqual(rest[24:-8], b"z" * 70000)
         self.assertEqual(rest[-8:], stream_trailer(70000))
+
+    def test_operation_chooses_the_sink(self) -> None:
+        h = Harness()
+        ref = DataStream.fresh(6)
+        data, _ = encode_message(request("IThingService", "Store", "mine", ref))
+        h.send(compress(data) + stream_header(ref.id, 6) + b"abc" + b"def" + stream_trailer(6))
+        self.assertEqual([r.result for r in h.responses()], ["b'abcdef'"])
+        self.assertEqual(b"".join(STORED["mine"].chunks), b"abcdef")
+
+    def test_refused_sink_is_the_answer(self) -> None:
+        h = Harness()
+        ref = DataStream.fresh(3)
+        data, _ = encode_message(request("IThingService", "Store", "forbidden", ref))
+        h.send(compress(data) + stream_header(ref.id, 3) + b"abc" + stream_trailer(3))
+        [response] = h.responses()
+        assert response.error is not None
+        self.assertEqual(response.error.message, "may not store forbidden")
+        self.assertIsNone(response.result)
+        h.send(b"NEXT\r\n" + encode_request(request("IThingService", "Echo", "after")))
+        self.assertEqual([r.result for r in h.responses()], ["after"])
 
     def test_short_outgoing_stream_aborts(self) -> None:
         h = Harness()

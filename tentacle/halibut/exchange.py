@@ -19,7 +19,7 @@ import enum
 from typing import IO, Any, Callable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -43,6 +43,8 @@ from tentacle.halibut.streams import (
     DataStreamReader,
     ExpectedStream,
     ReceivedStream,
+    SpoolingSink,
+    StreamSink,
     stream_header,
     stream_trailer,
 )
@@ -78,6 +80,21 @@ class ProtocolError(Exception):
     """
     The peer broke the protocol; the connection must close.
     """
+
+
+class DiscardingSink:
+    """
+    Reads past a payload nobody will use, so the connection stays in step.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
 
 
 @implementer(IPullProducer)
@@ -149,6 +166,7 @@ class MessageExchange(Protocol):
         self._request: RequestMessage | None = None
         self._streams: DataStreamReader | None = None
         self._received: list[ReceivedStream] = []
+        self._sink_error: Failure | None = None
         self._pending = b""
         self._control = b""
         self._timer: IDelayedCall | None = None
@@ -204,8 +222,11 @@ class MessageExchange(Protocol):
         if not isinstance(message, RequestMessage):
             raise ProtocolError("expected a request message")
         self._request = message
+        self._sink_error = None
         self._streams = DataStreamReader(
-            [ExpectedStream(r.id, r.length) for r in refs], limits=self._settings.limits
+            [ExpectedStream(r.id, r.length) for r in refs],
+            sink_factory=self._make_sink,
+            limits=self._settings.limits,
         )
         if self._streams.done:
             self._pending += rest
@@ -213,6 +234,21 @@ class MessageExchange(Protocol):
             return b""
         self._state = _State.STREAMS
         return rest
+
+    def _make_sink(self, stream: ExpectedStream) -> StreamSink:
+        """
+        The operation's own sink for this stream, or the spool.  A sink the
+        operation refuses to give is remembered as the request's answer.
+        """
+        assert self._request is not None
+        if self._sink_error is None:
+            try:
+                sink = self._dispatcher.sink_for(self._request, stream)
+            except Exception as e:
+                self._sink_error = Failure(e)
+            else:
+                return sink or SpoolingSink(self._settings.limits.max_stream_memory_bytes)
+        return DiscardingSink()
 
     def _ready(self) -> None:
         """
@@ -267,7 +303,16 @@ class MessageExchange(Protocol):
 
     def _serve(self, request: RequestMessage) -> None:
         context = CallContext(self._peer, request, {s.id: s for s in self._received})
-        d = self._dispatcher.dispatch(request, context)
+        if self._sink_error is not None:
+            error, self._sink_error = self._sink_error, None
+            d: Deferred[ResponseMessage] = succeed(
+                ResponseMessage(
+                    request.id,
+                    ServerError(error.getErrorMessage(), error.getTraceback()),
+                )
+            )
+        else:
+            d = self._dispatcher.dispatch(request, context)
         d.addCallback(self._respond, context)
         d.addErrback(self._failed_to_respond)
 
