@@ -27,7 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from tentacle.contracts import tentacle_registry
 from tentacle.dispatch import Dispatcher
-from tentacle.halibut.exchange import exchange_factory
+from tentacle.halibut.exchange import ExchangeSettings, exchange_factory
 from tentacle.config import ConfigError, ConfigFile, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.listener import ListenerFactory, SessionFactory
@@ -58,6 +58,8 @@ class TentacleService(MultiService):
         application usually owns its signals).
     @param dispatcher: the services offered to trusted servers; register
         more on C{service.dispatcher} before the first request.
+    @param exchange_settings: message size limits and the idle and
+        heartbeat timeouts of authenticated connections.
     @param session_factory: replaces the Halibut message exchange
         altogether (for tests and experiments).
     """
@@ -73,13 +75,16 @@ class TentacleService(MultiService):
         config_file: ConfigFile | None = None,
         handle_sighup: bool = False,
         dispatcher: Dispatcher | None = None,
+        exchange_settings: ExchangeSettings = ExchangeSettings(),
         session_factory: SessionFactory | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor if reactor is not None else _default_reactor()
         self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
         if session_factory is None:
-            session_factory = exchange_factory(self.dispatcher, tentacle_registry(), self.reactor)
+            session_factory = exchange_factory(
+                self.dispatcher, tentacle_registry(), self.reactor, exchange_settings
+            )
         self.config = config
         self.identity = identity if identity is not None else IdentityStore(config.home).load()
         self.trust = TrustList(config.trusted_thumbprints)
