@@ -20,6 +20,7 @@ from tentacle.identity import normalize_thumbprint
 
 DEFAULT_PORT = 10933
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+DEFAULT_WORKSPACE_MAX_AGE = 86400.0
 CONFIG_FILE = "tentacle.json"
 HOME_ENVIRONMENT_VARIABLE = "TENTACLE_HOME"
 
@@ -96,6 +97,12 @@ class TentacleConfig:
         send its first request before it is cut off.
     @ivar allowed_roots: when not empty, file transfers are confined to
         these folders; empty means any path, as Tentacle allows.
+    @ivar max_concurrent_scripts: scripts beyond this many wait as Pending
+        (None: no limit, as Tentacle).
+    @ivar script_timeout: seconds after which a running script is killed
+        and ends with -44 (None: never, as Tentacle).
+    @ivar workspace_max_age: finished script workspaces older than this
+        many seconds are removed.
     """
 
     home: Path
@@ -105,6 +112,9 @@ class TentacleConfig:
     application_directory: Path | None = None
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     allowed_roots: tuple[Path, ...] = ()
+    max_concurrent_scripts: int | None = None
+    script_timeout: float | None = None
+    workspace_max_age: float = DEFAULT_WORKSPACE_MAX_AGE
 
     @property
     def applications(self) -> Path:
@@ -140,6 +150,9 @@ class TentacleConfig:
             "application-directory": str(self.applications),
             "handshake-timeout": self.handshake_timeout,
             "allowed-roots": [str(p) for p in self.allowed_roots],
+            "max-concurrent-scripts": self.max_concurrent_scripts,
+            "script-timeout": self.script_timeout,
+            "workspace-max-age": self.workspace_max_age,
         }
 
     @classmethod
@@ -170,6 +183,16 @@ def _directory(value: object) -> Path | None:
     return Path(value).expanduser().absolute()
 
 
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _optional(value: object, check: Any) -> Any:
+    return None if value is None else check(value)
+
+
 def _directories(values: object) -> tuple[Path, ...]:
     if not isinstance(values, (list, tuple)):
         raise ValueError("expected a list of folder paths")
@@ -189,6 +212,9 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "application-directory": ("application_directory", _directory),
     "handshake-timeout": ("handshake_timeout", check_timeout),
     "allowed-roots": ("allowed_roots", lambda v: _directories(v)),
+    "max-concurrent-scripts": ("max_concurrent_scripts", lambda v: _optional(v, _count)),
+    "script-timeout": ("script_timeout", lambda v: _optional(v, check_timeout)),
+    "workspace-max-age": ("workspace_max_age", check_timeout),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 
