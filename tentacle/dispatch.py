@@ -48,6 +48,14 @@ from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMess
 from tentacle.halibut.streams import ExpectedStream, ReceivedStream, StreamSink
 from tentacle.trust import PeerIdentity
 
+class RequestError(Exception):
+    """
+    A request that cannot be carried out as asked (a bad path, a bad name):
+    answered with its message and logged as a warning, without a traceback,
+    since the agent is working as it should.
+    """
+
+
 SERVICE_NOT_FOUND = "Halibut.Exceptions.ServiceNotFoundHalibutClientException"
 METHOD_NOT_FOUND = "Halibut.Exceptions.MethodNotFoundHalibutClientException"
 AMBIGUOUS_METHOD = "Halibut.Exceptions.AmbiguousMethodMatchHalibutClientException"
@@ -201,6 +209,14 @@ class Dispatcher:
             result = bound.call(*request.params, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
+        except RequestError as e:
+            self.log.warn(
+                "{service}.{method} refused: {error}",
+                service=request.service,
+                method=operation.name,
+                error=str(e),
+            )
+            return ResponseMessage(request.id, ServerError(str(e), str(e)))
         except Exception as e:
             self.log.failure(
                 "{service}.{method} raised",
@@ -234,6 +250,7 @@ def _error(request: RequestMessage, message: str, error_type: str | None) -> Res
 
 
 __all__ = [
+    "RequestError",
     "CallContext",
     "Dispatcher",
     "PayloadOpener",

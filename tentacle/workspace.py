@@ -25,6 +25,7 @@ from typing import IO, Any, Callable, Iterator
 import attrs
 
 from tentacle.contracts import ProcessOutput, ProcessOutputSource, ProcessState
+from tentacle.dispatch import RequestError
 from tentacle.fsutil import atomic_write
 
 WORK_FOLDER = "Work"
@@ -41,7 +42,7 @@ _SOURCES = {name: source for source, name in _SOURCE_NAMES.items()}
 _SAFE_TICKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(RequestError):
     """
     A ticket or file name that cannot be stored safely.
     """

@@ -1,0 +1,592 @@
+"""
+IScriptService and IScriptServiceV2: start a script, follow its log, cancel
+it, collect its result.
+
+Both contracts share one L{ScriptRunner}.  It keeps running scripts in memory
+and everything else on disk (L{tentacle.workspace}), so a status survives an
+agent restart.  Scripts run in their own process groups through the reactor
+(L{tentacle.workers.process}), so the listener never waits on them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from tentacle import __version__
+from tentacle.contracts import (
+    CancelScriptCommand,
+    CancelScriptCommandV2,
+    CompleteScriptCommand,
+    CompleteScriptCommandV2,
+    ProcessOutput,
+    ProcessOutputSource,
+    ProcessState,
+    ScriptExitCodes,
+    ScriptFile,
+    ScriptIsolationLevel,
+    ScriptStatusRequest,
+    ScriptStatusRequestV2,
+    ScriptStatusResponse,
+    ScriptStatusResponseV2,
+    ScriptTicket,
+    ScriptType,
+    StartScriptCommand,
+    StartScriptCommandV2,
+)
+from tentacle.dispatch import CallContext
+from tentacle.halibut.dotnet import TimeSpan
+from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
+from tentacle.workers.process import ProcessResult, ScriptProcess
+from tentacle.workspace import ScriptState, ScriptWorkspace, WorkspaceStore, safe_file_name
+
+#: Tentacle's name for the isolation mutex when a command names none.
+DEFAULT_MUTEX_NAME = "RunningScript"
+#: One status answer carries at most this much log, so it stays well inside
+#: message limits; the client asks again from NextLogSequence.
+MAX_LOG_ENTRIES = 5000
+MAX_LOG_BYTES = 1024 * 1024
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _seconds(span: TimeSpan | None) -> float | None:
+    if span is None:
+        return None
+    return span.to_timedelta().total_seconds()
+
+
+@attrs.frozen
+class ScriptLaunch:
+    """
+    What both contract versions ask for, in one shape.
+    """
+
+    ticket: ScriptTicket
+    task_id: str | None
+    script_body: str
+    scripts: Mapping[ScriptType, str]
+    files: tuple[ScriptFile, ...]
+    arguments: tuple[str, ...]
+    isolation: ScriptIsolationLevel
+    mutex_name: str | None
+    mutex_timeout: TimeSpan
+
+
+@attrs.define(eq=False)
+class RunningScript:
+    """
+    A script this agent process started: its workspace and where it is.
+    """
+
+    launch: ScriptLaunch
+    workspace: ScriptWorkspace
+    state: ScriptState
+    process: ScriptProcess | None = None
+    waiting: Deferred[Any] | None = None
+    cancelled: bool = False
+    delete_when_done: bool = False
+    _finished: list[Deferred[None]] = attrs.field(factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.state.state is ProcessState.Complete
+
+    def when_finished(self) -> Deferred[None]:
+        if self.complete:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._finished.append(d)
+        return d
+
+    def notify_finished(self) -> None:
+        waiting, self._finished = self._finished, []
+        for d in waiting:
+            d.callback(None)
+
+
+@attrs.frozen
+class Status:
+    """
+    A script's status, before it is dressed as a V1 or V2 response.
+    """
+
+    state: ProcessState
+    exit_code: int
+    logs: tuple[ProcessOutput, ...]
+    next_log_sequence: int
+
+
+class ScriptRunner:
+    """
+    Runs scripts for both contract versions.
+
+    @param max_concurrent: at most this many scripts run at once; the rest
+        stay Pending (C{None}: no limit, as Tentacle).
+    @param script_timeout: an agent-wide limit on a script's run time, in
+        seconds (C{None}: none, as Tentacle); expiry ends it with -44.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        home: Path,
+        applications: Path,
+        *,
+        max_concurrent: int | None = None,
+        script_timeout: float | None = None,
+        kill_grace: float = 5.0,
+        environment: Mapping[str, str] | None = None,
+        pwsh: str | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._home = home
+        self._applications = applications
+        self._store = WorkspaceStore(home)
+        self._mutexes = IsolationMutexes(reactor)
+        self._slots = DeferredSemaphore(max_concurrent) if max_concurrent else None
+        self._script_timeout = script_timeout
+        self._kill_grace = kill_grace
+        self._base_environment = dict(os.environ if environment is None else environment)
+        self._pwsh = pwsh if pwsh is not None else shutil.which("pwsh")
+        self._scripts: dict[str, RunningScript] = {}
+        self._flush_call: IDelayedCall | None = None
+        self._unflushed: set[RunningScript] = set()
+
+    @property
+    def store(self) -> WorkspaceStore:
+        return self._store
+
+    def is_active(self, folder_name: str) -> bool:
+        """
+        Whether a workspace folder belongs to a script still known in memory,
+        which the cleaner must leave alone.
+        """
+        return folder_name in self._scripts
+
+    # --- starting ---------------------------------------------------------------
+
+    def start(self, launch: ScriptLaunch, context: CallContext) -> RunningScript:
+        """
+        Create the workspace and set the script going; an already known
+        ticket is returned as it is, never started twice.
+        """
+        key = launch.ticket.task_id.lower()
+        existing = self._scripts.get(key)
+        if existing is not None:
+            return existing
+        workspace = self._store.workspace(launch.ticket.task_id)
+        for script_file in launch.files:
+            safe_file_name(workspace.root, script_file.name)  # refuse before creating anything
+        workspace.create()
+        try:
+            for script_file in launch.files:
+                workspace.add_file(script_file.name, context.payload(script_file.contents))
+        except BaseException:
+            workspace.delete()
+            raise
+        state = ScriptState(created=_now())
+        workspace.save_state(state)
+        script = RunningScript(launch, workspace, state)
+        self._scripts[key] = script
+        Deferred.fromCoroutine(self._run(script)).addErrback(
+            lambda f: self.log.failure("Script {ticket} failed to run", f, ticket=key)
+        )
+        return script
+
+    async def _run(self, script: RunningScript) -> None:
+        launch = script.launch
+        lease: Lease | None = None
+        slot_taken = False
+        try:
+            try:
+                lease = await self._acquire_mutex(script)
+                if self._slots is not None:
+                    script.waiting = self._slots.acquire()
+                    await script.waiting
+                    slot_taken = True
+                script.waiting = None
+            except CancelledError:
+                self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
+                self._finish(script, ScriptExitCodes.CANCELED)
+                return
+            except IsolationTimeout:
+                self._append(script, ProcessOutputSource.StdErr, "Script execution timed out.")
+                self._finish(script, ScriptExitCodes.TIMEOUT)
+                return
+            if script.cancelled:
+                self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
+                self._finish(script, ScriptExitCodes.CANCELED)
+                return
+            executable, arguments = self._command(script)
+            if executable is None:
+                self._append(
+                    script,
+                    ProcessOutputSource.StdErr,
+                    "This script is PowerShell, and PowerShell (pwsh) is not installed on "
+                    "this agent. Install PowerShell, or send a Bash script.",
+                )
+                self._finish(script, ScriptExitCodes.POWERSHELL_INVOCATION_ERROR)
+                return
+            script.state.state = ProcessState.Running
+            script.state.started = _now()
+            script.workspace.save_state(script.state)
+            process = ScriptProcess(
+                self._reactor,
+                executable,
+                arguments,
+                self._environment(),
+                str(script.workspace.root),
+                lambda source, text, occurred: self._append(script, source, text, occurred),
+                kill_grace=self._kill_grace,
+                max_time=self._script_timeout,
+            )
+            script.process = process
+            try:
+                result = await process.start()
+            except Exception as e:
+                self._append(script, ProcessOutputSource.StdErr, f"The script could not be started: {e}")
+                self._finish(script, ScriptExitCodes.FATAL)
+                return
+            self._finish(script, self._exit_code(script, result))
+        finally:
+            if slot_taken and self._slots is not None:
+                self._slots.release()
+            if lease is not None:
+                lease.release()
+
+    async def _acquire_mutex(self, script: RunningScript) -> Lease:
+        launch = script.launch
+        owner = launch.task_id or launch.ticket.task_id
+        timeout = _seconds(launch.mutex_timeout)
+
+        def waiting(holders: str) -> None:
+            self._append(
+                script,
+                ProcessOutputSource.Debug,
+                f"Waiting for the script in task {holders} to finish as that script requires "
+                "that no other scripts are executing on this target at the same time.",
+            )
+
+        script.waiting = self._mutexes.acquire(
+            launch.mutex_name or DEFAULT_MUTEX_NAME,
+            exclusive=launch.isolation is ScriptIsolationLevel.FullIsolation,
+            owner=owner,
+            timeout=timeout if timeout else None,
+            on_wait=waiting,
+        )
+        lease: Lease = await script.waiting
+        return lease
+
+    def _command(self, script: RunningScript) -> tuple[str | None, list[str]]:
+        """
+        Bash unless the command carries only a PowerShell body.
+        """
+        launch = script.launch
+        workspace = script.workspace
+        if ScriptType.Bash in launch.scripts or ScriptType.PowerShell not in launch.scripts:
+            body = launch.scripts.get(ScriptType.Bash, launch.script_body)
+            bootstrap = workspace.write_bootstrap(body)
+            return "/bin/bash", [str(bootstrap), *launch.arguments]
+        path = workspace.root / "Bootstrap.ps1"
+        path.write_text(launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n"), encoding="utf-8-sig")
+        if self._pwsh is None:
+            return None, []
+        quoted = " ".join("'" + a.replace("'", "''") + "'" for a in launch.arguments)
+        command = (
+            "$ErrorActionPreference = 'Stop'; . {. '" + str(path).replace("'", "''") + "' "
+            + quoted + "; if ((test-path variable:global:lastexitcode)) { exit $LastExitCode }}"
+        )
+        return self._pwsh, [
+            "-NonInteractive", "-NoProfile", "-NoLogo", "-ExecutionPolicy", "Unrestricted",
+            "-Command", command,
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        """
+        The agent's environment plus the variables Tentacle gives scripts,
+        which the scripts Octopus Server sends rely on.
+        """
+        executable = shutil.which("tentacle") or sys.argv[0]
+        env = dict(self._base_environment)
+        env.update(
+            TentacleHome=str(self._home),
+            TentacleApplications=str(self._applications),
+            TentacleJournal=str(self._home / "DeploymentJournal.xml"),
+            TentacleVersion=__version__,
+            TentacleCertificateSignatureAlgorithm="sha256RSA",
+            TentacleExecutablePath=executable,
+            TentacleProgramDirectoryPath=os.path.dirname(executable),
+            TentacleUseDefaultProxy="False",
+        )
+        return env
+
+    @staticmethod
+    def _exit_code(script: RunningScript, result: ProcessResult) -> int:
+        if result.cancelled or script.cancelled:
+            return ScriptExitCodes.CANCELED
+        if result.timed_out:
+            return ScriptExitCodes.TIMEOUT
+        if result.exit_code is not None:
+            return result.exit_code
+        if result.signal is not None:
+            return 128 + result.signal  # as a shell reports a signalled child
+        return ScriptExitCodes.FATAL
+
+    # --- the log ------------------------------------------------------------------
+
+    def _append(
+        self,
+        script: RunningScript,
+        source: ProcessOutputSource,
+        text: str,
+        occurred: datetime | None = None,
+    ) -> None:
+        script.workspace.log.append(source, text, occurred or _now())
+        self._unflushed.add(script)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        """
+        Once per reactor turn, hand new log lines to the OS: cheap, and they
+        survive the agent being killed.
+        """
+        self._flush_call = None
+        scripts, self._unflushed = self._unflushed, set()
+        for script in scripts:
+            script.workspace.log.flush()
+
+    def _finish(self, script: RunningScript, exit_code: int) -> None:
+        script.state.state = ProcessState.Complete
+        script.state.exit_code = exit_code
+        script.state.completed = _now()
+        script.state.ran_to_completion = True
+        script.workspace.log.flush()
+        if script.workspace.exists():
+            script.workspace.save_state(script.state)
+        self.log.info(
+            "Script {ticket} finished with exit code {exit_code}",
+            ticket=script.launch.ticket.task_id,
+            exit_code=exit_code,
+        )
+        script.notify_finished()
+        if script.delete_when_done:
+            self._forget(script)
+
+    # --- asking -------------------------------------------------------------------
+
+    def find(self, ticket: ScriptTicket) -> RunningScript | None:
+        return self._scripts.get(ticket.task_id.lower())
+
+    def status(self, ticket: ScriptTicket, after: int, unknown_exit_code: int) -> Status:
+        """
+        The status of a script, from memory or, after a restart, from disk.
+
+        @param unknown_exit_code: what a ticket with no workspace at all
+            reports (-45 for V2; V1 reports 0, as Tentacle does).
+        """
+        script = self.find(ticket)
+        if script is not None:
+            logs, next_sequence = script.workspace.log.read(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES)
+            state = script.state.state
+            if state is ProcessState.Complete and next_sequence < len(script.workspace.log):
+                # More log to come: a client stops asking once it sees Complete.
+                state = ProcessState.Running
+            exit_code = script.state.exit_code if script.complete else 0
+            return Status(state, exit_code or 0, tuple(logs), next_sequence)
+        workspace = self._store.workspace(ticket.task_id)
+        if not workspace.exists():
+            return Status(ProcessState.Complete, unknown_exit_code, (), after)
+        logs, next_sequence = workspace.log.read(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES)
+        saved = workspace.load_state()
+        if saved is not None and saved.state is ProcessState.Complete and saved.exit_code is not None:
+            exit_code = saved.exit_code
+        elif unknown_exit_code == ScriptExitCodes.UNKNOWN_SCRIPT:
+            exit_code = ScriptExitCodes.UNKNOWN_RESULT  # it was running when the agent stopped
+        else:
+            exit_code = 0
+        state = ProcessState.Complete
+        if next_sequence < len(workspace.log):
+            state = ProcessState.Running
+        return Status(state, exit_code, tuple(logs), next_sequence)
+
+    def cancel(self, ticket: ScriptTicket) -> None:
+        """
+        Stop a script: a waiting one ends at once with -43, a running one
+        has its whole process group killed.
+        """
+        script = self.find(ticket)
+        if script is None or script.complete:
+            return
+        script.cancelled = True
+        if script.waiting is not None:
+            script.waiting.cancel()
+        elif script.process is not None:
+            script.process.cancel()
+
+    def complete(self, ticket: ScriptTicket) -> None:
+        """
+        Forget a script and delete its workspace (after stopping it, if it
+        still runs).
+        """
+        script = self.find(ticket)
+        if script is None:
+            workspace = self._store.workspace(ticket.task_id)
+            workspace.delete()
+            return
+        if script.complete:
+            self._forget(script)
+        else:
+            script.delete_when_done = True
+            self.cancel(ticket)
+
+    def _forget(self, script: RunningScript) -> None:
+        self._scripts.pop(script.launch.ticket.task_id.lower(), None)
+        self._unflushed.discard(script)
+        script.workspace.delete()
+
+    def wait(self, script: RunningScript, seconds: float) -> Deferred[None]:
+        """
+        Fires when the script finishes or C{seconds} pass, whichever first.
+        """
+        if script.complete or seconds <= 0:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+
+        def fire() -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self._reactor.callLater(seconds, fire)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            fire()
+
+        script.when_finished().addCallback(finished)
+        return done
+
+
+def _launch_v1(command: StartScriptCommand, ticket: ScriptTicket) -> ScriptLaunch:
+    return ScriptLaunch(
+        ticket=ticket,
+        task_id=command.task_id,
+        script_body=command.script_body,
+        scripts=command.scripts,
+        files=command.files,
+        arguments=command.arguments,
+        isolation=command.isolation,
+        mutex_name=command.isolation_mutex_name,
+        mutex_timeout=command.script_isolation_mutex_timeout,
+    )
+
+
+def _launch_v2(command: StartScriptCommandV2) -> ScriptLaunch:
+    return ScriptLaunch(
+        ticket=command.script_ticket,
+        task_id=command.task_id,
+        script_body=command.script_body,
+        scripts=command.scripts,
+        files=command.files,
+        arguments=command.arguments,
+        isolation=command.isolation,
+        mutex_name=command.isolation_mutex_name,
+        mutex_timeout=command.script_isolation_mutex_timeout,
+    )
+
+
+class ScriptServiceV2:
+    """
+    IScriptServiceV2: the client names the ticket, StartScript is
+    idempotent, and a state file lets a status outlive a restart.
+    """
+
+    def __init__(self, runner: ScriptRunner) -> None:
+        self._runner = runner
+
+    def _response(self, ticket: ScriptTicket, after: int) -> ScriptStatusResponseV2:
+        s = self._runner.status(ticket, after, ScriptExitCodes.UNKNOWN_SCRIPT)
+        return ScriptStatusResponseV2(
+            ticket=ticket, logs=s.logs, next_log_sequence=s.next_log_sequence,
+            state=s.state, exit_code=s.exit_code,
+        )
+
+    async def start_script(
+        self, command: StartScriptCommandV2, *, context: CallContext
+    ) -> ScriptStatusResponseV2:
+        ticket = command.script_ticket
+        if self._runner.find(ticket) is None and self._runner.store.workspace(ticket.task_id).exists():
+            # Started before a restart: report it, never run it twice.
+            return self._response(ticket, 0)
+        script = self._runner.start(_launch_v2(command), context)
+        wait = _seconds(command.duration_to_wait_for_script_to_finish)
+        if wait:
+            await self._runner.wait(script, wait)
+        return self._response(ticket, 0)
+
+    def get_status(self, request: ScriptStatusRequestV2) -> ScriptStatusResponseV2:
+        return self._response(request.ticket, request.last_log_sequence)
+
+    def cancel_script(self, command: CancelScriptCommandV2) -> ScriptStatusResponseV2:
+        self._runner.cancel(command.ticket)
+        return self._response(command.ticket, command.last_log_sequence)
+
+    def complete_script(self, command: CompleteScriptCommandV2) -> None:
+        self._runner.complete(command.ticket)
+
+
+class ScriptService:
+    """
+    IScriptService (V1): the agent makes the ticket; CompleteScript returns
+    the last of the log and removes the workspace.
+    """
+
+    def __init__(self, runner: ScriptRunner, now: Callable[[], datetime] = _now) -> None:
+        self._runner = runner
+        self._now = now
+        self._counter = itertools.count(1)
+
+    def _ticket(self, task_id: str | None) -> ScriptTicket:
+        task = (task_id or "").replace("ServerTasks-", "")
+        task = "".join(c for c in task if c.isalnum() or c in "-_") or "0"
+        return ScriptTicket(f"{self._now():%Y%m%d%H%M%S}-{task}-{next(self._counter)}")
+
+    def _response(self, ticket: ScriptTicket, after: int) -> ScriptStatusResponse:
+        s = self._runner.status(ticket, after, 0)
+        return ScriptStatusResponse(
+            ticket=ticket, logs=s.logs, next_log_sequence=s.next_log_sequence,
+            state=s.state, exit_code=s.exit_code,
+        )
+
+    def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
+        ticket = self._ticket(command.task_id)
+        self._runner.start(_launch_v1(command, ticket), context)
+        return ticket
+
+    def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:
+        return self._response(request.ticket, request.last_log_sequence)
+
+    def cancel_script(self, command: CancelScriptCommand) -> ScriptStatusResponse:
+        self._runner.cancel(command.ticket)
+        return self._response(command.ticket, command.last_log_sequence)
+
+    def complete_script(self, command: CompleteScriptCommand) -> ScriptStatusResponse:
+        response = self._response(command.ticket, command.last_log_sequence)
+        self._runner.complete(command.ticket)
+        return response

@@ -1,0 +1,513 @@
+"""
+Run one script as a child process tree, stream its output as lines, and stop
+the whole tree on request.
+
+Each script starts in a session (and so a process group) of its own, through
+util-linux C{setsid} or, failing that, a tiny Python shim.  Forking and
+calling C{os.setsid} in Twisted's C{_setupChild} would not do: since Twisted
+23.8 a child may be started with C{posix_spawnp}, which skips that hook.
+Because the group id equals the script's pid, a cancel can signal everything
+the script started, not only the script.
+
+Stopping (on L{ScriptProcess.cancel} or when C{max_time} elapses) is, in
+order:
+
+  1. C{SIGTERM} to the group, so scripts can clean up;
+  2. after C{kill_grace} seconds, C{SIGKILL} to the group, then our ends of
+     the pipes are closed: a grandchild that escaped the group while holding
+     stdout would otherwise keep the result from ever arriving
+     (Tentacle issue #1225);
+  3. after C{backstop} more seconds, the result fires even if the process
+     was never reaped (a process stuck in the kernel cannot be killed).
+
+If the script ends before the grace period is over, whatever it left in its
+group is killed at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import shutil
+import signal as signals
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tentacle.contracts import ProcessOutputSource
+
+#: A line longer than this many characters is reported in pieces of this
+#: size, so a script printing without newlines cannot exhaust memory.
+MAX_LINE = 1 << 20
+
+#: Used when there is no C{setsid} binary: become a session leader, then
+#: become the script.  C{-I -S} keep the script's environment (PYTHONPATH and
+#: friends) from changing how this interpreter starts.
+_SESSION_SHIM = """\
+import os, sys
+os.setsid()
+try:
+    os.execv(sys.argv[1], sys.argv[1:])
+except OSError as e:
+    sys.stderr.write(f"cannot execute {sys.argv[1]}: {e}\\n")
+    sys.stderr.flush()
+    os._exit(127)
+"""
+
+OutputCallback = Callable[[ProcessOutputSource, str, datetime], None]
+
+_SOURCES = {1: ProcessOutputSource.StdOut, 2: ProcessOutputSource.StdErr}
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SpawnError(Exception):
+    """
+    The script could not be started at all: its executable or working
+    directory is missing, or the operating system refused to create the
+    process.  Raised (as the failure of L{ScriptProcess.start}) before any
+    process exists, so there is nothing to cancel or wait for.
+    """
+
+
+@attrs.frozen
+class ProcessResult:
+    """
+    How a script ended.  Exactly one of C{exit_code} and C{signal} is set when
+    the process was reaped; both are C{None} when the backstop gave up
+    waiting, or when the script was cancelled before it was started.
+    """
+
+    #: The exit status, when it exited normally.
+    exit_code: int | None
+    #: The signal that ended it, when one did.
+    signal: int | None
+    #: It ended because L{ScriptProcess.cancel} was called.
+    cancelled: bool
+    #: It ended because C{max_time} elapsed.
+    timed_out: bool
+
+
+def resolve_executable(executable: str, env: Mapping[str, str], path: str) -> str:
+    """
+    The absolute path of the program to run, found the way C{execvp} would
+    find it from the script's working directory and environment, so that a
+    missing program is a clear L{SpawnError} here rather than an exit status
+    of 127 later.
+    """
+    if os.sep in executable:
+        candidates = [os.path.join(path, executable)]
+    else:
+        search = env.get("PATH", os.defpath)
+        candidates = [os.path.join(path, d or ".", executable) for d in search.split(os.pathsep)]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    if os.sep in executable:
+        raise SpawnError(f"Cannot run {executable!r}: no such executable file")
+    raise SpawnError(f"Cannot run {executable!r}: not found on the PATH {search!r}")
+
+
+def session_command(
+    executable: str, args: Sequence[str], setsid: str | None
+) -> tuple[str, list[str]]:
+    """
+    The program and argv that run C{executable} with C{args} in a new
+    session.  A freshly spawned child is never a group leader, so C{setsid}
+    calls C{setsid(2)} and execs in place: the pid Twisted tracks is the
+    script's, and it leads its own process group.
+    """
+    if setsid is not None:
+        return setsid, [setsid, "--", executable, *args]
+    python = sys.executable
+    return python, [python, "-I", "-S", "-c", _SESSION_SHIM, executable, *args]
+
+
+@attrs.define
+class _Lines:
+    """
+    One output stream: bytes in, lines out.  Decoding is incremental, so a
+    character split between two reads survives; bytes that are not UTF-8
+    become U+FFFD.
+    """
+
+    source: ProcessOutputSource
+    emit: Callable[[ProcessOutputSource, str, datetime], None]
+    _decoder: codecs.IncrementalDecoder = attrs.field(
+        init=False, factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    _pending: list[str] = attrs.field(init=False, factory=list)
+    _pending_size: int = attrs.field(init=False, default=0)
+    #: The pending text was just reported because it reached MAX_LINE; a
+    #: newline straight after it ends that line rather than an empty one.
+    _capped: bool = attrs.field(init=False, default=False)
+    _done: bool = attrs.field(init=False, default=False)
+
+    def feed(self, data: bytes, occurred: datetime) -> None:
+        if not self._done:
+            self._text(self._decoder.decode(data), occurred)
+
+    def finish(self, occurred: datetime) -> None:
+        """
+        The stream ended: report whatever is held, newline or not.
+        """
+        if self._done:
+            return
+        self._text(self._decoder.decode(b"", final=True), occurred)
+        self._done = True
+        if self._pending:
+            self._line("".join(self._pending), occurred)
+            self._pending.clear()
+            self._pending_size = 0
+
+    def _text(self, text: str, occurred: datetime) -> None:
+        if not text:
+            return
+        *complete, rest = text.split("\n")
+        for piece in complete:
+            self._pending.append(piece)
+            line = "".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            if not (line == "" and self._capped):
+                self._line(line, occurred)
+            self._capped = False
+        if rest:
+            self._capped = False
+            self._pending.append(rest)
+            self._pending_size += len(rest)
+            if self._pending_size >= MAX_LINE:
+                held = "".join(self._pending)
+                cut = len(held) - len(held) % MAX_LINE
+                for start in range(0, cut, MAX_LINE):
+                    self.emit(self.source, held[start : start + MAX_LINE], occurred)
+                self._pending = [held[cut:]] if cut < len(held) else []
+                self._pending_size = len(held) - cut
+                self._capped = cut == len(held)
+
+    def _line(self, line: str, occurred: datetime) -> None:
+        if line.endswith("\r"):
+            line = line[:-1]
+        if len(line) <= MAX_LINE:
+            self.emit(self.source, line, occurred)
+            return
+        for start in range(0, len(line), MAX_LINE):
+            self.emit(self.source, line[start : start + MAX_LINE], occurred)
+
+
+class _ScriptProtocol(ProcessProtocol):
+    """
+    Forwards the child's events to its L{ScriptProcess}.
+    """
+
+    def __init__(self, owner: ScriptProcess) -> None:
+        self._owner = owner
+
+    def connectionMade(self) -> None:
+        # Scripts get no input; an open stdin would let `read` block forever.
+        self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._owner._output(childFD, data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        self._owner._stream_closed(childFD)
+
+    def processExited(self, reason: Failure) -> None:
+        self._owner._exited(reason)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._owner._ended(reason)
+
+
+def _status(reason: Failure) -> tuple[int | None, int | None]:
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return 0, None
+    if isinstance(value, ProcessTerminated):
+        return value.exitCode, value.signal
+    return None, None
+
+
+@attrs.define(eq=False)
+class ScriptProcess:
+    """
+    One script run as a child process in its own session.
+
+    @param reactor: provides C{IReactorProcess} and C{IReactorTime}.
+    @param executable: the program; a bare name is looked up on C{env}'s PATH.
+    @param args: the arguments after the program name.
+    @param env: the script's whole environment (nothing is inherited).
+    @param path: the working directory.
+    @param on_output: called with each line of stdout or stderr, in the order
+        received on that stream, stamped with the time it arrived.
+    @param kill_grace: seconds between C{SIGTERM} and C{SIGKILL} on a stop.
+    @param backstop: seconds after C{SIGKILL} before giving up on the reap.
+    @param max_time: stop the script, as a timeout, after this many seconds.
+    @param now: the clock for output timestamps (aware, UTC).
+    @param signal_group: sends a signal to a process group (C{os.killpg});
+        tests with a fake reactor replace it so no real process is signalled.
+    @param use_setsid: start through the C{setsid} program when it exists;
+        C{False} forces the Python shim.
+    """
+
+    log: ClassVar[Logger] = Logger()
+
+    _reactor: Any
+    _executable: str
+    _args: Sequence[str]
+    _env: Mapping[str, str]
+    _path: str
+    _on_output: OutputCallback
+    _kill_grace: float = attrs.field(default=5.0, kw_only=True)
+    _backstop: float = attrs.field(default=5.0, kw_only=True)
+    _max_time: float | None = attrs.field(default=None, kw_only=True)
+    _now: Callable[[], datetime] = attrs.field(default=utc_now, kw_only=True)
+    _signal_group: Callable[[int, int], None] = attrs.field(default=os.killpg, kw_only=True)
+    _use_setsid: bool = attrs.field(default=True, kw_only=True)
+
+    _started: bool = attrs.field(init=False, default=False)
+    _transport: IProcessTransport | None = attrs.field(init=False, default=None)
+    _pid: int | None = attrs.field(init=False, default=None)
+    _result: Deferred[ProcessResult] | None = attrs.field(init=False, default=None)
+    #: Why we are stopping it: "cancel", "timeout", or None while it runs.
+    _stopping: str | None = attrs.field(init=False, default=None)
+    _status: tuple[int | None, int | None] | None = attrs.field(init=False, default=None)
+    _timers: dict[str, IDelayedCall] = attrs.field(init=False, factory=dict)
+    _streams: dict[int, _Lines] = attrs.field(init=False, factory=dict)
+    _finished: bool = attrs.field(init=False, default=False)
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The script's pid once started (kept after it has been reaped).
+        """
+        return self._pid
+
+    @property
+    def pgid(self) -> int | None:
+        """
+        The script's process group: the same number as its pid, because it
+        is started as a session leader.
+        """
+        return self._pid
+
+    def start(self) -> Deferred[ProcessResult]:
+        """
+        Spawn the script now.
+
+        @return: fires once with the L{ProcessResult} when the script has
+            ended and its output has been reported, or when the backstop gave
+            up waiting.  It fails only with L{SpawnError}, when no process
+            could be created.  Cancelling it is the same as L{cancel}, except
+            that the caller gets C{CancelledError} at once instead of the
+            result.
+        """
+        if self._started:
+            raise RuntimeError("A ScriptProcess can only be started once")
+        self._started = True
+        if self._stopping is not None:
+            self._finished = True
+            return succeed(ProcessResult(None, None, True, False))
+        try:
+            if not os.path.isdir(self._path):
+                raise SpawnError(f"Cannot run in {self._path!r}: no such directory")
+            executable = resolve_executable(self._executable, self._env, self._path)
+            setsid = shutil.which("setsid") if self._use_setsid else None
+            program, argv = session_command(executable, self._args, setsid)
+            self._streams = {
+                fd: _Lines(source, self._report) for fd, source in _SOURCES.items()
+            }
+            self._result = Deferred(lambda d: self.cancel())
+            self._transport = self._reactor.spawnProcess(
+                _ScriptProtocol(self),
+                program,
+                argv,
+                env=dict(self._env),
+                path=self._path,
+                usePTY=False,
+            )
+        except SpawnError as e:
+            self._finished = True
+            self.log.warn("{error}", error=str(e), executable=self._executable)
+            return fail(e)
+        except OSError as e:
+            self._finished = True
+            error = SpawnError(f"Cannot run {self._executable!r}: {e}")
+            self.log.warn("{error}", error=str(error), executable=self._executable)
+            return fail(error)
+        assert self._transport is not None
+        self._pid = self._transport.pid
+        self.log.info(
+            "Started {executable} as pid {pid} in process group {pgid}",
+            executable=executable,
+            pid=self._pid,
+            pgid=self.pgid,
+            launcher=program,
+        )
+        if self._max_time is not None:
+            self._timers["max_time"] = self._reactor.callLater(self._max_time, self._timeout)
+        return self._result
+
+    def cancel(self) -> None:
+        """
+        Stop the script and everything in its process group: TERM, then KILL
+        after C{kill_grace}.  Calling it again, or after the script ended,
+        does nothing.  Before L{start}, the script will never be started.
+        """
+        self._stop("cancel")
+
+    def _timeout(self) -> None:
+        self._timers.pop("max_time", None)
+        self.log.info(
+            "Process {pid} ran longer than {max_time} s; stopping it",
+            pid=self._pid,
+            max_time=self._max_time,
+        )
+        self._stop("timeout")
+
+    def _stop(self, why: str) -> None:
+        if self._finished or self._stopping is not None:
+            return
+        self._stopping = why
+        if not self._started:
+            return
+        self._cancel_timer("max_time")
+        self._send(signals.SIGTERM)
+        self._timers["kill"] = self._reactor.callLater(self._kill_grace, self._kill)
+
+    def _kill(self) -> None:
+        self._timers.pop("kill", None)
+        self._send(signals.SIGKILL)
+        # Whatever still holds our pipes (a grandchild that left the group)
+        # must not keep the result from arriving.
+        assert self._transport is not None
+        self._transport.loseConnection()
+        self._timers["backstop"] = self._reactor.callLater(self._backstop, self._give_up)
+
+    def _give_up(self) -> None:
+        self._timers.pop("backstop", None)
+        self.log.warn(
+            "Process {pid} was not reaped {backstop} s after SIGKILL; giving up on it",
+            pid=self._pid,
+            backstop=self._backstop,
+        )
+        self._finish()
+
+    def _send(self, signal: int) -> None:
+        """
+        Signal the script's whole group.  Just after the spawn the child may
+        not have made its session yet, and then there is no such group: the
+        script itself is signalled instead.
+        """
+        assert self._pid is not None and self._transport is not None
+        name = signals.Signals(signal).name
+        try:
+            self._signal_group(self._pid, signal)
+        except ProcessLookupError:
+            try:
+                self._transport.signalProcess(signal)
+            except ProcessExitedAlready:
+                return
+            except OSError as e:
+                self.log.warn(
+                    "Could not send {signal} to process {pid}: {error}",
+                    signal=name,
+                    pid=self._pid,
+                    error=str(e),
+                )
+                return
+            self.log.info("Sent {signal} to process {pid}", signal=name, pid=self._pid)
+        except OSError as e:
+            self.log.warn(
+                "Could not send {signal} to process group {pgid}: {error}",
+                signal=name,
+                pgid=self._pid,
+                error=str(e),
+            )
+        else:
+            self.log.info("Sent {signal} to process group {pgid}", signal=name, pgid=self._pid)
+
+    def _report(self, source: ProcessOutputSource, text: str, occurred: datetime) -> None:
+        try:
+            self._on_output(source, text, occurred)
+        except Exception:
+            self.log.failure("Output callback failed for process {pid}", pid=self._pid)
+
+    def _output(self, fd: int, data: bytes) -> None:
+        stream = self._streams.get(fd)
+        if stream is not None:
+            stream.feed(data, self._now())
+
+    def _stream_closed(self, fd: int) -> None:
+        stream = self._streams.get(fd)
+        if stream is not None:
+            stream.finish(self._now())
+
+    def _exited(self, reason: Failure) -> None:
+        self._status = _status(reason)
+        self.log.debug(
+            "Process {pid} exited with {status}; waiting for its output to end",
+            pid=self._pid,
+            status=self._status,
+        )
+
+    def _ended(self, reason: Failure) -> None:
+        self._status = _status(reason)
+        if self._stopping is not None and not self._finished:
+            # The script is gone; nothing it left behind gets a grace period.
+            assert self._pid is not None
+            try:
+                self._signal_group(self._pid, signals.SIGKILL)
+            except OSError:
+                pass
+            else:
+                self.log.info(
+                    "Sent {signal} to what was left of process group {pgid}",
+                    signal="SIGKILL",
+                    pgid=self._pid,
+                )
+        self._finish()
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        occurred = self._now()
+        for stream in self._streams.values():
+            stream.finish(occurred)
+        exit_code, signal = self._status if self._status is not None else (None, None)
+        result = ProcessResult(
+            exit_code=exit_code,
+            signal=signal,
+            cancelled=self._stopping == "cancel",
+            timed_out=self._stopping == "timeout",
+        )
+        self.log.info(
+            "Process {pid} ended: exit code {exit_code}, signal {signal}",
+            pid=self._pid,
+            exit_code=exit_code,
+            signal=signal,
+            cancelled=result.cancelled,
+            timed_out=result.timed_out,
+        )
+        assert self._result is not None
+        if not self._result.called:  # not when the caller cancelled the Deferred
+            self._result.callback(result)
