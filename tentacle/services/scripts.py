@@ -483,23 +483,12 @@ class ScriptRunner:
         return done
 
 
-def _launch_v1(command: StartScriptCommand, ticket: ScriptTicket) -> ScriptLaunch:
+def _launch(command: StartScriptCommand | StartScriptCommandV2, ticket: ScriptTicket) -> ScriptLaunch:
+    """
+    Both versions' start commands carry the same fields but the ticket.
+    """
     return ScriptLaunch(
         ticket=ticket,
-        task_id=command.task_id,
-        script_body=command.script_body,
-        scripts=command.scripts,
-        files=command.files,
-        arguments=command.arguments,
-        isolation=command.isolation,
-        mutex_name=command.isolation_mutex_name,
-        mutex_timeout=command.script_isolation_mutex_timeout,
-    )
-
-
-def _launch_v2(command: StartScriptCommandV2) -> ScriptLaunch:
-    return ScriptLaunch(
-        ticket=command.script_ticket,
         task_id=command.task_id,
         script_body=command.script_body,
         scripts=command.scripts,
@@ -534,7 +523,7 @@ class ScriptServiceV2:
         if self._runner.find(ticket) is None and self._runner.store.workspace(ticket.task_id).exists():
             # Started before a restart: report it, never run it twice.
             return self._response(ticket, 0)
-        script = self._runner.start(_launch_v2(command), context)
+        script = self._runner.start(_launch(command, ticket), context)
         wait = _seconds(command.duration_to_wait_for_script_to_finish)
         if wait:
             await self._runner.wait(script, wait)
@@ -576,7 +565,7 @@ class ScriptService:
 
     def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
         ticket = self._ticket(command.task_id)
-        self._runner.start(_launch_v1(command, ticket), context)
+        self._runner.start(_launch(command, ticket), context)
         return ticket
 
     def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:
