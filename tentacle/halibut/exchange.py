@@ -98,7 +98,7 @@ class DiscardingSink:
 
 
 @implementer(IPullProducer)
-class _PayloadSender:
+class PayloadSender:
     """
     Writes one outgoing stream's payload in chunks, as fast as the
     transport takes them, and checks it is exactly as long as declared.
@@ -339,7 +339,7 @@ class MessageExchange(Protocol):
             if opener is None:
                 raise ProtocolError(f"no payload for outgoing data stream {stream.id}")
             self._link.write(stream_header(stream.id, stream.length))
-            await _PayloadSender(self._link, opener(), stream.length).start()
+            await PayloadSender(self._link, opener(), stream.length).start()
             self._link.write(stream_trailer(stream.length))
         self._discard_received()
         self._await_control()
