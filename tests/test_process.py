@@ -775,7 +775,9 @@ class RealProcessTests(TestCase):
         process.cancel()
         result = await d
         self.assertTrue(result.cancelled)
-        self.assertIsNotNone(result.signal)
+        # Usually the TERM ends the script; when it lands in the forked child
+        # before exec, Twisted's child code exits with a status instead.
+        self.assertTrue(result.signal is not None or result.exit_code is not None, result)
         assert process.pgid is not None
         self.assertTrue(await group_gone(process.pgid))
 

@@ -191,6 +191,11 @@ class MessageExchange(Protocol):
             self._consume(data)
         except (ProtocolError, CodecError) as e:
             self._protocol_error(str(e))
+        except Exception as e:
+            # A sink that failed to store a payload (disk full, say): the
+            # request cannot be answered in step, so this connection ends.
+            self.log.failure("Failed while {state}", state=self._state.value)
+            self._protocol_error(f"{type(e).__name__}: {e}")
 
     def _consume(self, data: bytes) -> None:
         while data and self._state is not _State.CLOSED:

@@ -1,0 +1,159 @@
+"""
+An agent with Tentacle's services in a child process, for tests that must
+measure or limit the agent apart from the test runner (its memory, its
+file-size limit).
+
+Child side: C{python -m tests.agent_process --home H --trust T
+[--allowed-root R]... [--file-size-limit BYTES]} listens on a free loopback
+port, prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
+Parent side: L{spawn_agent}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+import tentacle
+from tentacle.identity import Identity, IdentityStore
+
+CHECKOUT = str(Path(tentacle.__file__).resolve().parent.parent)
+PORT_LINE = b"AGENT-PORT "
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--trust", action="append", default=[])
+    parser.add_argument("--allowed-root", action="append", default=[])
+    parser.add_argument("--file-size-limit", type=int)
+    args = parser.parse_args(argv)
+
+    # Over the limit, write() must fail with EFBIG, not kill the agent.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if args.file_size_limit is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, hard))
+
+    from twisted.internet import reactor as the_reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from tentacle.config import TentacleConfig
+    from tentacle.dispatch import Dispatcher
+    from tentacle.service import TentacleService
+    from tentacle.services import register_tentacle_services
+
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    config = TentacleConfig(
+        home=Path(args.home),
+        port=0,
+        listen_address="127.0.0.1",
+        trusted_thumbprints=tuple(args.trust),
+        allowed_roots=tuple(Path(r) for r in args.allowed_root),
+    )
+    dispatcher = Dispatcher()
+    register_tentacle_services(dispatcher, config, the_reactor)  # type: ignore[arg-type]
+    service = TentacleService(config, the_reactor, dispatcher=dispatcher)
+    service.startService()
+    assert service.port is not None
+    print(f"{PORT_LINE.decode()}{service.port.getHost().port}", flush=True)  # type: ignore[attr-defined]
+    the_reactor.run()
+
+
+class ChildAgent(ProcessProtocol):
+    """
+    The parent's view: the port once listening, the output, the end.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.port: Deferred[int] = Deferred()
+        self.ended: Deferred[Any] = Deferred()
+
+    @property
+    def pid(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.pid)
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.port.called and PORT_LINE in self.output:
+            line = self.output.split(PORT_LINE, 1)[1].split(b"\n", 1)
+            if len(line) == 2:
+                self.port.callback(int(line[0]))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.port.called:
+            self.port.errback(Exception(f"the agent exited: {self.output.decode(errors='replace')}"))
+        self.ended.callback(reason.value)
+
+    def status(self, field: str) -> int:
+        """
+        A C{/proc/<pid>/status} figure in bytes, e.g. C{VmRSS} or C{VmHWM}.
+        """
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                value, unit = line.split()[1:3]
+                assert unit == "kB", line
+                return int(value) * 1024
+        raise KeyError(field)
+
+    async def stop(self) -> None:
+        if self.ended.called:
+            return
+        try:
+            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            pass
+        reason = await self.ended
+        if not isinstance(reason, ProcessDone):
+            raise AssertionError(f"the agent ended with {reason}: {self.output.decode(errors='replace')}")
+
+
+async def spawn_agent(
+    case: TestCase,
+    agent: Identity,
+    trusted: tuple[str, ...],
+    allowed_roots: tuple[Path, ...] = (),
+    file_size_limit: int | None = None,
+) -> tuple[ChildAgent, Path, int]:
+    """
+    Start a child agent with C{agent}'s identity; stopped when the test ends.
+
+    @return: the process, its home and its port.
+    """
+    home = Path(case.mktemp()).absolute()
+    IdentityStore(home).save(agent)
+    args = [sys.executable, "-m", "tests.agent_process", "--home", str(home)]
+    for thumbprint in trusted:
+        args += ["--trust", thumbprint]
+    for root in allowed_roots:
+        args += ["--allowed-root", str(root)]
+    if file_size_limit is not None:
+        args += ["--file-size-limit", str(file_size_limit)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = CHECKOUT + os.pathsep + env.get("PYTHONPATH", "")
+    child = ChildAgent()
+    reactor.spawnProcess(child, sys.executable, args, env=env, path=CHECKOUT)
+    case.addCleanup(lambda: Deferred.fromCoroutine(child.stop()))
+    port = await child.port
+    return child, home, port
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
