@@ -25,18 +25,23 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from tentacle.contracts import tentacle_registry
+from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, tentacle_registry
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.exchange import ExchangeSettings, exchange_factory
 from tentacle.config import ConfigError, ConfigFile, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.listener import ListenerFactory, SessionFactory
 from tentacle.tls import AgentTLSOptions
+from tentacle.services import register_tentacle_services
+from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
 from tentacle.trust import TrustList
+from tentacle.workspace import remove_stale_workspaces
 
 #: How often a running agent looks for edits to its configuration file, so
 #: `tentacle configure --trust` takes effect within a few seconds.
 CONFIG_POLL_INTERVAL = 2.0
+#: Tentacle looks for old workspaces every two hours.
+WORKSPACE_CLEANING_INTERVAL = 7200.0
 
 
 def _default_reactor() -> Any:
@@ -80,7 +85,11 @@ class TentacleService(MultiService):
     ) -> None:
         super().__init__()
         self.reactor = reactor if reactor is not None else _default_reactor()
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        self.scripts: ScriptRunner | None = None
+        if dispatcher is None:
+            dispatcher = Dispatcher()
+            self.scripts = self._offer_tentacle_services(dispatcher, config)
+        self.dispatcher = dispatcher
         if session_factory is None:
             session_factory = exchange_factory(
                 self.dispatcher, tentacle_registry(), self.reactor, exchange_settings
@@ -100,6 +109,39 @@ class TentacleService(MultiService):
             watcher = TimerService(CONFIG_POLL_INTERVAL, self._poll_config)
             watcher.clock = self.reactor
             watcher.setServiceParent(self)
+
+    def _offer_tentacle_services(self, dispatcher: Dispatcher, config: TentacleConfig) -> ScriptRunner:
+        """
+        The services an Octopus Server expects: scripts (V1 and V2), file
+        transfer and capabilities; and the cleaner for old script workspaces.
+        """
+        runner = ScriptRunner(
+            self.reactor,
+            config.home,
+            config.applications,
+            max_concurrent=config.max_concurrent_scripts,
+            script_timeout=config.script_timeout,
+        )
+        dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
+        dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
+        register_tentacle_services(dispatcher, config, self.reactor)
+        cleaner = TimerService(
+            min(WORKSPACE_CLEANING_INTERVAL, config.workspace_max_age / 2),
+            self._clean_workspaces,
+        )
+        cleaner.clock = self.reactor
+        cleaner.setServiceParent(self)
+        return runner
+
+    def _clean_workspaces(self) -> None:
+        if self.scripts is None:
+            return
+        removed = remove_stale_workspaces(
+            self.scripts.store, self.config.workspace_max_age, self.scripts.is_active,
+            self.reactor.seconds(),
+        )
+        for folder in removed:
+            self.log.info("Removed the old script workspace {folder}", folder=str(folder))
 
     def _endpoints(self) -> list[IStreamServerEndpoint]:
         address = self.config.listen_address

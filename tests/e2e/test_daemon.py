@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,71 @@ class DaemonTests(TestCase):
         # sees how it ended.
         self.assertIn(getattr(reason, "signal", None), (None, signal.SIGTERM))
         self.assertIn(b"Server Shut Down", agent.output)
+
+
+class RestartTests(TestCase):
+    """
+    An agent killed with SIGKILL while a script runs, then started again.
+    """
+
+    async def start_agent(self, env: dict[str, str]) -> tuple[AgentProcess, Any]:
+        agent = AgentProcess()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            agent, sys.executable, [sys.executable, "-m", "tentacle", "run"], env=env
+        )
+        await agent.listening
+        return agent, process
+
+    async def test_sigkill_during_a_script(self) -> None:
+        from tests.e2e.test_scripts import ScriptClient, _processes_with, v2_command
+        from tests.support import identity
+
+        home = Path(self.mktemp()).absolute()
+        port = free_port()
+        env = child_environment(home)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "tentacle", "configure", "--port", str(port), "--listen-ip", "127.0.0.1",
+             "--trust", identity("server").thumbprint],
+            env=env,
+        )
+        self.assertEqual(code, 0, err)
+        context = client_context(identity("server"), home.parent)
+        tag = f"600.{os.getpid()}9"
+        command = v2_command(f"echo before; sleep {tag}")
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in _processes_with(tag)])
+
+        agent, process = await self.start_agent(env)
+
+        def start_and_see_output() -> None:
+            client = ScriptClient(port, context)
+            client.start(command)
+            while not client.status(command.script_ticket).logs:
+                time.sleep(0.02)  # the client's poll interval
+            client.close()
+
+        await in_thread(start_and_see_output)
+        process.signalProcess(signal.SIGKILL)
+        await agent.ended
+
+        agent, process = await self.start_agent(env)
+        try:
+            def ask() -> tuple[Any, Any]:
+                client = ScriptClient(port, context)
+                try:
+                    return (
+                        client.status(command.script_ticket),
+                        client.status(v2_command("x").script_ticket),
+                    )
+                finally:
+                    client.close()
+
+            status, unknown = await in_thread(ask)
+        finally:
+            process.signalProcess(signal.SIGTERM)
+            await agent.ended
+        from tentacle.contracts import ProcessState
+
+        self.assertEqual((status.state, status.exit_code), (ProcessState.Complete, -46))
+        self.assertEqual([e.text for e in status.logs], ["before"])
+        self.assertEqual((unknown.state, unknown.exit_code), (ProcessState.Complete, -45))
