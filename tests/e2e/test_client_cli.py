@@ -1,0 +1,166 @@
+"""
+C{tentacle-client} as a user runs it: a real child process against real
+agents on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tentacle.identity import IdentityStore
+from tests.e2e.test_daemon import CHECKOUT
+from tests.e2e.test_scripts import _processes_with
+from tests.support import agent_port, identity, start_agent
+
+
+class CLIProcess(ProcessProtocol):
+    def __init__(self, wait_for: bytes | None = None) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[int] = Deferred()
+        self.seen: Deferred[None] = Deferred()
+        self._wait_for = wait_for
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if self._wait_for and self._wait_for in self.out and not self.seen.called:
+            self.seen.callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+class ClientCLITests(TestCase):
+    def setUp(self) -> None:
+        self.home = Path(self.mktemp()).absolute()
+        IdentityStore(self.home).save(identity("server"))
+
+    def agent(self) -> Any:
+        agent_home = Path(self.mktemp()).absolute()
+        agent_home.mkdir()
+        return start_agent(self, home=agent_home, trusted=(identity("server").thumbprint,))
+
+    def spawn(self, *argv: str, wait_for: bytes | None = None) -> tuple[CLIProcess, Any]:
+        env = dict(os.environ, PYTHONPATH=CHECKOUT)
+        protocol = CLIProcess(wait_for)
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            protocol, sys.executable, [sys.executable, "-m", "tentacle.client.cli", *argv], env=env
+        )
+        return protocol, process
+
+    async def cli(self, *argv: str) -> tuple[int, str, str]:
+        protocol, _ = self.spawn(*argv)
+        code = await protocol.ended
+        return code, protocol.out.decode(), protocol.err.decode()
+
+    def pinned(self, command: str) -> list[str]:
+        return [command, "--home", str(self.home), "--thumbprint", identity("agent").thumbprint]
+
+    async def test_check(self) -> None:
+        agent = self.agent()
+        code, out, err = await self.cli(*self.pinned("check"), f"127.0.0.1:{agent_port(agent)}")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Agent thumbprint: {identity('agent').thumbprint} (verified against the pin)", out)
+        self.assertIn("TLS:              TLSv1.3", out)
+        self.assertIn("IScriptService, IFileTransferService, IScriptServiceV2", out)
+        self.assertRegex(out, r"Round trip: +[0-9.]+ ms")
+
+    async def test_run_streams_and_exits_with_the_scripts_code(self) -> None:
+        agent = self.agent()
+        code, out, err = await self.cli(
+            *self.pinned("run"), f"127.0.0.1:{agent_port(agent)}", "-c", "echo out; echo bad >&2; exit 7"
+        )
+        self.assertEqual(code, 7, err)
+        self.assertEqual(out, "stdout: out\nstderr: bad\n")
+
+    async def test_run_json(self) -> None:
+        agent = self.agent()
+        code, out, _ = await self.cli(*self.pinned("run"), "--json", f"127.0.0.1:{agent_port(agent)}", "-c", "echo j")
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(code, 0)
+        self.assertEqual(records[0]["text"], "j")
+        self.assertEqual(records[-1]["exit_code"], 0)
+
+    async def test_upload_and_download(self) -> None:
+        agent = self.agent()
+        target = f"127.0.0.1:{agent_port(agent)}"
+        local = Path(self.mktemp())
+        local.write_bytes(os.urandom(100_000))
+        code, out, err = await self.cli(*self.pinned("upload"), target, str(local), "in/blob")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Uploaded 100000 bytes", out)
+        back = Path(self.mktemp())
+        code, out, err = await self.cli(*self.pinned("download"), target, "in/blob", str(back))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(back.read_bytes(), local.read_bytes())
+
+    async def test_wrong_pin(self) -> None:
+        agent = self.agent()
+        code, out, err = await self.cli(
+            "run", "--home", str(self.home), "--thumbprint", "CD" * 20, f"127.0.0.1:{agent_port(agent)}", "-c", "echo x"
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("expected " + "CD" * 20, err)
+        self.assertIn(identity("agent").thumbprint, err)
+
+    async def test_usage_errors(self) -> None:
+        code, _, err = await self.cli("run", "--home", str(self.home), "localhost", "-c", "x")
+        self.assertEqual(code, 2)
+        self.assertIn("no thumbprint for localhost", err)
+        code, _, err = await self.cli("run", "--home", str(self.home), "--thumbprint", "xyz", "h", "-c", "x")
+        self.assertEqual(code, 2)
+        self.assertIn("'xyz' is not a thumbprint", err)
+
+    async def test_twenty_agents_at_once(self) -> None:
+        agents = [self.agent() for _ in range(20)]
+        targets = []
+        for agent in agents:
+            targets += ["--target", f"127.0.0.1:{agent_port(agent)}"]
+        code, out, err = await self.cli(*self.pinned("run"), *targets, "-c", "echo from $TentacleHome")
+        self.assertEqual(code, 0, err)
+        for agent in agents:
+            port = agent_port(agent)
+            self.assertIn(f"[127.0.0.1:{port}] stdout: from {agent.config.home}", out)
+            self.assertRegex(out, rf"127\.0\.0\.1:{port} +ok: exit code 0")
+        self.assertIn("20 of 20 succeeded", out)
+
+    async def test_one_failing_target_fails_the_run(self) -> None:
+        agents = [self.agent() for _ in range(2)]
+        code, out, _ = await self.cli(
+            *self.pinned("run"), "--target", f"127.0.0.1:{agent_port(agents[0])}",
+            "--target", f"127.0.0.1:{agent_port(agents[1])}",
+            "-c", f'[ "$TentacleHome" = "{agents[0].config.home}" ] && exit 3; exit 0',
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("1 of 2 succeeded", out)
+
+    async def test_ctrl_c_cancels_the_remote_script(self) -> None:
+        agent = self.agent()
+        tag = f"600.{os.getpid()}3"
+        protocol, process = self.spawn(
+            *self.pinned("run"), f"127.0.0.1:{agent_port(agent)}", "-c", f"echo started; sleep {tag}",
+            wait_for=b"started",
+        )
+        await protocol.seen
+        process.signalProcess(signal.SIGINT)
+        code = await protocol.ended
+        self.assertEqual(code, 130, protocol.err)
+        self.assertIn(b"cancelling", protocol.err)
+        self.assertEqual(_processes_with(tag), [])
+        runner = agent.scripts
+        assert runner is not None
+        self.assertEqual(runner._scripts, {}, "the script was completed and forgotten")
