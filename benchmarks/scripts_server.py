@@ -1,0 +1,233 @@
+"""
+The server halves of C{bench_scripts.py}, each run by it as a child process
+so that the client and the process being measured do not share a GIL.
+
+C{agent} mode runs a real agent (L{TentacleService}) on 127.0.0.1. It trusts
+one server thumbprint, and its dispatcher serves C{IScriptServiceV2}
+(L{ScriptServiceV2} over a L{ScriptRunner} whose home is HOME) and
+C{IBenchService.Echo(string) -> string}, a trivial call to time a pooled
+round trip with. It prints C{"port <n>"} once it listens, and stops when
+its standard input closes::
+
+    python benchmarks/scripts_server.py agent IDENTITY.pem TRUSTED_THUMBPRINT HOME [CPU]
+
+C{bare} mode is the baseline: a bare Twisted program that spawns processes
+the way the agent does (through C{setsid}, with C{/bin/bash}, an environment
+and a working directory), with a L{ProcessProtocol} that only notes when
+output arrives and when the process ends. It prints C{"ready"}, then reads
+one command a line from its standard input and answers each with one line:
+
+  - C{many <n> <cwd|nocwd> <script>}: spawn n C{setsid /bin/bash -c <script>}
+    at once; answer C{"<spawned> <ended>"}, the seconds from the first spawn
+    until the last C{spawnProcess} returned and until the last
+    C{processEnded}.
+  - C{one <cwd|nocwd> <script>}: spawn one; answer C{"<first> <ended>"}, the
+    seconds from the spawn until the first byte of stdout and until
+    C{processEnded}.
+
+C{cwd} passes WORKDIR as the working directory, as the agent passes each
+script's workspace; Twisted then forks. C{nocwd} passes none, and Twisted
+uses C{posix_spawnp}. It stops when its standard input closes::
+
+    python benchmarks/scripts_server.py bare WORKDIR [CPU]
+
+With a CPU number, either mode pins itself to that CPU (and so do the
+processes it spawns, which inherit the affinity).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+
+from tentacle.config import TentacleConfig
+from tentacle.contracts import SCRIPT_SERVICE_V2, Operation, Parameter, ServiceContract
+from tentacle.dispatch import Dispatcher
+from tentacle.identity import Identity
+from tentacle.service import TentacleService
+from tentacle.services.scripts import ScriptRunner, ScriptServiceV2
+
+BENCH_SERVICE = ServiceContract(
+    "IBenchService",
+    "Tentacle.Benchmarks.IBenchService, Tentacle.Benchmarks",
+    (Operation("Echo", (Parameter("text", str),), str),),
+)
+
+
+class BenchService:
+    def echo(self, text: str) -> str:
+        return text
+
+
+def quiet_logging() -> None:
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+            )
+        ],
+        redirectStandardIO=False,
+    )
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def stop_on_eof(on_line: Callable[[str], None] | None = None) -> None:
+    """
+    Read standard input in a thread: each line goes to C{on_line} in the
+    reactor thread; end of input stops the reactor.
+    """
+
+    def read() -> None:
+        for line in sys.stdin:
+            if on_line is not None:
+                reactor.callFromThread(on_line, line.strip())  # type: ignore[attr-defined]
+        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+    threading.Thread(target=read, daemon=True).start()
+
+
+def agent(identity_path: str, trusted: str, home: str, cpu: str | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {int(cpu)})
+    quiet_logging()
+    identity = Identity.from_file(Path(identity_path))
+    home_path = Path(home)
+    runner = ScriptRunner(reactor, home_path, home_path / "Applications")
+    dispatcher = Dispatcher()
+    dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
+    dispatcher.register(BENCH_SERVICE, BenchService())
+    config = TentacleConfig(
+        home=home_path, port=0, listen_address="127.0.0.1", trusted_thumbprints=(trusted,)
+    )
+    service = TentacleService(config, reactor, identity=identity, dispatcher=dispatcher)
+    service.startService()
+    assert service.port is not None
+    say(f"port {service.port.getHost().port}")  # type: ignore[attr-defined]
+
+    def cancel_all() -> Any:
+        # Nothing should be running at the end; if the client failed half
+        # way, do not leave scripts behind.
+        for script in list(runner._scripts.values()):
+            if not script.complete:
+                runner.cancel(script.launch.ticket)
+
+    stop_on_eof()
+    reactor.addSystemEventTrigger("before", "shutdown", cancel_all)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+class Watch(ProcessProtocol):
+    """
+    Notes the first stdout byte and the end of one process.
+    """
+
+    def __init__(self, on_first: Callable[[], None], on_ended: Callable[[], None]) -> None:
+        self.on_first = on_first
+        self.on_ended = on_ended
+        self.seen = False
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1 and not self.seen:
+            self.seen = True
+            self.on_first()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.on_ended()
+
+
+def bare(workdir: str, cpu: str | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {int(cpu)})
+    quiet_logging()
+    setsid = shutil.which("setsid")
+    if setsid is None:
+        raise SystemExit("bare mode needs util-linux setsid")
+    env = dict(os.environ)
+
+    def spawn(protocol: ProcessProtocol, where: str, script: str) -> None:
+        reactor.spawnProcess(
+            protocol,
+            setsid,
+            [setsid, "--", "/bin/bash", "-c", script],
+            env=env,
+            path=workdir if where == "cwd" else None,
+            usePTY=False,
+        )
+
+    def many(n: int, where: str, script: str) -> None:
+        left = [n]
+        ended = [0.0]
+
+        def one_ended() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                ended[0] = time.perf_counter() - started
+                say(f"{spawned:.6f} {ended[0]:.6f}")
+
+        started = time.perf_counter()
+        for _ in range(n):
+            spawn(Watch(lambda: None, one_ended), where, script)
+        spawned = time.perf_counter() - started
+
+    def one(where: str, script: str) -> None:
+        times: dict[str, float] = {}
+
+        def first() -> None:
+            times["first"] = time.perf_counter() - started
+
+        def ended() -> None:
+            end = time.perf_counter() - started
+            say(f"{times.get('first', -1.0):.6f} {end:.6f}")
+
+        started = time.perf_counter()
+        spawn(Watch(first, ended), where, script)
+
+    def command(line: str) -> None:
+        words = shlex.split(line)
+        if not words:
+            return
+        if words[0] == "many":
+            many(int(words[1]), words[2], words[3])
+        elif words[0] == "one":
+            one(words[1], words[2])
+        else:
+            say(f"error unknown command {line!r}")
+
+    stop_on_eof(command)
+    reactor.callWhenRunning(say, "ready")
+    reactor.run()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["agent"]:
+        agent(*sys.argv[2:6])
+    elif sys.argv[1:2] == ["bare"]:
+        bare(*sys.argv[2:4])
+    else:
+        raise SystemExit(__doc__)
