@@ -9,12 +9,16 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
     """
     Replace C{path} with C{data}: write a temp file beside it (created with
     C{mode}, so a key is never readable by others even for a moment), fsync
     it, rename it over the target, then fsync the folder so the rename
     survives a crash.
+
+    @param durable: C{False} skips both fsyncs: a reader still never sees a
+        partial file, but a power cut may bring back the old one.  For
+        states that a crash makes moot anyway.
     """
     folder = path.parent
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -22,8 +26,9 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         try:
@@ -31,7 +36,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_directory(folder)
+    if durable:
+        fsync_directory(folder)
 
 
 def fsync_directory(folder: Path) -> None:

@@ -224,7 +224,8 @@ class ScriptWorkspace:
 
     def write_bootstrap(self, body: str) -> Path:
         path = self.root / BOOTSTRAP
-        atomic_write(path, body.replace("\r\n", "\n").encode("utf-8"), mode=0o700)
+        # Not fsynced: if the agent dies now, the script reports -46 anyway.
+        atomic_write(path, body.replace("\r\n", "\n").encode("utf-8"), mode=0o700, durable=False)
         return path
 
     def add_file(self, name: str, source: IO[bytes]) -> Path:
@@ -244,7 +245,17 @@ class ScriptWorkspace:
         return self.root / STATE_FILE
 
     def save_state(self, state: ScriptState) -> None:
-        atomic_write(self.state_path, json.dumps(state.to_json(), indent=2).encode(), mode=0o600)
+        """
+        Only the final state is fsynced: losing a Pending or Running state
+        to a power cut changes nothing, since either way a restart reports
+        -46, and each fsync costs milliseconds before the script can start.
+        """
+        atomic_write(
+            self.state_path,
+            json.dumps(state.to_json(), indent=2).encode(),
+            mode=0o600,
+            durable=state.state is ProcessState.Complete,
+        )
 
     def load_state(self) -> ScriptState | None:
         """
