@@ -101,7 +101,7 @@ def start_agent(
     A running agent on a free loopback port, stopped when the test ends.
     """
     if home is None:
-        home = Path(case.mktemp())
+        home = Path(case.mktemp()).absolute()
         home.mkdir()
     config = TentacleConfig(
         home=home, port=0, listen_address="127.0.0.1", trusted_thumbprints=trusted

@@ -40,6 +40,7 @@ from tentacle.client.connection import (
     ConnectionFailed,
     Pin,
 )
+from tentacle.client.proxy import Proxy, ProxyEndpoint, ProxyRefused
 from tentacle.contracts import (
     CancelScriptCommand,
     CancelScriptCommandV2,
@@ -89,6 +90,7 @@ class Target:
     host: str
     port: int = 10933
     pin: Pin | None = None
+    proxy: Proxy | None = None
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -173,10 +175,14 @@ class TentacleClient:
     # --- connections ----------------------------------------------------------------
 
     async def _open(self) -> ClientConnection:
-        endpoint = wrapClientTLS(
-            self._tls,
-            HostnameEndpoint(self._reactor, self.target.host, self.target.port, timeout=self._connect_timeout),
-        )
+        tcp: Any
+        if self.target.proxy is not None:
+            tcp = ProxyEndpoint(
+                self._reactor, self.target.proxy, self.target.host, self.target.port, self._connect_timeout
+            )
+        else:
+            tcp = HostnameEndpoint(self._reactor, self.target.host, self.target.port, timeout=self._connect_timeout)
+        endpoint = wrapClientTLS(self._tls, tcp)
         connection = ClientConnection(self.target.pin, self._reactor, response_timeout=self._response_timeout)
         try:
             await endpoint.connect(Factory.forProtocol(lambda: connection))
@@ -205,6 +211,8 @@ class TentacleClient:
         for attempt in range(1, self._retry.attempts + 1):
             try:
                 return await self._open()
+            except ProxyRefused:
+                raise  # the proxy's answer will not change in a second
             except ConnectionFailed as e:
                 last = e
                 if "cannot resolve" in str(e):
@@ -244,6 +252,8 @@ class TentacleClient:
             if timer.active():
                 timer.cancel()
             connection.end()
+        for connection, _ in idle:
+            await connection.closed
 
     # --- calls ----------------------------------------------------------------------
 

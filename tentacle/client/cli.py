@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 
 from tentacle.client.api import RemoteError, Target, TentacleClient
 from tentacle.client.connection import ClientError, Pin
+from tentacle.client.proxy import Proxy
 from tentacle.config import ConfigError, resolve_home
 from tentacle.contracts import ProcessOutput, ProcessOutputSource, ScriptIsolationLevel
 from tentacle.identity import Identity, IdentityError, IdentityStore
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="named targets: {\"name\": {\"host\": ..., \"port\": ..., \"thumbprint\": ...}}")
     common.add_argument("--target", action="append", default=[], metavar="TARGET",
                         help="another target (host[:port] or a name); repeatable")
+    common.add_argument("--proxy", metavar="URL",
+                        help="reach the agents through this HTTP CONNECT proxy: http://[user:password@]host[:port]")
     common.add_argument("--concurrency", type=int, default=10, help="targets worked on at once (default 10)")
     common.add_argument("--json", action="store_true", help="print results as JSON lines")
     parser = _Parser(prog="tentacle-client", description="Drive listening tentacles (ours or Octopus's).")
@@ -296,6 +299,12 @@ async def _main(reactor: Any, args: argparse.Namespace, console: Console) -> int
     if not names:
         raise UsageError(f"tentacle-client {args.command}: give at least one TARGET")
     targets = resolve_targets(names, args.thumbprint, Path(args.targets_file))
+    if args.proxy:
+        try:
+            proxy = Proxy.from_url(args.proxy)
+        except ValueError as e:
+            raise UsageError(f"tentacle-client: --proxy: {e}") from None
+        targets = [(name, attrs.evolve(target, proxy=proxy)) for name, target in targets]
     if args.command != "check":
         unpinned = [name for name, target in targets if target.pin is None]
         if unpinned:

@@ -154,8 +154,9 @@ class ScriptRunner:
         pwsh: str | None = None,
     ) -> None:
         self._reactor = reactor
-        self._home = home
-        self._applications = applications
+        # Scripts run in their workspaces: every path they see must be absolute.
+        self._home = home = home.absolute()
+        self._applications = applications.absolute()
         self._store = WorkspaceStore(home)
         self._mutexes = IsolationMutexes(reactor)
         self._slots = DeferredSemaphore(max_concurrent) if max_concurrent else None

@@ -164,3 +164,18 @@ class ClientCLITests(TestCase):
         runner = agent.scripts
         assert runner is not None
         self.assertEqual(runner._scripts, {}, "the script was completed and forgotten")
+
+    async def test_through_a_proxy(self) -> None:
+        from tests.connect_proxy import ConnectProxy
+
+        factory = ConnectProxy(credentials="ops:pw")
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.all_closed)
+        agent = self.agent()
+        code, out, err = await self.cli(
+            *self.pinned("run"), "--proxy", f"http://ops:pw@127.0.0.1:{port.getHost().port}",
+            f"127.0.0.1:{agent_port(agent)}", "-c", "echo tunnelled",
+        )
+        self.assertEqual((code, out), (0, "stdout: tunnelled\n"), err)
+        self.assertGreaterEqual(factory.tunnels, 1)
