@@ -135,3 +135,30 @@ class ServiceTests(SynchronousTestCase):
     def test_warns_when_nothing_is_trusted(self) -> None:
         self.service(trusted_thumbprints=()).startService()
         self.assertTrue([e for e in self.logs.events if "No server is trusted yet" in e.get("log_format", "")])
+
+
+class WorkspaceCleanerTests(SynchronousTestCase):
+    def test_old_workspaces_are_removed_on_a_timer(self) -> None:
+        import os
+        import time
+
+        from tentacle.workspace import WorkspaceStore
+
+        home = Path(self.mktemp()).absolute()
+        reactor = MemoryReactorClock()
+        reactor.advance(time.time())
+        service = TentacleService(
+            TentacleConfig(home=home, workspace_max_age=3600), reactor, identity=identity("agent")
+        )
+        store = WorkspaceStore(home)
+        old, fresh = store.workspace("old"), store.workspace("fresh")
+        old.create()
+        fresh.create()
+        os.utime(old.root, (time.time() - 7200, time.time() - 7200))
+        service.startService()
+        self.assertFalse(old.exists())
+        self.assertTrue(fresh.exists())
+        reactor.advance(1800)  # the next round, half the age later
+        self.assertTrue(fresh.exists())
+        reactor.advance(3601)
+        self.assertFalse(fresh.exists())

@@ -153,6 +153,10 @@ class ScriptRunner:
         environment: Mapping[str, str] | None = None,
         pwsh: str | None = None,
     ) -> None:
+        """
+        @param pwsh: the PowerShell executable; found on PATH when C{None},
+            and C{""} means there is none.
+        """
         self._reactor = reactor
         # Scripts run in their workspaces: every path they see must be absolute.
         self._home = home = home.absolute()
@@ -305,7 +309,7 @@ class ScriptRunner:
             return "/bin/bash", [str(bootstrap), *launch.arguments]
         path = workspace.root / "Bootstrap.ps1"
         path.write_text(launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n"), encoding="utf-8-sig")
-        if self._pwsh is None:
+        if not self._pwsh:
             return None, []
         quoted = " ".join("'" + a.replace("'", "''") + "'" for a in launch.arguments)
         command = (

@@ -394,3 +394,77 @@ def _processes_with(tag: str) -> list[int]:
         if tag.encode() in cmdline and ") Z " not in stat:
             found.append(int(entry))
     return found
+
+
+class RunnerLimitTests(TestCase):
+    """
+    The agent's own limits: concurrency, run time, and PowerShell's absence.
+    """
+
+    def start(self, **runner_options: Any) -> ScriptRunner:
+        self.home = Path(self.mktemp()).absolute()
+        self.home.mkdir()
+        runner = ScriptRunner(reactor, self.home, self.home / "Applications", kill_grace=1.0, **runner_options)
+        dispatcher = Dispatcher()
+        dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
+        self.service = start_agent(
+            self, home=self.home, trusted=(identity("server").thumbprint,),
+            service_options={"dispatcher": dispatcher},
+        )
+        self.context = client_context(identity("server"), Path(self.mktemp()).parent)
+        return runner
+
+    def in_client(self, f: Any) -> Deferred[Any]:
+        def run() -> Any:
+            client = ScriptClient(agent_port(self.service), self.context)
+            try:
+                return f(client)
+            finally:
+                client.close()
+
+        return in_thread(run)
+
+    async def test_concurrency_limit_keeps_the_rest_pending(self) -> None:
+        self.start(max_concurrent=1)
+        release = self.home / "release"
+        first = v2_command(f"while [ ! -f {release} ]; do sleep 0.05; done")
+        second = v2_command("echo second")
+
+        def run(client: ScriptClient) -> list[Any]:
+            client.start(first)
+            while client.status(first.script_ticket).state is not ProcessState.Running:
+                time.sleep(0.02)
+            client.start(second)
+            waiting = client.status(second.script_ticket).state
+            release.touch()
+            return [waiting, client.run_to_end(first.script_ticket)[1].exit_code,
+                    client.run_to_end(second.script_ticket)[1].exit_code]
+
+        self.assertEqual(await self.in_client(run), [ProcessState.Pending, 0, 0])
+
+    async def test_script_timeout(self) -> None:
+        self.start(script_timeout=0.5)
+        tag = f"600.{os.getpid()}5"
+        command = v2_command(f"sleep {tag}")
+
+        def run(client: ScriptClient) -> int:
+            client.start(command)
+            return client.run_to_end(command.script_ticket)[1].exit_code
+
+        self.assertEqual(await self.in_client(run), -44)
+        self.assertEqual(_processes_with(tag), [])
+
+    async def test_powershell_without_pwsh(self) -> None:
+        self.start(pwsh="")
+        from tentacle.contracts import ScriptType
+
+        command = v2_command("", scripts={ScriptType.PowerShell: "Write-Host hi"})
+
+        def run(client: ScriptClient) -> tuple[int, list[str]]:
+            client.start(command)
+            logs, final = client.run_to_end(command.script_ticket)
+            return final.exit_code, [e.text for e in logs]
+
+        code, logs = await self.in_client(run)
+        self.assertEqual(code, -42)
+        self.assertIn("PowerShell (pwsh) is not installed", logs[0])
