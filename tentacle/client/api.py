@@ -81,6 +81,22 @@ class TransferError(ClientError):
     """
 
 
+def build_request(service: str, method: str, *params: Any) -> RequestMessage:
+    """
+    A request as Octopus Server words it: an id naming the call, a fresh
+    activity id.  (Octopus also sends its ServiceEndPoint; agents never
+    read it, so we send null.)
+    """
+    call_id = uuid.uuid4()
+    return RequestMessage(
+        id=f"{service}::{method}Async[{call_id.int % 10000}] / {call_id}",
+        activity_id=call_id,
+        service=service,
+        method=method,
+        params=params,
+    )
+
+
 @attrs.frozen
 class Target:
     """
@@ -271,14 +287,7 @@ class TentacleClient:
         @raise RemoteError: the agent answered with an error.
         @raise ClientError: the connection failed.
         """
-        call_id = uuid.uuid4()
-        request = RequestMessage(
-            id=f"{service}::{method}[{call_id.int % 10000}] / {call_id}",
-            activity_id=call_id,
-            service=service,
-            method=method,
-            params=params,
-        )
+        request = build_request(service, method, *params)
         connection = await self.connect()
         try:
             response, streams = await connection.call(request, payloads)

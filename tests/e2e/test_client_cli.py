@@ -179,3 +179,33 @@ class ClientCLITests(TestCase):
         )
         self.assertEqual((code, out), (0, "stdout: tunnelled\n"), err)
         self.assertGreaterEqual(factory.tunnels, 1)
+
+    async def test_untrusted_client_certificate(self) -> None:
+        agent_home = Path(self.mktemp()).absolute()
+        agent_home.mkdir()
+        agent = start_agent(self, home=agent_home, trusted=(identity("other").thumbprint,))
+        code, _, err = await self.cli(*self.pinned("run"), f"127.0.0.1:{agent_port(agent)}", "-c", "echo x")
+        self.assertEqual(code, 1)
+        self.assertIn("the agent may not trust this certificate", err)
+
+    async def test_agent_down(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        code, _, err = await self.cli(*self.pinned("run"), f"127.0.0.1:{port}", "-c", "echo x")
+        self.assertEqual(code, 1)
+        self.assertIn("after 5 tries", err)
+        self.assertIn("Connection refused", err)
+
+    async def test_named_target(self) -> None:
+        agent = self.agent()
+        targets = Path(self.mktemp())
+        targets.write_text(json.dumps({"web01": {
+            "host": "127.0.0.1", "port": agent_port(agent), "thumbprint": identity("agent").sha256,
+        }}))
+        code, out, err = await self.cli(
+            "run", "--home", str(self.home), "--targets-file", str(targets), "web01", "-c", "echo named"
+        )
+        self.assertEqual((code, out), (0, "stdout: named\n"), err)
