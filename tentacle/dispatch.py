@@ -33,6 +33,7 @@ read and dropped, and the error is the answer.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 import traceback
@@ -153,6 +154,26 @@ class Dispatcher:
             sink = getattr(implementation, f"{name}_sink", None)
             bound[operation.name.lower()] = _Bound(operation, call, wants_context, sink)
         self._services[contract.name] = bound
+
+    @staticmethod
+    def summarize(request: RequestMessage) -> dict[str, Any]:
+        """
+        What a log may say about a request's arguments: a script ticket,
+        and a script body's length and SHA-256, never the body (it may hold
+        secrets).
+        """
+        summary: dict[str, Any] = {}
+        for argument in request.params:
+            for name in ("ticket", "script_ticket"):
+                ticket = getattr(argument, name, None)
+                if ticket is not None and "ticket" not in summary:
+                    summary["ticket"] = str(getattr(ticket, "task_id", ticket))
+            body = getattr(argument, "script_body", None)
+            if isinstance(body, str):
+                encoded = body.encode("utf-8")
+                summary["script_body_length"] = len(encoded)
+                summary["script_body_sha256"] = hashlib.sha256(encoded).hexdigest()
+        return summary
 
     def _bound(self, request: RequestMessage) -> _Bound | None:
         bound = self._services.get(request.service, {}).get(request.method.lower())

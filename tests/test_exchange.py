@@ -225,6 +225,29 @@ class ExchangeTests(SynchronousTestCase):
         h.send(b"END\r\n")
         self.assertTrue(h.closed)
 
+    def test_each_request_is_logged_without_secrets(self) -> None:
+        from tentacle.contracts import ScriptIsolationLevel, ScriptTicket, StartScriptCommandV2
+        from tentacle.halibut.dotnet import TimeSpan
+
+        h = Harness()
+        h.send(encode_request(request("IThingService", "Echo", "one")))
+        [event] = self.logs.matching(event="request_served")
+        self.assertEqual(
+            (event["service"], event["method"], event["outcome"], event["peer"]),
+            ("IThingService", "Echo", "ok", "192.168.1.1:54321"),
+        )
+        command = StartScriptCommandV2(
+            script_ticket=ScriptTicket("T1"), script_body="export PASSWORD=hunter2", task_id="ServerTasks-1",
+            duration_to_wait_for_script_to_finish=None, isolation=ScriptIsolationLevel.NoIsolation,
+            script_isolation_mutex_timeout=TimeSpan(0), isolation_mutex_name=None, scripts={}, files=(),
+            arguments=(),
+        )
+        h.send(b"NEXT\r\n" + encode_request(request("IScriptServiceV2", "StartScript", command)))
+        event = self.logs.matching(event="request_served")[-1]
+        self.assertEqual((event["outcome"], event["ticket"]), ("error", "T1"))
+        self.assertEqual(event["script_body_length"], len("export PASSWORD=hunter2"))
+        self.assertNotIn("hunter2", repr(event))
+
     def test_void_method(self) -> None:
         h = Harness()
         h.send(encode_request(request("IThingService", "Nothing")))

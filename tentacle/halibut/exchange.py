@@ -49,6 +49,7 @@ from tentacle.halibut.streams import (
     stream_trailer,
 )
 from tentacle.trust import PeerIdentity
+from tentacle.listener import describe_address
 
 #: Halibut's default wait for the next request on an idle connection.
 DEFAULT_IDLE_TIMEOUT = 600.0
@@ -167,6 +168,8 @@ class MessageExchange(Protocol):
         self._streams: DataStreamReader | None = None
         self._received: list[ReceivedStream] = []
         self._sink_error: Failure | None = None
+        self._address = "?"
+        self._started = 0.0
         self._pending = b""
         self._control = b""
         self._timer: IDelayedCall | None = None
@@ -182,6 +185,7 @@ class MessageExchange(Protocol):
         return self._peer.thumbprint if self._peer else "?"
 
     def connectionMade(self) -> None:
+        self._address = describe_address(self._link.getPeer())
         self._arm(self._settings.heartbeat_timeout)
 
     # --- reading -------------------------------------------------------------
@@ -308,6 +312,7 @@ class MessageExchange(Protocol):
 
     def _serve(self, request: RequestMessage) -> None:
         context = CallContext(self._peer, request, {s.id: s for s in self._received})
+        self._started = self._clock.seconds()
         if self._sink_error is not None:
             error, self._sink_error = self._sink_error, None
             d: Deferred[ResponseMessage] = succeed(
@@ -336,7 +341,28 @@ class MessageExchange(Protocol):
             )
         self._link.write(compress(data))
         self.requests_served += 1
+        self._log_served(context.request, response)
         return Deferred.fromCoroutine(self._send_streams(outgoing, context))
+
+    def _log_served(self, request: RequestMessage, response: ResponseMessage) -> None:
+        """
+        One structured event per answered request: what the audit log and
+        the metrics are made of.
+        """
+        error = response.error
+        self.log.info(
+            "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s",
+            event="request_served",
+            peer=self._address,
+            thumbprint=self._who,
+            service=request.service,
+            method=request.method,
+            outcome="error" if error is not None else "ok",
+            error=error.message if error is not None else None,
+            duration=self._clock.seconds() - self._started,
+            request_id=request.id,
+            **self._dispatcher.summarize(request),
+        )
 
     async def _send_streams(self, outgoing: list[DataStream], context: CallContext) -> None:
         for stream in outgoing:
