@@ -13,20 +13,24 @@ import contextvars
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any, Mapping, NoReturn, Sequence
 
 import attrs
 
-from tentacle import __version__
+from tentacle import __version__, logs
 from tentacle.config import (
     ConfigError,
     ConfigFile,
     TentacleConfig,
     check_listen_address,
     check_port,
+    check_timeout,
     resolve_home,
 )
+from tentacle.service import HEARTBEAT_FILE, METRICS_FILE
+from tentacle.systemd import DEFAULT_UNIT_DIRECTORY, ServiceError, Systemd, Unit, check_instance
 from tentacle.identity import Identity, IdentityError, IdentityStore, normalize_thumbprint
 
 
@@ -81,6 +85,30 @@ def _port_argument(value: str) -> int:
 def _address_argument(value: str) -> str:
     try:
         return check_listen_address(value) or "any"
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_argument(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes of at least 1024, not {value!r}")
+    return size
+
+
+def _seconds_argument(value: str) -> float:
+    try:
+        return check_timeout(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {value!r}") from None
+
+
+def _instance_argument(value: str) -> str:
+    try:
+        return check_instance(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -164,11 +192,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show_config.add_argument("--format", choices=("text", "json"), default="text")
 
-    commands.add_parser(
+    run = commands.add_parser(
         "run",
         help="run the agent in the foreground (the same as 'twistd -n tentacle')",
-        description="Run the agent in the foreground, logging to stdout, until interrupted.",
+        description="Run the agent in the foreground until interrupted.",
     )
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text (default) or one JSON object per line")
+    run.add_argument("--log-file", metavar="PATH", help="log to this file instead of stdout")
+    run.add_argument("--log-max-size", type=_size_argument, default=10 * 1024 * 1024, metavar="BYTES",
+                     help="rotate the log file at this size (default 10 MiB; ten old files kept)")
+
+    livez = commands.add_parser(
+        "livez",
+        help="exit 0 when the running agent's heartbeat is fresh (for health checks)",
+        description="Check the running agent's heartbeat file; exit 0 when fresh, 1 otherwise.",
+    )
+    livez.add_argument("--max-age", type=_seconds_argument, default=60.0, metavar="SECONDS",
+                       help="the oldest heartbeat still counted as alive (default 60)")
+
+    commands.add_parser(
+        "metrics",
+        help="print the running agent's metrics (Prometheus text format)",
+        description="Print the metrics the running agent last published (every 10 seconds).",
+    )
+
+    service = commands.add_parser(
+        "service",
+        help="install, remove or control the agent as a systemd service",
+        description="Install the agent as a systemd unit, remove it, or start, stop and check it.",
+    )
+    action = service.add_mutually_exclusive_group(required=True)
+    for name in ("install", "uninstall", "start", "stop", "restart", "status", "print"):
+        action.add_argument(f"--{name}", dest="action", action="store_const", const=name,
+                            help=f"{name} the service" if name != "print" else "print the unit only")
+    service.add_argument("--user", help="the user the agent runs as (default: root)")
+    service.add_argument("--instance", default="default", type=_instance_argument,
+                         help="the instance name, for several agents on one machine (default: 'default')")
+    service.add_argument("--unit-dir", default=str(DEFAULT_UNIT_DIRECTORY), help=argparse.SUPPRESS)
+    service.add_argument("--systemctl", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -277,8 +339,57 @@ class _Command:
     def run(self, args: argparse.Namespace) -> int:
         from twisted.scripts import twistd
 
-        sys.argv = ["twistd", "--nodaemon", "--pidfile=", "tentacle", "--home", str(self.home)]
+        os.environ[logs.FORMAT_VARIABLE] = args.log_format
+        os.environ[logs.MAX_SIZE_VARIABLE] = str(args.log_max_size)
+        if args.log_file:
+            os.environ[logs.FILE_VARIABLE] = os.path.abspath(args.log_file)
+        sys.argv = [
+            "twistd", "--nodaemon", "--pidfile=", "--logger", "tentacle.logs.observer",
+            "tentacle", "--home", str(self.home),
+        ]
         twistd.run()
+        return 0
+
+    def livez(self, args: argparse.Namespace) -> int:
+        path = self.home / HEARTBEAT_FILE
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            raise CommandError(f"no agent is running for {self.home} (no heartbeat at {path})") from None
+        if age > args.max_age:
+            raise CommandError(f"the agent's heartbeat is {age:.0f} s old (more than {args.max_age:g} s)")
+        self.out.write(f"alive: heartbeat {age:.0f} s ago\n")
+        return 0
+
+    def metrics(self, args: argparse.Namespace) -> int:
+        path = self.home / METRICS_FILE
+        try:
+            self.out.write(path.read_text())
+        except FileNotFoundError:
+            raise CommandError(f"no agent is running for {self.home} (no metrics at {path})") from None
+        return 0
+
+    def service(self, args: argparse.Namespace) -> int:
+        unit = Unit(args.instance, self.home, args.user)
+        if args.systemctl is not None:  # given explicitly: trust it is in charge
+            systemd = Systemd(Path(args.unit_dir), args.systemctl or None, booted=True)
+        else:
+            systemd = Systemd(Path(args.unit_dir))
+        try:
+            if args.action == "print":
+                self.out.write(unit.render())
+            elif args.action == "install":
+                path = systemd.install(unit)
+                self.out.write(f"Installed and enabled {path}; start it with 'tentacle service --start'\n")
+            elif args.action == "uninstall":
+                path = systemd.uninstall(unit)
+                self.out.write(f"Stopped, disabled and removed {path}\n")
+            else:
+                output = systemd.control(args.action, unit)
+                if output:
+                    self.out.write(output + "\n")
+        except ServiceError as e:
+            raise CommandError(str(e)) from None
         return 0
 
 

@@ -21,6 +21,7 @@ from tentacle.identity import normalize_thumbprint
 DEFAULT_PORT = 10933
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_WORKSPACE_MAX_AGE = 86400.0
+DEFAULT_MAX_CONNECTIONS = 1000
 CONFIG_FILE = "tentacle.json"
 HOME_ENVIRONMENT_VARIABLE = "TENTACLE_HOME"
 
@@ -103,6 +104,10 @@ class TentacleConfig:
         and ends with -44 (None: never, as Tentacle).
     @ivar workspace_max_age: finished script workspaces older than this
         many seconds are removed.
+    @ivar max_connections: connections beyond this many open at once are
+        refused before TLS (None: no limit).
+    @ivar audit_log: keep C{<home>/Logs/audit.log}.
+    @ivar metrics_port: serve Prometheus metrics on this loopback port.
     """
 
     home: Path
@@ -115,6 +120,9 @@ class TentacleConfig:
     max_concurrent_scripts: int | None = None
     script_timeout: float | None = None
     workspace_max_age: float = DEFAULT_WORKSPACE_MAX_AGE
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    audit_log: bool = True
+    metrics_port: int | None = None
 
     @property
     def applications(self) -> Path:
@@ -153,6 +161,9 @@ class TentacleConfig:
             "max-concurrent-scripts": self.max_concurrent_scripts,
             "script-timeout": self.script_timeout,
             "workspace-max-age": self.workspace_max_age,
+            "max-connections": self.max_connections,
+            "audit-log": self.audit_log,
+            "metrics-port": self.metrics_port,
         }
 
     @classmethod
@@ -181,6 +192,12 @@ def _directory(value: object) -> Path | None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a folder path, not {value!r}")
     return Path(value).expanduser().absolute()
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, not {value!r}")
+    return value
 
 
 def _count(value: object) -> int:
@@ -215,6 +232,9 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "max-concurrent-scripts": ("max_concurrent_scripts", lambda v: _optional(v, _count)),
     "script-timeout": ("script_timeout", lambda v: _optional(v, check_timeout)),
     "workspace-max-age": ("workspace_max_age", check_timeout),
+    "max-connections": ("max_connections", lambda v: _optional(v, _count)),
+    "audit-log": ("audit_log", lambda v: _boolean(v)),
+    "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 

@@ -124,6 +124,17 @@ class Dispatcher:
         self._services: dict[str, dict[str, _Bound]] = {}
 
     @property
+    def implementations(self) -> list[object]:
+        """
+        The objects serving the registered contracts.
+        """
+        return [
+            getattr(bound.call, "__self__", None)
+            for service in self._services.values()
+            for bound in service.values()
+        ]
+
+    @property
     def contracts(self) -> frozenset[str]:
         """
         The names of the registered contracts, e.g. for a capabilities answer.

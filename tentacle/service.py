@@ -25,12 +25,20 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, tentacle_registry
+from twisted.logger import globalLogPublisher
+from twisted.protocols.policies import WrappingFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, ProcessState, tentacle_registry
+from tentacle.fsutil import atomic_write
+from tentacle.metrics import Metrics
+from tentacle.observe import AgentObserver, AuditLog, owned_by
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.exchange import ExchangeSettings, exchange_factory
 from tentacle.config import ConfigError, ConfigFile, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
-from tentacle.listener import ListenerFactory, SessionFactory
+from tentacle.listener import ListenerFactory, SessionFactory, describe_address
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
@@ -42,6 +50,43 @@ from tentacle.workspace import remove_stale_workspaces
 CONFIG_POLL_INTERVAL = 2.0
 #: Tentacle looks for old workspaces every two hours.
 WORKSPACE_CLEANING_INTERVAL = 7200.0
+#: How often the agent proves it is alive (the heartbeat file for
+#: C{tentacle livez}) and publishes its metrics for C{tentacle metrics}.
+HEARTBEAT_INTERVAL = 10.0
+HEARTBEAT_FILE = "Logs/heartbeat"
+METRICS_FILE = "Logs/metrics.prom"
+
+
+class _AcceptCounter(WrappingFactory):
+    """
+    Logs each accepted TCP connection (at debug level) for the metrics.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__(wrapped)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.log.debug("Accepted a connection from {peer}", peer=describe_address(addr), event="connection_accepted")
+        return self.wrappedFactory.buildProtocol(addr)
+
+
+class _MetricsPage(Resource):
+    """
+    Prometheus' scrape target: the metrics at any path, loopback only.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._metrics.render().encode("utf-8")
 
 
 def _default_reactor() -> Any:
@@ -98,9 +143,18 @@ class TentacleService(MultiService):
         self.identity = identity if identity is not None else IdentityStore(config.home).load()
         self.trust = TrustList(config.trusted_thumbprints)
         self.listener_factory = ListenerFactory(
-            self.trust, self.reactor, config.handshake_timeout, session_factory
+            self.trust, self.reactor, config.handshake_timeout, session_factory,
+            max_connections=config.max_connections,
         )
         self.port: IListeningPort | None = None
+        self._accepting = _AcceptCounter(self.listener_factory)
+        self.metrics = Metrics(gauges=self._script_gauges)
+        self._audit: AuditLog | None = None
+        self._observer: AgentObserver | None = None
+        self._metrics_port: IListeningPort | None = None
+        heartbeat = TimerService(HEARTBEAT_INTERVAL, self._beat)
+        heartbeat.clock = self.reactor
+        heartbeat.setServiceParent(self)
         self._config_file = config_file
         self._config_signature = config_file.signature() if config_file else None
         self._handle_sighup = handle_sighup
@@ -160,10 +214,12 @@ class TentacleService(MultiService):
         Bind before privileges are dropped, and fail loudly: an agent that
         cannot listen must not look as if it started.
         """
-        factory = TLSMemoryBIOFactory(
+        tls = TLSMemoryBIOFactory(
             AgentTLSOptions(self.identity), False, self.listener_factory, clock=self.reactor
         )
-        factory.noisy = False
+        tls.noisy = False
+        self._accepting.wrappedFactory = tls
+        factory = self._accepting
         errors: list[BaseException] = []
         for endpoint in self._endpoints():
             result = endpoint.listen(factory)
@@ -179,6 +235,7 @@ class TentacleService(MultiService):
     def startService(self) -> None:
         if self.port is None:
             self.privilegedStartService()
+        self._start_observing()
         super().startService()
         host = self.port.getHost() if self.port else None
         self.log.info(
@@ -196,6 +253,7 @@ class TentacleService(MultiService):
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def stopService(self) -> Any:
+        self._stop_observing()
         if self._handle_sighup and self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -207,6 +265,61 @@ class TentacleService(MultiService):
             if connection.transport is not None:
                 connection.transport.loseConnection()
         return d
+
+    # --- watching the agent ----------------------------------------------------
+
+    def _owned(self) -> list[object]:
+        return [self.listener_factory, self._accepting, self.scripts, *self.dispatcher.implementations]
+
+    def _start_observing(self) -> None:
+        if self._observer is not None:
+            return
+        if self.config.audit_log:
+            logs = self.config.home / "Logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            self._audit = AuditLog(str(logs / "audit.log"))
+        self._observer = AgentObserver(
+            owned_by(self._owned, {"factory": self.listener_factory, "dispatcher": self.dispatcher}),
+            self.metrics,
+            self._audit,
+        )
+        globalLogPublisher.addObserver(self._observer)
+        if self.config.metrics_port is not None:
+            site = Site(_MetricsPage(self.metrics))
+            site.noisy = False
+            self._metrics_port = self.reactor.listenTCP(self.config.metrics_port, site, interface="127.0.0.1")
+            self.log.info("Metrics at http://127.0.0.1:{port}/metrics", port=self.config.metrics_port)
+
+    def _stop_observing(self) -> None:
+        if self._observer is not None:
+            globalLogPublisher.removeObserver(self._observer)
+            self._observer = None
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+        if self._metrics_port is not None:
+            self._metrics_port.stopListening()
+            self._metrics_port = None
+        (self.config.home / HEARTBEAT_FILE).unlink(missing_ok=True)
+
+    def _script_gauges(self) -> dict[str, float]:
+        if self.scripts is None:
+            return {}
+        counts = self.scripts.counts()
+        return {"running": counts[ProcessState.Running], "pending": counts[ProcessState.Pending]}
+
+    def _beat(self) -> None:
+        """
+        Touch the heartbeat file and publish the metrics, for the
+        C{livez} and C{metrics} commands of a running agent.
+        """
+        home = self.config.home
+        try:
+            (home / "Logs").mkdir(parents=True, exist_ok=True)
+            atomic_write(home / METRICS_FILE, self.metrics.render().encode(), durable=False)
+            atomic_write(home / HEARTBEAT_FILE, f"{self.reactor.seconds():.0f}\n".encode(), durable=False)
+        except OSError as e:
+            self.log.error("Could not write the heartbeat: {error}", error=str(e))
 
     def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
         self.reactor.callFromThread(self.reload)

@@ -30,9 +30,13 @@ GiB = 1024 * MiB
 
 def tree(folder: Path) -> list[str]:
     """
-    Everything under C{folder}, hidden files included, as relative paths.
+    Everything under C{folder}, hidden files included, as relative paths;
+    the agent's own C{Logs} folder (audit log, heartbeat, metrics) aside.
     """
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*")
+        if p.relative_to(folder).parts[0] != "Logs"
+    )
 
 
 @attrs.frozen

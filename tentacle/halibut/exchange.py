@@ -181,6 +181,10 @@ class MessageExchange(Protocol):
         return self.transport
 
     @property
+    def dispatcher(self) -> Dispatcher:
+        return self._dispatcher
+
+    @property
     def _who(self) -> str:
         return self._peer.thumbprint if self._peer else "?"
 

@@ -439,7 +439,10 @@ class FileTransferService:
             raise
         source: IO[bytes] = os.fdopen(fd, "rb")
         self.log.info(
-            "Sending {path} ({length} bytes)", path=target.full_path, length=status.st_size
+            "Sending {path} ({length} bytes)",
+            path=target.full_path,
+            length=status.st_size,
+            event="download_started",
         )
         # Opened now, so the length declared is that of the file being sent.
         return context.send(status.st_size, lambda: source)

@@ -176,6 +176,15 @@ class ScriptRunner:
     def store(self) -> WorkspaceStore:
         return self._store
 
+    def counts(self) -> dict[ProcessState, int]:
+        """
+        How many known scripts are in each state, for metrics.
+        """
+        counts = {state: 0 for state in ProcessState}
+        for script in self._scripts.values():
+            counts[script.state.state] += 1
+        return counts
+
     def is_active(self, folder_name: str) -> bool:
         """
         Whether a workspace folder belongs to a script still known in memory,
@@ -337,6 +346,7 @@ class ScriptRunner:
             TentacleExecutablePath=executable,
             TentacleProgramDirectoryPath=os.path.dirname(executable),
             TentacleUseDefaultProxy="False",
+            TentaclePython=sys.executable,
         )
         return env
 
@@ -388,6 +398,7 @@ class ScriptRunner:
             "Script {ticket} finished with exit code {exit_code}",
             ticket=script.launch.ticket.task_id,
             exit_code=exit_code,
+            event="script_finished",
         )
         script.notify_finished()
         if script.delete_when_done:

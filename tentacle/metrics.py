@@ -1,0 +1,94 @@
+"""
+The agent's counters, in Prometheus' text format.
+
+They are fed by the structured log events the listener, the exchange and the
+services already emit (see L{tentacle.observe}), so nothing in the request
+path knows about metrics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Mapping
+
+#: Request latency buckets, in seconds: most calls are milliseconds, a
+#: StartScript that waits for its script can take minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def _escape(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(pairs: Mapping[str, object]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items()) + "}"
+
+
+class Metrics:
+    """
+    Counters and a latency histogram; gauges are read when rendered.
+
+    @param gauges: called at render time for values that are states, not
+        counts (scripts running and pending).
+    """
+
+    def __init__(self, gauges: Callable[[], Mapping[str, float]] | None = None) -> None:
+        self.connections_accepted = 0
+        self.connections_refused: Counter[str] = Counter()
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.scripts_finished: Counter[int] = Counter()
+        self.bytes_uploaded = 0
+        self.bytes_downloaded = 0
+        self._latency_buckets = [0] * len(LATENCY_BUCKETS)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+        self._gauges = gauges
+
+    def observe_latency(self, seconds: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self._latency_buckets[i] += 1
+        self._latency_sum += seconds
+        self._latency_count += 1
+
+    def render(self) -> str:
+        """
+        The Prometheus text exposition format, version 0.0.4.
+        """
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, object], float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lines.append(f"{name}{_labels(labels)} {value:g}")
+
+        metric("tentacle_connections_accepted_total", "counter",
+               "TCP connections accepted by the listener.", [({}, self.connections_accepted)])
+        metric("tentacle_connections_refused_total", "counter",
+               "Connections refused, by reason.",
+               [({"reason": r}, n) for r, n in sorted(self.connections_refused.items())])
+        metric("tentacle_requests_total", "counter",
+               "Requests answered, by service, method and outcome.",
+               [({"service": s, "method": m, "outcome": o}, n) for (s, m, o), n in sorted(self.requests.items())])
+        lines.append("# HELP tentacle_request_duration_seconds Time from a request's arrival to its answer.")
+        lines.append("# TYPE tentacle_request_duration_seconds histogram")
+        for bound, count in zip(LATENCY_BUCKETS, self._latency_buckets):
+            lines.append(f'tentacle_request_duration_seconds_bucket{{le="{bound:g}"}} {count}')
+        lines.append(f'tentacle_request_duration_seconds_bucket{{le="+Inf"}} {self._latency_count}')
+        lines.append(f"tentacle_request_duration_seconds_sum {self._latency_sum:g}")
+        lines.append(f"tentacle_request_duration_seconds_count {self._latency_count}")
+        gauges = dict(self._gauges()) if self._gauges else {}
+        metric("tentacle_scripts_running", "gauge", "Scripts running now.",
+               [({}, gauges.get("running", 0))])
+        metric("tentacle_scripts_pending", "gauge", "Scripts waiting for a mutex or a slot.",
+               [({}, gauges.get("pending", 0))])
+        metric("tentacle_scripts_finished_total", "counter", "Scripts finished, by exit code.",
+               [({"exit_code": c}, n) for c, n in sorted(self.scripts_finished.items())])
+        metric("tentacle_uploaded_bytes_total", "counter", "Bytes stored by uploads.",
+               [({}, self.bytes_uploaded)])
+        metric("tentacle_downloaded_bytes_total", "counter", "Bytes sent by downloads.",
+               [({}, self.bytes_downloaded)])
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,202 @@
+"""
+Operations: the systemd unit and its installation, livez, metrics, log output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tentacle.cli import main
+from tentacle.logs import make_observer
+from tentacle.metrics import Metrics
+from tentacle.service import HEARTBEAT_FILE, METRICS_FILE
+from tentacle.systemd import Unit, unit_name
+
+
+class CLI(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = Path(self.mktemp()).absolute()
+
+    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["--home", str(self.home), *argv], out, err, {})
+        return code, out.getvalue(), err.getvalue()
+
+
+class UnitTests(CLI):
+    def test_content(self) -> None:
+        text = Unit("web", Path("/srv/tentacle web"), "deploy", "/usr/bin/python3").render()
+        self.assertIn("ExecStart=/usr/bin/python3 -m tentacle --home \"/srv/tentacle web\" run\n", text)
+        self.assertIn("User=deploy\n", text)
+        self.assertIn("Restart=always\n", text)
+        self.assertIn("WantedBy=multi-user.target\n", text)
+        self.assertIn('Environment=TENTACLE_HOME="/srv/tentacle web"\n', text)
+        for breaking in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "ProtectHome"):
+            self.assertNotIn(breaking, text)
+
+    def test_names_per_instance(self) -> None:
+        self.assertEqual(unit_name("default"), "tentacle.service")
+        self.assertEqual(unit_name("web"), "tentacle-web.service")
+
+    def test_systemd_accepts_it(self) -> None:
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            self.skipTest("systemd-analyze is not installed")  # type: ignore[attr-defined]
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        unit = folder / "tentacle-test.service"
+        unit.write_text(Unit("test", self.home).render())
+        result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("Unknown", result.stderr)
+
+
+class InstallTests(CLI):
+    def setUp(self) -> None:
+        super().setUp()
+        self.units = Path(self.mktemp()).absolute()
+        self.calls = Path(self.mktemp()).absolute()
+        self.systemctl = Path(self.mktemp()).absolute()
+        # Stands in for systemctl: records its arguments, as the real one
+        # would need a running systemd.
+        self.systemctl.write_text(f'#!/bin/sh\necho "$@" >> {self.calls}\n')
+        self.systemctl.chmod(0o755)
+
+    def service(self, *argv: str) -> tuple[int, str, str]:
+        return self.run_cli("service", *argv, "--unit-dir", str(self.units), "--systemctl", str(self.systemctl))
+
+    def test_install_and_uninstall(self) -> None:
+        code, out, err = self.service("--install", "--user", "deploy")
+        self.assertEqual(code, 0, err)
+        unit = self.units / "tentacle.service"
+        self.assertIn("User=deploy", unit.read_text())
+        self.assertIn(f"--home {self.home} run", unit.read_text())
+        self.assertEqual(self.calls.read_text().splitlines(), ["daemon-reload", "enable tentacle.service"])
+        code, out, err = self.service("--uninstall")
+        self.assertEqual(code, 0, err)
+        self.assertFalse(unit.exists())
+        self.assertEqual(
+            self.calls.read_text().splitlines()[2:], ["disable --now tentacle.service", "daemon-reload"]
+        )
+
+    def test_several_instances(self) -> None:
+        self.service("--install", "--instance", "blue")
+        self.service("--install", "--instance", "green")
+        self.assertEqual(sorted(p.name for p in self.units.iterdir()), ["tentacle-blue.service", "tentacle-green.service"])
+
+    def test_control(self) -> None:
+        for action in ("start", "stop", "restart"):
+            code, _, err = self.service(f"--{action}", "--instance", "blue")
+            self.assertEqual(code, 0, err)
+        self.assertEqual(
+            self.calls.read_text().splitlines(),
+            ["start tentacle-blue.service", "stop tentacle-blue.service", "restart tentacle-blue.service"],
+        )
+
+    def test_without_systemd(self) -> None:
+        code, out, err = self.run_cli(
+            "service", "--start", "--unit-dir", str(self.units), "--systemctl", ""
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("this machine does not run systemd", err)
+        code, _, err = self.run_cli("service", "--install", "--unit-dir", str(self.units), "--systemctl", "")
+        self.assertEqual(code, 1)
+        self.assertIn("save this unit as", err)
+        self.assertIn("ExecStart=", err, "the unit is printed for doing it by hand")
+        self.assertFalse(self.units.exists())
+
+    def test_without_permission(self) -> None:
+        if os.geteuid() == 0:
+            locked = Path("/proc/no-such-folder")  # not writable even for root
+        else:
+            locked = Path(self.mktemp())
+            locked.mkdir()
+            locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        code, out, err = self.run_cli(
+            "service", "--install", "--unit-dir", str(locked), "--systemctl", str(self.systemctl)
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("cannot write", err)
+        self.assertIn("[Service]", err, "the unit is printed for doing it by hand")
+
+    def test_bad_instance(self) -> None:
+        code, _, err = self.service("--install", "--instance", "../evil")
+        self.assertEqual(code, 2)
+        self.assertIn("cannot be an instance name", err)
+
+
+class LivezTests(CLI):
+    def beat(self, age: float) -> None:
+        path = self.home / HEARTBEAT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        then = time.time() - age
+        os.utime(path, (then, then))
+
+    def test_fresh(self) -> None:
+        self.beat(5)
+        code, out, _ = self.run_cli("livez")
+        self.assertEqual(code, 0)
+        self.assertIn("alive", out)
+
+    def test_stale(self) -> None:
+        self.beat(120)
+        code, _, err = self.run_cli("livez", "--max-age", "60")
+        self.assertEqual(code, 1)
+        self.assertIn("heartbeat is 120 s old (more than 60 s)", err)
+        self.assertEqual(self.run_cli("livez", "--max-age", "300")[0], 0)
+
+    def test_no_agent(self) -> None:
+        code, _, err = self.run_cli("livez")
+        self.assertEqual(code, 1)
+        self.assertIn("no agent is running", err)
+
+    def test_metrics_without_agent(self) -> None:
+        code, _, err = self.run_cli("metrics")
+        self.assertEqual(code, 1)
+        self.assertIn("no agent is running", err)
+
+    def test_metrics(self) -> None:
+        path = self.home / METRICS_FILE
+        path.parent.mkdir(parents=True)
+        path.write_text(Metrics().render())
+        code, out, _ = self.run_cli("metrics")
+        self.assertEqual(code, 0)
+        self.assertIn("tentacle_requests_total", out)
+
+
+class LogOutputTests(SynchronousTestCase):
+    def log_to(self, observer: object) -> Logger:
+        publisher = LogPublisher(observer)  # type: ignore[arg-type]
+        return Logger(namespace="t", observer=publisher)
+
+    def test_json_lines_rotated_by_size(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        log = self.log_to(make_observer("json", str(folder / "agent.log"), 2048))
+        for i in range(40):
+            log.info("event {n} {padding}", n=i, padding="x" * 100)
+        log.debug("not shown at the default level")
+        lines = (folder / "agent.log").read_text().splitlines()
+        self.assertTrue((folder / "agent.log.1").exists(), "rotated")
+        record = json.loads(lines[-1])
+        self.assertEqual(record["n"], 39)
+        everything = "".join(p.read_text() for p in folder.iterdir())
+        self.assertNotIn("not shown", everything)
+
+    def test_text(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        log = self.log_to(make_observer("text", str(folder / "agent.log"), 10**6))
+        log.info("hello {who}", who="world")
+        self.assertIn("[t#info] hello world", (folder / "agent.log").read_text())
