@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-file", metavar="PATH", help="log to this file instead of stdout")
     run.add_argument("--log-max-size", type=_size_argument, default=10 * 1024 * 1024, metavar="BYTES",
                      help="rotate the log file at this size (default 10 MiB; ten old files kept)")
+    run.add_argument("--user", help="start as root, bind, then run as this user (who must own the home)")
 
     livez = commands.add_parser(
         "livez",
@@ -343,12 +344,36 @@ class _Command:
         os.environ[logs.MAX_SIZE_VARIABLE] = str(args.log_max_size)
         if args.log_file:
             os.environ[logs.FILE_VARIABLE] = os.path.abspath(args.log_file)
+        privileges = self._drop_to(args.user) if args.user else []
         sys.argv = [
-            "twistd", "--nodaemon", "--pidfile=", "--logger", "tentacle.logs.observer",
+            "twistd", "--nodaemon", "--pidfile=", "--logger", "tentacle.logs.observer", *privileges,
             "tentacle", "--home", str(self.home),
         ]
         twistd.run()
         return 0
+
+    def _drop_to(self, user: str) -> list[str]:
+        """
+        twistd's options to switch to C{user} after binding, checked first:
+        an agent that cannot write its home would fail later and worse.
+        """
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise CommandError(f"there is no user {user!r}") from None
+        if os.geteuid() != 0:
+            raise CommandError(f"only root can run the agent as {user!r}; start it as that user instead")
+        try:
+            owner = self.home.stat().st_uid
+        except FileNotFoundError:
+            raise CommandError(f"{self.home} does not exist; create it and give it to {user}") from None
+        if owner != entry.pw_uid:
+            raise CommandError(
+                f"{self.home} belongs to uid {owner}, not to {user}; run 'chown -R {user}: {self.home}'"
+            )
+        return ["--uid", str(entry.pw_uid), "--gid", str(entry.pw_gid)]
 
     def livez(self, args: argparse.Namespace) -> int:
         path = self.home / HEARTBEAT_FILE

@@ -171,3 +171,66 @@ class RestartTests(TestCase):
         self.assertEqual((status.state, status.exit_code), (ProcessState.Complete, -46))
         self.assertEqual([e.text for e in status.logs], ["before"])
         self.assertEqual((unknown.state, unknown.exit_code), (ProcessState.Complete, -45))
+
+
+class UnprivilegedTests(TestCase):
+    """
+    The agent started as root, running as an unprivileged user who owns its home.
+    """
+
+    async def test_runs_as_nobody(self) -> None:
+        import pwd
+
+        from tentacle.client.api import Target, TentacleClient
+        from tentacle.client.connection import Pin
+        from tests.support import identity
+
+        if os.geteuid() != 0:
+            self.skipTest("only root can start an agent that switches user")  # type: ignore[attr-defined]
+        nobody = pwd.getpwnam("nobody")
+        home = Path(self.mktemp()).absolute()
+        port = free_port()
+        env = child_environment(home)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "tentacle", "configure", "--port", str(port), "--listen-ip", "127.0.0.1",
+             "--trust", identity("server").thumbprint],
+            env=env,
+        )
+        self.assertEqual(code, 0, err)
+        IdentityStore(home).save(identity("agent"))
+        for path in [home, *home.rglob("*")]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+        agent = AgentProcess()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            agent, sys.executable, [sys.executable, "-m", "tentacle", "run", "--user", "nobody"], env=env
+        )
+        try:
+            await agent.listening
+            client = TentacleClient(Target("127.0.0.1", port, Pin(identity("agent").thumbprint)), identity("server"), reactor)
+            lines: list[str] = []
+            code = await client.run_script("id -u; touch made-here", on_log=lambda line: lines.append(line.text))
+            local = Path(self.mktemp())
+            local.write_bytes(b"payload")
+            result = await client.upload(local, "Packages/p.bin")
+            await client.close()
+        finally:
+            process.signalProcess(signal.SIGTERM)
+            await agent.ended
+        self.assertEqual((code, lines), (0, [str(nobody.pw_uid)]))
+        self.assertEqual(os.stat(result.full_path).st_uid, nobody.pw_uid)
+        self.assertIn(b"set uid/gid", agent.output)
+
+    async def test_refuses_a_home_owned_by_someone_else(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        home.mkdir()
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tentacle", "--home", str(home), "run", "--user", "nobody"],
+            env=child_environment(home),
+        )
+        self.assertEqual(code, 1)
+        if os.geteuid() == 0:
+            self.assertIn(b"run 'chown -R nobody:", err)
+        else:
+            self.assertIn(b"only root can run the agent as", err)
