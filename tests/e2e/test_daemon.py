@@ -201,6 +201,12 @@ class UnprivilegedTests(TestCase):
         IdentityStore(home).save(identity("agent"))
         for path in [home, *home.rglob("*")]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        # trial makes its temp folders 0700; open the ones it made for this
+        # test (below its working folder) so the user can reach the home.
+        for parent in home.parents:
+            if parent == Path.cwd():
+                break
+            os.chmod(parent, 0o755)
 
         agent = AgentProcess()
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
@@ -216,9 +222,10 @@ class UnprivilegedTests(TestCase):
             result = await client.upload(local, "Packages/p.bin")
             await client.close()
         finally:
-            process.signalProcess(signal.SIGTERM)
+            if process.pid is not None:
+                process.signalProcess(signal.SIGTERM)
             await agent.ended
-        self.assertEqual((code, lines), (0, [str(nobody.pw_uid)]))
+        self.assertEqual((code, lines), (0, [str(nobody.pw_uid)]), agent.output)
         self.assertEqual(os.stat(result.full_path).st_uid, nobody.pw_uid)
         self.assertIn(b"set uid/gid", agent.output)
 
