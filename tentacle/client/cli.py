@@ -19,6 +19,7 @@ from typing import IO, Any, Awaitable, Callable, NoReturn, Sequence
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 
+from tentacle.client import deploy_cli
 from tentacle.client.api import RemoteError, Target, TentacleClient
 from tentacle.client.connection import ClientError, Pin
 from tentacle.client.proxy import Proxy
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("download_target", metavar="TARGET")
     download.add_argument("remote")
     download.add_argument("local")
+    deploy_cli.add_commands(add)
     return parser
 
 
@@ -276,6 +278,7 @@ async def _download(client: TentacleClient, console: Console, name: str, args: a
 COMMANDS: dict[str, Callable[[TentacleClient, Console, str, argparse.Namespace], Awaitable[Outcome]]] = {
     "check": _check, "run": _run, "upload": _upload, "download": _download,
 }
+COMMANDS.update(deploy_cli.COMMANDS)
 
 
 async def _one(reactor: Any, identity: Identity, console: Console, name: str, target: Target,

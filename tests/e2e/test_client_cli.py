@@ -209,3 +209,44 @@ class ClientCLITests(TestCase):
             "run", "--home", str(self.home), "--targets-file", str(targets), "web01", "-c", "echo named"
         )
         self.assertEqual((code, out), (0, "stdout: named\n"), err)
+
+    async def test_deploy_rollback_releases(self) -> None:
+        from tests.deploy_support import markers, sample_package
+
+        agents = [self.agent() for _ in range(2)]
+        targets: list[str] = []
+        for agent in agents:
+            targets += ["--target", f"127.0.0.1:{agent_port(agent)}"]
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        for version in ("1.0.0", "1.1.0"):
+            package = sample_package(folder, version)
+            code, out, err = await self.cli(*self.pinned("deploy"), *targets, str(package), "--var", "Greeting=hi")
+            self.assertEqual(code, 0, err + out)
+            self.assertIn("2 of 2 succeeded", out)
+        self.assertIn("deploying 1.1.0 greeting=hi", out)
+        for agent in agents:
+            apps = agent.config.applications / "webapp"
+            self.assertEqual(os.readlink(apps / "current"), "1.1.0")
+            self.assertIn("PostDeploy 1.1.0", " ".join(markers(agent.config.home)))
+        target = f"127.0.0.1:{agent_port(agents[0])}"
+        code, out, err = await self.cli(*self.pinned("releases"), "--json", target, "webapp")
+        self.assertEqual(code, 0, err)
+        self.assertIn('"1.1.0"', out)
+        code, out, err = await self.cli(*self.pinned("rollback"), target, "webapp")
+        self.assertEqual(code, 0, err + out)
+        self.assertEqual(os.readlink(agents[0].config.applications / "webapp" / "current"), "1.0.0")
+        self.assertEqual(os.readlink(agents[1].config.applications / "webapp" / "current"), "1.1.0")
+
+    async def test_failed_deploy_fails_the_command(self) -> None:
+        from tests.deploy_support import sample_package
+
+        agent = self.agent()
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        package = sample_package(folder, "2.0.0")
+        code, out, err = await self.cli(
+            *self.pinned("deploy"), f"127.0.0.1:{agent_port(agent)}", str(package), "--var", "FAIL_DEPLOY=yes"
+        )
+        self.assertNotEqual(code, 0)
+        self.assertFalse((agent.config.applications / "webapp" / "current").exists())
