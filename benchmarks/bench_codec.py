@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -47,8 +45,7 @@ import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-import twisted
-
+import common
 from tentacle.contracts import (
     ProcessOutput,
     ProcessOutputSource,
@@ -179,14 +176,7 @@ def start_script_request() -> RequestMessage:
             "-ReleaseNotes", "Loyalty tiers; checkout fixes; dependency updates",
         ),
     )
-    call = uuid.uuid4()
-    return RequestMessage(
-        id=f"IScriptServiceV2::StartScript[1] / {call}",
-        activity_id=call,
-        service="IScriptServiceV2",
-        method="StartScript",
-        params=(command,),
-    )
+    return common.request("IScriptServiceV2", "StartScript", command)
 
 
 def status_response(lines: int = 100) -> ResponseMessage:
@@ -305,29 +295,14 @@ def timed(op: Callable[[], Any], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def machine() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} CPU(s), {cpu}; Python {platform.python_version()}, "
-        f"Twisted {twisted.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.4, help="seconds per measurement")
+    common.add_json_option(parser)
     args = parser.parse_args(argv)
 
-    print(f"# bench_codec: {machine()}")
+    print(f"# bench_codec: {common.machine()}")
     print(f"# {args.rounds} rounds of ~{args.budget:g} s per measurement; ours and baseline interleaved")
     messages: dict[str, RequestMessage | ResponseMessage] = {
         "start-script": start_script_request(),
@@ -362,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nsummary (median ops/s; ratio = ours / json baseline, higher is better):")
     for name, phase, med_a, med_b in results:
         print(f"  {name:13s} {phase:14s} {med_a:9.0f} vs {med_b:9.0f}   ratio {med_a / med_b:.3f}")
+    common.write_json(args.json, {
+        "ops/s": [
+            {"message": name, "phase": phase, "ours": med_a, "json": med_b}
+            for name, phase, med_a, med_b in results
+        ]
+    })
     return 0
 
 

@@ -61,12 +61,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
-import socket
-import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -74,10 +69,10 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import twisted
-
+import common
+from common import Certificates, HalibutClient, percentile, request, result, wire
 from tentacle.contracts import (
     CompleteScriptCommandV2,
     ProcessState,
@@ -86,103 +81,10 @@ from tentacle.contracts import (
     ScriptStatusResponseV2,
     ScriptTicket,
     StartScriptCommandV2,
-    tentacle_registry,
 )
-from tentacle.halibut.deflate import Inflater, compress
 from tentacle.halibut.dotnet import TimeSpan
-from tentacle.halibut.serializer import RequestMessage, ResponseMessage, decode_message, encode_message
-from tentacle.identity import Identity
-
-SERVER_SCRIPT = Path(__file__).with_name("scripts_server.py")
-IDENTITY_LINE = b"MX-SERVER 1.0\r\n\r\n"
-REGISTRY = tentacle_registry()
-
 
 # --- the client ----------------------------------------------------------------
-
-
-def request(service: str, method: str, *params: object) -> RequestMessage:
-    call = uuid.uuid4()
-    return RequestMessage(
-        id=f"{service}::{method}[1] / {call}",
-        activity_id=call,
-        service=service,
-        method=method,
-        params=params,
-    )
-
-
-def wire(message: RequestMessage) -> bytes:
-    data, streams = encode_message(message)
-    assert not streams
-    return compress(data)
-
-
-class HalibutClient:
-    """
-    One pooled connection to the agent, on a blocking TLS socket.
-    """
-
-    def __init__(self, port: int, context: ssl.SSLContext) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.sock = context.wrap_socket(raw)
-        self.buffer = b""
-        self.sock.sendall(b"MX\r\n\r\nMX-CLIENT 1.0\r\n\r\n")
-        if self.read_exactly(len(IDENTITY_LINE)) != IDENTITY_LINE:
-            raise AssertionError("the agent did not answer MX-SERVER")
-        self.fresh = True
-
-    def recv(self) -> bytes:
-        if self.buffer:
-            data, self.buffer = self.buffer, b""
-            return data
-        data = self.sock.recv(262144)
-        if not data:
-            raise ConnectionError("the agent closed the connection")
-        return data
-
-    def read_exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            data += self.recv()
-        self.buffer = data[n:] + self.buffer
-        return data[:n]
-
-    def round_trip(self, request_wire: bytes) -> bytes:
-        """
-        NEXT/PROCEED (except on the first call), a pre-encoded request, and
-        the response's BSON once its DEFLATE stream has ended.
-        """
-        if not self.fresh:
-            self.sock.sendall(b"NEXT\r\n")
-            if self.read_exactly(9) != b"PROCEED\r\n":
-                raise AssertionError("the agent did not answer PROCEED")
-        self.fresh = False
-        self.sock.sendall(request_wire)
-        inflater = Inflater()
-        payload = None
-        while payload is None:
-            payload = inflater.feed(self.recv())
-        if inflater.unused:
-            raise AssertionError("unexpected bytes after the response")
-        return payload
-
-    def call(self, request_wire: bytes) -> Any:
-        return result(self.round_trip(request_wire))
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"END\r\n")
-        finally:
-            self.sock.close()
-
-
-def result(payload: bytes) -> Any:
-    response, streams = decode_message(payload, REGISTRY, expected=ResponseMessage)
-    assert isinstance(response, ResponseMessage) and not streams
-    if response.error is not None:
-        raise AssertionError(f"the call failed: {response.error.message}")
-    return response.result
 
 
 def start_command(body: str, wait: float | None = None) -> StartScriptCommandV2:
@@ -234,33 +136,13 @@ def finish(client: HalibutClient, ticket: ScriptTicket, after: int) -> ScriptSta
 # --- the child processes -----------------------------------------------------------
 
 
-def start_child(command: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def stop_child(child: subprocess.Popen[str]) -> None:
-    assert child.stdin is not None
-    try:
-        child.stdin.close()
-    except OSError:
-        pass
-    try:
-        child.wait(15)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-
-
 class Bare:
     """
     The bare Twisted spawner, driven one command a line.
     """
 
     def __init__(self, workdir: Path, cpu: int | None) -> None:
-        command = [sys.executable, str(SERVER_SCRIPT), "bare", str(workdir)]
-        if cpu is not None:
-            command.append(str(cpu))
-        self.child = start_child(command)
+        self.child = common.start_child(common.server_command("scripts_server.py", "bare", workdir), cpu)
         if self.readline() != "ready":
             raise RuntimeError("the bare spawner did not start")
 
@@ -285,36 +167,6 @@ class Bare:
 
     def one(self, where: str, script: str) -> tuple[float, float]:
         return self.ask(f"one {where} '{script}'")
-
-
-def start_agent(
-    folder: Path, agent: Identity, server: Identity, cpu: int | None
-) -> tuple[subprocess.Popen[str], int]:
-    pem = folder / "agent.pem"
-    pem.write_bytes(agent.certificate_pem() + agent.private_key_pem())
-    home = folder / "home"
-    home.mkdir()
-    command = [sys.executable, str(SERVER_SCRIPT), "agent", str(pem), server.thumbprint, str(home)]
-    if cpu is not None:
-        command.append(str(cpu))
-    child = start_child(command)
-    assert child.stdout is not None
-    line = child.stdout.readline().split()
-    if len(line) != 2 or line[0] != "port":
-        child.kill()
-        raise RuntimeError(f"the agent did not start (said {line!r})")
-    return child, int(line[1])
-
-
-def client_context(folder: Path, server: Identity) -> ssl.SSLContext:
-    cert, key = folder / "server.crt", folder / "server.key"
-    cert.write_bytes(server.certificate_pem())
-    key.write_bytes(server.private_key_pem())
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.load_cert_chain(str(cert), str(key))
-    return context
 
 
 # --- the measurements -------------------------------------------------------------------
@@ -425,63 +277,6 @@ def halibut_rt(client: HalibutClient) -> float:
 # --- reporting ---------------------------------------------------------------------------
 
 
-def percentile(sorted_samples: list[float], q: float) -> float:
-    index = min(len(sorted_samples) - 1, max(0, round(q * (len(sorted_samples) - 1))))
-    return sorted_samples[index]
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} CPU(s), {cpu}; Linux {platform.release()}; "
-        f"Python {platform.python_version()}, Twisted {twisted.__version__}"
-    )
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def cpu_seconds(pid: int) -> float:
-    """
-    The CPU time (user + system) process C{pid} has used itself, without
-    that of its reaped children.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def placement(pin: str) -> tuple[int | None, int | None, str]:
-    """
-    The CPUs for the client and for the two servers (whose scripts inherit
-    theirs), and how to describe them.
-    """
-    if pin == "none" or not hasattr(os, "sched_getaffinity"):
-        return None, None, "not pinned"
-    allowed = sorted(os.sched_getaffinity(0))
-    if pin == "split" and len(allowed) >= 2:
-        return (
-            allowed[0], allowed[1],
-            f"client on CPU {allowed[0]}; agent, bare spawner and their scripts on CPU {allowed[1]}",
-        )
-    return allowed[0], allowed[0], f"everything on CPU {allowed[0]}"
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.1f} ms"
 
@@ -495,32 +290,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between polls of a running script")
     parser.add_argument("--count", type=int, default=50, help="first-log-line samples per kind")
     parser.add_argument("--warmup", type=int, default=5, help="first-log-line warm-up samples per kind")
-    parser.add_argument(
-        "--pin", choices=("split", "same", "none"), default="none",
-        help="leave placement to the scheduler (default); client on one CPU and the servers "
-        "(and so their scripts) on another; or everything on one CPU",
-    )
+    common.add_pin_option(parser, default="none")
+    common.add_json_option(parser)
     args = parser.parse_args(argv)
-    client_cpu, server_cpu, where = placement(args.pin)
-    if client_cpu is not None:
-        os.sched_setaffinity(0, {client_cpu})
+    client_cpu, server_cpu, where = common.placement(args.pin, "agent, bare spawner and their scripts")
+    common.pin_self(client_cpu)
     sleep_body = f"sleep {args.sleep:g}"
 
-    print(f"# bench_scripts: {machine()}")
-    print(f"# placement: {where}; load average at start {loadavg()}")
+    print(f"# bench_scripts: {common.machine()}")
+    print(f"# placement: {where}; load average at start {common.loadavg()}")
     clock = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tentacle-bench-") as tmp:
         folder = Path(tmp)
         workdir = folder / "bare"
         workdir.mkdir()
-        agent_identity, server_identity = Identity.generate("agent"), Identity.generate("server")
-        context = client_context(folder, server_identity)
-        agent, port = start_agent(folder, agent_identity, server_identity, server_cpu)
+        certs = Certificates(folder)
+        home = folder / "home"
+        home.mkdir()
+        agent = common.start_child(
+            common.server_command("scripts_server.py", "agent", certs.agent_pem, certs.server.thumbprint, home),
+            server_cpu,
+        )
         bare: Bare | None = None
         clients: list[HalibutClient] = []
         try:
+            [port] = common.read_ready(agent, "port", 1)
             bare = spawner = Bare(workdir, server_cpu)
-            clients = [HalibutClient(port, context) for _ in range(args.connections)]
+            clients = [HalibutClient(port, certs.context) for _ in range(args.connections)]
             for client in clients:
                 halibut_rt(client)
 
@@ -544,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for kind in order[r % 3:] + order[:r % 3]:
                     time.sleep(0.3)  # let the last round's processes be reaped everywhere
-                    server_before, client_before = cpu_seconds(server_pid[kind]), time.process_time()
+                    server_before, client_before = common.cpu_seconds(server_pid[kind]), time.process_time()
                     started, ended = runs[kind]()
-                    server_time = cpu_seconds(server_pid[kind]) - server_before
+                    server_time = common.cpu_seconds(server_pid[kind]) - server_before
                     client_time = time.process_time() - client_before
                     spawned[kind].append(started)
                     many[kind].append(ended)
@@ -578,15 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for client in clients:
                 try:
-                    client.close()
+                    client.end()
                 except OSError:
                     pass
             if bare is not None:
-                stop_child(bare.child)
-            stop_child(agent)
+                common.stop_child(bare.child)
+            common.stop_child(agent)
     elapsed = time.perf_counter() - clock
 
-    print(f"# measured in {elapsed:.1f} s; load average at the end {loadavg()}\n")
+    print(f"# measured in {elapsed:.1f} s; load average at the end {common.loadavg()}\n")
     print(f"{args.scripts} concurrent '{sleep_body}' scripts, first start to last done "
           f"(median and range over {args.rounds} rounds)")
     med = {k: statistics.median(v) for k, v in many.items()}
@@ -616,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  agent-wait / spawn-exit                 (median) {lat['agent-wait'] / lat['spawn-exit']:.2f}")
     print(f"  agent-wait / (spawn-exit + 1 rt)        (median) {lat['agent-wait'] / floor_wait:.2f}")
     print(f"  agent-poll / halibut-rt                 (median) {lat['agent-poll'] / lat['halibut-rt']:.1f}")
+    common.write_json(args.json, {
+        "scripts": args.scripts,
+        "sleep": args.sleep,
+        "placement": where,
+        "concurrent": med,
+        "first_line": lat,
+    })
     return 0
 
 

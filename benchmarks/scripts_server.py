@@ -9,7 +9,7 @@ C{IBenchService.Echo(string) -> string}, a trivial call to time a pooled
 round trip with. It prints C{"port <n>"} once it listens, and stops when
 its standard input closes::
 
-    python benchmarks/scripts_server.py agent IDENTITY.pem TRUSTED_THUMBPRINT HOME [CPU]
+    python benchmarks/scripts_server.py agent IDENTITY.pem TRUSTED_THUMBPRINT HOME
 
 C{bare} mode is the baseline: a bare Twisted program that spawns processes
 the way the agent does (through C{setsid}, with C{/bin/bash}, an environment
@@ -29,10 +29,10 @@ C{cwd} passes WORKDIR as the working directory, as the agent passes each
 script's workspace; Twisted then forks. C{nocwd} passes none, and Twisted
 uses C{posix_spawnp}. It stops when its standard input closes::
 
-    python benchmarks/scripts_server.py bare WORKDIR [CPU]
+    python benchmarks/scripts_server.py bare WORKDIR
 
-With a CPU number, either mode pins itself to that CPU (and so do the
-processes it spawns, which inherit the affinity).
+The parent may pin either to a CPU; the processes it spawns inherit the
+affinity.
 """
 
 from __future__ import annotations
@@ -41,90 +41,27 @@ import os
 import shlex
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.python.failure import Failure
 
-from tentacle.config import TentacleConfig
-from tentacle.contracts import SCRIPT_SERVICE_V2, Operation, Parameter, ServiceContract
+from common import bench_service, quiet_logging, say, start_agent, stop_on_eof
+from tentacle.contracts import SCRIPT_SERVICE_V2
 from tentacle.dispatch import Dispatcher
-from tentacle.identity import Identity
-from tentacle.service import TentacleService
 from tentacle.services.scripts import ScriptRunner, ScriptServiceV2
 
-BENCH_SERVICE = ServiceContract(
-    "IBenchService",
-    "Tentacle.Benchmarks.IBenchService, Tentacle.Benchmarks",
-    (Operation("Echo", (Parameter("text", str),), str),),
-)
 
-
-class BenchService:
-    def echo(self, text: str) -> str:
-        return text
-
-
-def quiet_logging() -> None:
-    globalLogBeginner.beginLoggingTo(
-        [
-            FilteringLogObserver(
-                textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
-            )
-        ],
-        redirectStandardIO=False,
-    )
-
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def stop_on_eof(on_line: Callable[[str], None] | None = None) -> None:
-    """
-    Read standard input in a thread: each line goes to C{on_line} in the
-    reactor thread; end of input stops the reactor.
-    """
-
-    def read() -> None:
-        for line in sys.stdin:
-            if on_line is not None:
-                reactor.callFromThread(on_line, line.strip())  # type: ignore[attr-defined]
-        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
-
-    threading.Thread(target=read, daemon=True).start()
-
-
-def agent(identity_path: str, trusted: str, home: str, cpu: str | None = None) -> None:
-    if cpu is not None:
-        os.sched_setaffinity(0, {int(cpu)})
+def agent(identity_path: str, trusted: str, home: str) -> None:
     quiet_logging()
-    identity = Identity.from_file(Path(identity_path))
     home_path = Path(home)
     runner = ScriptRunner(reactor, home_path, home_path / "Applications")
     dispatcher = Dispatcher()
     dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
-    dispatcher.register(BENCH_SERVICE, BenchService())
-    config = TentacleConfig(
-        home=home_path, port=0, listen_address="127.0.0.1", trusted_thumbprints=(trusted,)
-    )
-    service = TentacleService(config, reactor, identity=identity, dispatcher=dispatcher)
-    service.startService()
-    assert service.port is not None
-    say(f"port {service.port.getHost().port}")  # type: ignore[attr-defined]
+    dispatcher.register(*bench_service())
 
     def cancel_all() -> Any:
         # Nothing should be running at the end; if the client failed half
@@ -133,9 +70,10 @@ def agent(identity_path: str, trusted: str, home: str, cpu: str | None = None) -
             if not script.complete:
                 runner.cancel(script.launch.ticket)
 
-    stop_on_eof()
     reactor.addSystemEventTrigger("before", "shutdown", cancel_all)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    _, port = start_agent(identity_path, trusted, home_path, dispatcher)
+    say(f"port {port}")
+    stop_on_eof()
     reactor.run()
 
 
@@ -161,9 +99,7 @@ class Watch(ProcessProtocol):
         self.on_ended()
 
 
-def bare(workdir: str, cpu: str | None = None) -> None:
-    if cpu is not None:
-        os.sched_setaffinity(0, {int(cpu)})
+def bare(workdir: str) -> None:
     quiet_logging()
     setsid = shutil.which("setsid")
     if setsid is None:
@@ -226,8 +162,8 @@ def bare(workdir: str, cpu: str | None = None) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agent"]:
-        agent(*sys.argv[2:6])
+        agent(*sys.argv[2:5])
     elif sys.argv[1:2] == ["bare"]:
-        bare(*sys.argv[2:4])
+        bare(*sys.argv[2:3])
     else:
         raise SystemExit(__doc__)

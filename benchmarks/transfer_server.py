@@ -28,32 +28,18 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IPullProducer
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
+from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from tentacle.config import TentacleConfig
+from common import listen_bare_tls, quiet_logging, say, start_agent, stop_on_eof
 from tentacle.dispatch import Dispatcher
 from tentacle.fsutil import fsync_directory
-from tentacle.identity import Identity
-from tentacle.service import TentacleService
 from tentacle.services import register_tentacle_services
-from tentacle.tls import AgentTLSOptions
 
 #: The agent's own outgoing chunk (tentacle.halibut.exchange.CHUNK_SIZE).
 CHUNK = 65536
@@ -162,52 +148,14 @@ class Bare(Protocol):
 
 
 def main(identity_path: str, trusted: str, home: str) -> None:
-    globalLogBeginner.beginLoggingTo(
-        [
-            FilteringLogObserver(
-                textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
-            )
-        ],
-        redirectStandardIO=False,
-    )
-    identity = Identity.from_file(Path(identity_path))
-    config = TentacleConfig(
-        home=Path(home), port=0, listen_address="127.0.0.1", trusted_thumbprints=(trusted,)
-    )
-    dispatcher = Dispatcher()
-    register_tentacle_services(dispatcher, config, reactor)  # type: ignore[arg-type]
-    agent = TentacleService(config, reactor, identity=identity, dispatcher=dispatcher)
-    agent.startService()
-    assert agent.port is not None
-    agent_port = agent.port.getHost().port  # type: ignore[attr-defined]
-
+    quiet_logging()
+    agent, agent_port = start_agent(identity_path, trusted, Path(home), Dispatcher())
+    # Before the first request (none can come before the ports line).
+    register_tentacle_services(agent.dispatcher, agent.config, reactor)  # type: ignore[arg-type]
     Bare.store_path = Path(home) / "bare-store.bin"
-    bare_factory = TLSMemoryBIOFactory(
-        AgentTLSOptions(identity), False, Factory.forProtocol(Bare), clock=reactor
-    )
-    bare_factory.noisy = False
-
-    def listening(port: object) -> None:
-        bare_port = port.getHost().port  # type: ignore[attr-defined]
-        sys.stdout.write(f"ports {agent_port} {bare_port}\n")
-        sys.stdout.flush()
-
-    d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(bare_factory)
-    d.addCallback(listening)
-
-    def failed(failure: Failure) -> None:
-        failure.printTraceback()
-        reactor.stop()
-
-    d.addErrback(failed)
-
-    def wait_for_eof() -> None:
-        sys.stdin.read()
-        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
-
-    threading.Thread(target=wait_for_eof, daemon=True).start()
-    reactor.addSystemEventTrigger("before", "shutdown", agent.stopService)
+    listening = listen_bare_tls(agent.identity, Bare)
+    listening.addCallback(lambda port: say(f"ports {agent_port} {port.getHost().port}"))
+    stop_on_eof()
     reactor.run()
 
 
