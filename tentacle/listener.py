@@ -3,6 +3,7 @@ One TLS connection to the agent, from its first byte to the message exchange.
 
 The order of checks follows Halibut's listener, and is the security model:
 
+  0. Over the connection cap (C{max-connections}): closed before TLS, logged.
   1. TLS handshake (any client certificate, or none, completes it).
   2. Read the initial request up to a blank line (at most 20,000 characters).
   3. Not C{MX}: a browser or curl; send the friendly page and close.
@@ -114,6 +115,50 @@ class PreambleReader:
         return None
 
 
+class IdentityError(Exception):
+    """
+    What followed a trusted C{MX} is not a Halibut client's identity.
+    """
+
+
+class IdentityReader:
+    """
+    Reads the identity line (C{MX-CLIENT 1.0}, CRLF, blank CRLF line) that
+    follows a trusted C{MX} request.  Pure, so it is simple to fuzz.
+    """
+
+    def __init__(self, limit: int = MAX_IDENTITY_LINE) -> None:
+        self._limit = limit
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        @return: C{None} while incomplete; else the bytes that followed the
+            blank line (the start of the message exchange).
+        @raise IdentityError: a malformed or over-long identity.
+        """
+        self._buffer += data
+        buffer = self._buffer
+        first = buffer.find(b"\n")
+        second = buffer.find(b"\n", first + 1) if first >= 0 else -1
+        # The limit holds however the bytes arrive: whole, or a byte at a time.
+        length = len(buffer) if second < 0 else second + 1
+        if length > self._limit:
+            raise IdentityError("the identity line is too long")
+        if second < 0:
+            return None
+        line, blank, rest = buffer[: first + 1], buffer[first + 1 : second + 1], buffer[second + 1 :]
+        if not line.endswith(b"\r\n") or blank != b"\r\n":
+            raise IdentityError(
+                "the identity line must be followed by an empty line, both ending in CRLF"
+            )
+        kind = line[:-2].decode("utf-8", "replace").split(" ")[0]
+        if kind != "MX-CLIENT":
+            raise IdentityError(f"unknown identity type {kind[:40]!r} (expected MX-CLIENT)")
+        self._buffer = b""
+        return rest
+
+
 class AgentConnection(Protocol):
     """
     One connection, from the TLS handshake to the hand-over to the exchange.
@@ -125,12 +170,13 @@ class AgentConnection(Protocol):
 
     def __init__(self) -> None:
         self._preamble: PreambleReader | None = PreambleReader()
-        self._identity_buffer = b""
+        self._identity = IdentityReader()
         self._peer: PeerIdentity | None = None
         self._session: IProtocol | None = None
         self._timeout: IDelayedCall | None = None
         self._address = "?"
         self._finished = False
+        self._refused = False
 
     @property
     def _link(self) -> Any:
@@ -150,6 +196,9 @@ class AgentConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._address = describe_address(self._link.getPeer())
+        if not self.factory.admit(self):
+            self._refuse()
+            return
         self._timeout = self.factory.clock.callLater(
             self.factory.handshake_timeout, self._timed_out
         )
@@ -229,26 +278,16 @@ class AgentConnection(Protocol):
         return True
 
     def _read_identity(self, data: bytes) -> None:
-        self._identity_buffer += data
-        buffer = self._identity_buffer
-        first = buffer.find(b"\n")
-        if first < 0 or buffer.find(b"\n", first + 1) < 0:
-            if len(buffer) > MAX_IDENTITY_LINE:
-                self._protocol_error("the identity line is too long")
+        try:
+            done = self._identity.feed(data)
+        except IdentityError as e:
+            self._protocol_error(str(e))
             return
-        second = buffer.find(b"\n", first + 1)
-        line, blank, rest = buffer[:first + 1], buffer[first + 1 : second + 1], buffer[second + 1 :]
-        if not line.endswith(b"\r\n") or blank != b"\r\n":
-            self._protocol_error("the identity line must be followed by an empty line, both ending in CRLF")
+        if done is None:
             return
-        parts = line[:-2].decode("utf-8", "replace").split(" ")
-        if parts[0] != "MX-CLIENT":
-            self._protocol_error(f"unknown identity type {parts[0][:40]!r} (expected MX-CLIENT)")
-            return
-        self._identity_buffer = b""
         self._cancel_timeout()
         self._link.write(IDENTITY_ANSWER)
-        self._start_session(rest)
+        self._start_session(done)
 
     def _start_session(self, leftover: bytes) -> None:
         assert self._peer is not None
@@ -289,6 +328,24 @@ class AgentConnection(Protocol):
         )
         self._reset()
 
+    def _refuse(self) -> None:
+        """
+        Over the connection cap: close the TCP connection under TLS before
+        a byte of TLS is exchanged, so the excess costs no handshake.
+        """
+        self._finished = True
+        self._refused = True
+        self.log.warn(
+            "Refused a connection from {peer}: {reason}",
+            peer=self._address,
+            reason=f"{self.factory.max_connections} connections are open, the most allowed "
+            "(max-connections)",
+            limit=self.factory.max_connections,
+            event="connection_refused",
+        )
+        tcp = getattr(self._link, "transport", self._link)
+        tcp.abortConnection()
+
     def _peer_identity(self) -> PeerIdentity | None:
         certificate: Any = ISSLTransport(self._link).getPeerCertificate()
         if certificate is None:
@@ -325,6 +382,8 @@ class AgentConnection(Protocol):
         self._finished = True
         self._cancel_timeout()
         self.factory.disconnected(self)
+        if self._refused:
+            return
         if reason.check(SSL.Error) and self._preamble is not None:
             self.log.info(
                 "TLS with {peer} failed: {error}",
@@ -342,6 +401,9 @@ class ListenerFactory(Factory):
 
     @ivar session_factory: builds the message exchange for an authenticated
         peer; when C{None}, the connection closes after the identity answer.
+    @ivar max_connections: connections beyond this many open at once are
+        closed as they arrive, before TLS (C{None}: no limit), so a flood
+        cannot exhaust the agent's file descriptors.
     """
 
     protocol = AgentConnection  # type: ignore[assignment]
@@ -353,11 +415,14 @@ class ListenerFactory(Factory):
         clock: IReactorTime,
         handshake_timeout: float,
         session_factory: SessionFactory | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.trust = trust
         self.clock = clock
         self.handshake_timeout = handshake_timeout
         self.session_factory = session_factory
+        self.max_connections = max_connections
+        self._open: set[AgentConnection] = set()
         self._authenticated: set[AgentConnection] = set()
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -369,10 +434,24 @@ class ListenerFactory(Factory):
             self._unsubscribe()
             self._unsubscribe = None
 
+    def admit(self, connection: AgentConnection) -> bool:
+        """
+        Count a new connection in, unless the cap is reached.
+        """
+        if self.max_connections is not None and len(self._open) >= self.max_connections:
+            return False
+        self._open.add(connection)
+        return True
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
     def authenticated(self, connection: AgentConnection) -> None:
         self._authenticated.add(connection)
 
     def disconnected(self, connection: AgentConnection) -> None:
+        self._open.discard(connection)
         self._authenticated.discard(connection)
 
     @property

@@ -50,6 +50,10 @@ from tentacle.workspace import remove_stale_workspaces
 CONFIG_POLL_INTERVAL = 2.0
 #: Tentacle looks for old workspaces every two hours.
 WORKSPACE_CLEANING_INTERVAL = 7200.0
+#: Connections the kernel may queue before the agent accepts them (capped by
+#: net.core.somaxconn).  Twisted's 50 made a burst of connections wait out
+#: SYN retransmits of a second or more, a trusted server's among them.
+LISTEN_BACKLOG = 1024
 #: How often the agent proves it is alive (the heartbeat file for
 #: C{tentacle livez}) and publishes its metrics for C{tentacle metrics}.
 HEARTBEAT_INTERVAL = 10.0
@@ -202,12 +206,12 @@ class TentacleService(MultiService):
         if address is None:
             # One dual-stack IPv6 socket takes IPv4 too; without IPv6, fall back.
             return [
-                TCP6ServerEndpoint(self.reactor, self.config.port, interface="::"),
-                TCP4ServerEndpoint(self.reactor, self.config.port),
+                TCP6ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG, "::"),
+                TCP4ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG),
             ]
         if ":" in address:
-            return [TCP6ServerEndpoint(self.reactor, self.config.port, interface=address)]
-        return [TCP4ServerEndpoint(self.reactor, self.config.port, interface=address)]
+            return [TCP6ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG, address)]
+        return [TCP4ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG, address)]
 
     def privilegedStartService(self) -> None:
         """

@@ -66,6 +66,9 @@ class AgentTLSOptions:
         if self._context is None:
             context = self._options.getContext()
             context.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)
+            # Refuse renegotiation outright rather than rely on the OpenSSL
+            # build's default (1.1.1 allowed a client to start one).
+            context.set_options(SSL.OP_NO_RENEGOTIATION)
             # We speak no ALPN protocol.  Twisted 26.10's default selector
             # answers an empty name, which OpenSSL turns into an
             # internal-error alert: every browser and curl offers ALPN.

@@ -4,9 +4,16 @@ measure or limit the agent apart from the test runner (its memory, its
 file-size limit).
 
 Child side: C{python -m tests.agent_process --home H --trust T
-[--allowed-root R]... [--file-size-limit BYTES]} listens on a free loopback
-port, prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
+[--allowed-root R]... [--file-size-limit BYTES] [--port N] [--scripts]
+[--handshake-timeout S] [--heartbeat-timeout S] [--max-connections N]
+[--crash-writing-state STATE]} listens on a loopback port (a free one
+unless given), prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
 Parent side: L{spawn_agent}.
+
+C{--crash-writing-state Complete} (or C{Pending}, C{Running}) makes the
+agent SIGKILL itself in the middle of saving a script's state file: the
+temp file is written, the rename over C{scriptstate.json} never happens,
+exactly as if the machine died there.
 """
 
 from __future__ import annotations
@@ -39,7 +46,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--trust", action="append", default=[])
     parser.add_argument("--allowed-root", action="append", default=[])
     parser.add_argument("--file-size-limit", type=int)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--scripts", action="store_true", help="offer scripts too, as the agent does")
+    parser.add_argument("--handshake-timeout", type=float, default=30.0)
+    parser.add_argument("--heartbeat-timeout", type=float, default=60.0)
+    parser.add_argument("--max-connections", type=int)
+    parser.add_argument("--crash-writing-state")
     args = parser.parse_args(argv)
+    if args.crash_writing_state:
+        _crash_when_saving(args.crash_writing_state)
 
     # Over the limit, write() must fail with EFBIG, not kill the agent.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -52,6 +67,7 @@ def main(argv: list[str]) -> None:
 
     from tentacle.config import TentacleConfig
     from tentacle.dispatch import Dispatcher
+    from tentacle.halibut.exchange import ExchangeSettings
     from tentacle.service import TentacleService
     from tentacle.services import register_tentacle_services
 
@@ -59,18 +75,54 @@ def main(argv: list[str]) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     config = TentacleConfig(
         home=Path(args.home),
-        port=0,
+        port=args.port,
         listen_address="127.0.0.1",
         trusted_thumbprints=tuple(args.trust),
         allowed_roots=tuple(Path(r) for r in args.allowed_root),
+        handshake_timeout=args.handshake_timeout,
+        max_connections=args.max_connections,
     )
-    dispatcher = Dispatcher()
-    register_tentacle_services(dispatcher, config, the_reactor)  # type: ignore[arg-type]
-    service = TentacleService(config, the_reactor, dispatcher=dispatcher)
+    dispatcher: Dispatcher | None = None
+    if not args.scripts:
+        dispatcher = Dispatcher()
+        register_tentacle_services(dispatcher, config, the_reactor)  # type: ignore[arg-type]
+    service = TentacleService(
+        config, the_reactor, dispatcher=dispatcher,
+        exchange_settings=ExchangeSettings(heartbeat_timeout=args.heartbeat_timeout),
+    )
     service.startService()
     assert service.port is not None
-    print(f"{PORT_LINE.decode()}{service.port.getHost().port}", flush=True)  # type: ignore[attr-defined]
+    port = service.port.getHost().port  # type: ignore[attr-defined]
+    # Once running, so a SIGTERM from then on meets the reactor's handler.
+    the_reactor.callWhenRunning(print, f"{PORT_LINE.decode()}{port}", flush=True)
     the_reactor.run()
+
+
+def _crash_when_saving(state: str) -> None:
+    """
+    Fault injection, in the child only: SIGKILL at the rename that would
+    make a script state file with this C{State} visible.
+    """
+    import json
+
+    import tentacle.fsutil
+
+    real = os
+
+    class _Os:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @staticmethod
+        def replace(source: str, target: Any) -> None:
+            if str(target).endswith("scriptstate.json"):
+                with open(source, "rb") as f:
+                    if json.loads(f.read()).get("State") == state:
+                        print(f"CRASHING while saving {target}", flush=True)
+                        real.kill(real.getpid(), signal.SIGKILL)
+            real.replace(source, target)
+
+    tentacle.fsutil.os = _Os()  # type: ignore[assignment]
 
 
 class ChildAgent(ProcessProtocol):
@@ -113,6 +165,22 @@ class ChildAgent(ProcessProtocol):
                 return int(value) * 1024
         raise KeyError(field)
 
+    def open_files(self) -> int:
+        """
+        How many file descriptors the agent holds open.
+        """
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    async def kill(self) -> None:
+        """
+        SIGKILL: no cleanup, no flush, as a power cut or the OOM killer.
+        """
+        try:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except ProcessExitedAlready:
+            pass
+        await self.ended
+
     async def stop(self) -> None:
         if self.ended.called:
             return
@@ -131,15 +199,20 @@ async def spawn_agent(
     trusted: tuple[str, ...],
     allowed_roots: tuple[Path, ...] = (),
     file_size_limit: int | None = None,
+    home: Path | None = None,
+    options: tuple[str, ...] = (),
 ) -> tuple[ChildAgent, Path, int]:
     """
     Start a child agent with C{agent}'s identity; stopped when the test ends.
 
+    @param home: an existing home to start in again (after a crash, say).
+    @param options: more command-line options (see the module docstring).
     @return: the process, its home and its port.
     """
-    home = Path(case.mktemp()).absolute()
-    IdentityStore(home).save(agent)
-    args = [sys.executable, "-m", "tests.agent_process", "--home", str(home)]
+    if home is None:
+        home = Path(case.mktemp()).absolute()
+        IdentityStore(home).save(agent)
+    args = [sys.executable, "-m", "tests.agent_process", "--home", str(home), *options]
     for thumbprint in trusted:
         args += ["--trust", thumbprint]
     for root in allowed_roots:

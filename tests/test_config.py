@@ -84,6 +84,14 @@ class ConfigFileTests(SynchronousTestCase):
             self.assertIn(message, str(e))
             self.assertIn(str(self.file.path), str(e))
 
+    def test_max_connections(self) -> None:
+        self.assertEqual(self.file.load().max_connections, 1000)
+        self.write({"max-connections": None})
+        self.assertIsNone(self.file.load().max_connections, "null: no limit")
+        self.file.path.write_text(json.dumps({"max-connections": 0}))
+        e = self.assertRaises(ConfigError, self.file.load)
+        self.assertIn("max-connections: expected a whole number of at least 1", str(e))
+
     def test_signature_changes_on_save(self) -> None:
         self.assertIsNone(self.file.signature())
         self.file.save(TentacleConfig(home=self.home))

@@ -18,6 +18,8 @@ from tentacle.listener import (
     IDENTITY_ANSWER,
     MAX_INITIAL_REQUEST,
     AgentConnection,
+    IdentityError,
+    IdentityReader,
     InitialRequestTooLong,
     ListenerFactory,
     PreambleReader,
@@ -60,6 +62,29 @@ class PreambleReaderTests(SynchronousTestCase):
         reader = PreambleReader()
         reader.feed(b"x" * (MAX_INITIAL_REQUEST - 1))
         self.assertRaises(InitialRequestTooLong, reader.feed, b"x")
+
+
+class IdentityReaderTests(SynchronousTestCase):
+    def test_identity_and_what_follows(self) -> None:
+        reader = IdentityReader()
+        self.assertIsNone(reader.feed(b"MX-CLIENT 1.0\r\n"))
+        self.assertEqual(reader.feed(b"\r\nmessage"), b"message")
+
+    def test_malformed(self) -> None:
+        for data in (b"MX-SERVER 1.0\r\n\r\n", b"MX-CLIENT 1.0\n\n", b"MX-CLIENT 1.0\r\nx\r\n"):
+            self.assertRaises(IdentityError, IdentityReader().feed, data)
+
+    def test_limit_holds_however_the_bytes_arrive(self) -> None:
+        """
+        Found by fuzzing: an over-long identity line was refused when it
+        came a little at a time but accepted when it came in one read.
+        """
+        data = b"MX-CLIENT " + b"9" * 1100 + b"\r\n\r\n"
+        self.assertRaises(IdentityError, IdentityReader(limit=1024).feed, data)
+        reader = IdentityReader(limit=1024)
+        with self.assertRaises(IdentityError):
+            for byte in data:
+                reader.feed(bytes([byte]))
 
 
 class DescribeAddressTests(SynchronousTestCase):

@@ -10,8 +10,10 @@ L{TentacleClient}: drive a listening tentacle (ours or Octopus's) from Python.
 Connections are pooled as Halibut pools them: one request at a time on a
 connection, at most five idle per agent, retired after nine idle minutes,
 checked with NEXT/PROCEED before reuse.  Connection failures are retried
-(five tries within five minutes, a second apart); nothing is retried once
-a request has been sent, nor after a certificate or trust failure.
+(five tries within five minutes, a second apart); once a request has been
+sent, only calls that are safe to repeat are retried (V2 script calls,
+status and cancel, uploads and downloads), never V1 StartScript; nothing
+is retried after a certificate or trust failure.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from tentacle.client.connection import (
+    HEARTBEAT_TIMEOUT,
     RESPONSE_TIMEOUT,
     ClientConnection,
     ClientError,
     ConnectionFailed,
     Pin,
+    RequestFailed,
 )
 from tentacle.client.proxy import Proxy, ProxyEndpoint, ProxyRefused
 from tentacle.contracts import (
@@ -168,6 +172,7 @@ class TentacleClient:
         idle_expiry: float = 540.0,
         connect_timeout: float = 60.0,
         response_timeout: float = RESPONSE_TIMEOUT,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -180,6 +185,7 @@ class TentacleClient:
         self._idle_expiry = idle_expiry
         self._connect_timeout = connect_timeout
         self._response_timeout = response_timeout
+        self._heartbeat_timeout = heartbeat_timeout
         self._tls = CertificateOptions(
             privateKey=identity.private_key,  # type: ignore[arg-type]
             certificate=identity.certificate,  # type: ignore[arg-type]
@@ -199,7 +205,10 @@ class TentacleClient:
         else:
             tcp = HostnameEndpoint(self._reactor, self.target.host, self.target.port, timeout=self._connect_timeout)
         endpoint = wrapClientTLS(self._tls, tcp)
-        connection = ClientConnection(self.target.pin, self._reactor, response_timeout=self._response_timeout)
+        connection = ClientConnection(
+            self.target.pin, self._reactor,
+            response_timeout=self._response_timeout, heartbeat_timeout=self._heartbeat_timeout,
+        )
         try:
             await endpoint.connect(Factory.forProtocol(lambda: connection))
         except DNSLookupError as e:
@@ -217,6 +226,8 @@ class TentacleClient:
             connection, expiry = self._idle.pop()
             if expiry.active():
                 expiry.cancel()
+            if not connection.idle:
+                continue  # the agent closed it while it waited (a restart, say)
             try:
                 await connection.next()
                 return connection
@@ -301,6 +312,34 @@ class TentacleClient:
             raise RemoteError(response.error)
         return response.result, streams
 
+    async def call_idempotent(
+        self,
+        service: str,
+        method: str,
+        *params: Any,
+        payloads: Mapping[uuid.UUID, PayloadOpener] | None = None,
+    ) -> tuple[Any, list[ReceivedStream]]:
+        """
+        L{call} for a call that is safe to repeat: when the connection
+        breaks, even after the request was sent, it is sent again within the
+        retry policy, since a second run changes nothing the first did not.
+        """
+        deadline = self._reactor.seconds() + self._retry.within
+        attempt = 1
+        while True:
+            try:
+                return await self.call(service, method, *params, payloads=payloads)
+            except (RequestFailed, ConnectionFailed) as e:
+                if attempt >= self._retry.attempts or self._reactor.seconds() + self._retry.interval > deadline:
+                    raise
+                self.log.info(
+                    "{service}.{method} on {target} failed ({error}); sending it again",
+                    service=service, method=method, target=str(self.target), error=str(e),
+                    event="call_retried",
+                )
+                attempt += 1
+                await deferLater(self._reactor, self._retry.interval, lambda: None)
+
     async def capabilities(self) -> list[str]:
         """
         The services the agent offers (cached, as Halibut caches for 10 min).
@@ -343,7 +382,9 @@ class TentacleClient:
         timeout = TimeSpan.from_timedelta(timedelta(seconds=mutex_timeout))
         if v2:
             ticket = ScriptTicket(uuid.uuid4().hex)
-            await self.call(
+            # V2 StartScript is idempotent by ticket: a resend after a lost
+            # answer reports the same run, never starts a second.
+            await self.call_idempotent(
                 "IScriptServiceV2", "StartScript",
                 StartScriptCommandV2(
                     script_ticket=ticket, script_body=body, task_id=task_id,
@@ -364,13 +405,16 @@ class TentacleClient:
                 payloads=payloads,
             )
         service = "IScriptServiceV2" if v2 else "IScriptService"
+        # Status, cancel and (V2) complete are safe to repeat; V1's
+        # CompleteScript hands back the rest of the log once only.
+        again = self.call_idempotent
         status_type = ScriptStatusRequestV2 if v2 else ScriptStatusRequest
         sequence = 0
         interval = poll_interval
         cancelled = False
         while True:
             try:
-                status, _ = await self.call(service, "GetStatus", status_type(ticket, sequence))
+                status, _ = await again(service, "GetStatus", status_type(ticket, sequence))
                 for line in status.logs:
                     if on_log is not None:
                         on_log(line)
@@ -384,9 +428,9 @@ class TentacleClient:
                     raise
                 cancelled = True
                 cancel_type = CancelScriptCommandV2 if v2 else CancelScriptCommand
-                await self.call(service, "CancelScript", cancel_type(ticket, sequence))
+                await again(service, "CancelScript", cancel_type(ticket, sequence))
         if v2:
-            await self.call(service, "CompleteScript", CompleteScriptCommandV2(ticket))
+            await again(service, "CompleteScript", CompleteScriptCommandV2(ticket))
         else:
             await self.call(service, "CompleteScript", CompleteScriptCommand(ticket, sequence))
         if cancelled:
@@ -412,7 +456,11 @@ class TentacleClient:
             f = local.open("rb")
             return _CountingReader(f, size, progress) if progress else f
 
-        result, _ = await self.call("IFileTransferService", "UploadFile", remote, ref, payloads={ref.id: opener})
+        # Storing the same bytes at the same path again changes nothing, and
+        # the agent drops an interrupted upload's temp file: safe to resend.
+        result, _ = await self.call_idempotent(
+            "IFileTransferService", "UploadFile", remote, ref, payloads={ref.id: opener}
+        )
         assert isinstance(result, UploadResult)
         if result.length != size or result.hash.lower() != digest.hexdigest():
             raise TransferError(
@@ -428,7 +476,7 @@ class TentacleClient:
         @return: its length and SHA-1.
         @raise RemoteError: the file does not exist on the agent.
         """
-        result, streams = await self.call("IFileTransferService", "DownloadFile", remote)
+        result, streams = await self.call_idempotent("IFileTransferService", "DownloadFile", remote)
         if result is None:
             raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
         [stream] = streams

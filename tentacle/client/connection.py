@@ -128,12 +128,14 @@ class ClientConnection(Protocol):
         registry: TypeRegistry | None = None,
         limits: CodecLimits = CodecLimits(),
         response_timeout: float = RESPONSE_TIMEOUT,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     ) -> None:
         self._pin = pin
         self._clock = clock
         self._registry = registry or tentacle_registry()
         self._limits = limits
         self._response_timeout = response_timeout
+        self._heartbeat_timeout = heartbeat_timeout
         self._state = _State.CONNECTING
         self._buffer = b""
         self._inflater: Inflater | None = None
@@ -200,12 +202,16 @@ class ClientConnection(Protocol):
         self._inflater = Inflater(self._limits)
         d: Deferred[tuple[ResponseMessage, list[ReceivedStream]]] = Deferred()
         self._waiting = d
-        self._arm(self._response_timeout)
         self._link.write(compress(data))
         if streams:
+            # While the streams go out, the agent owes no answer: what must
+            # not stall is our sending, so the heartbeat watches that.
+            self._arm(self._heartbeat_timeout)
             Deferred.fromCoroutine(self._send_streams(streams, payloads or {})).addErrback(
                 lambda f: self._broken(RequestFailed(f"sending a data stream failed: {f.getErrorMessage()}"))
             )
+        else:
+            self._arm(self._response_timeout)
         return d
 
     async def _send_streams(self, streams: list[Any], payloads: Mapping[uuid.UUID, PayloadOpener]) -> None:
@@ -214,8 +220,16 @@ class ClientConnection(Protocol):
             if opener is None:
                 raise ValueError(f"no payload given for data stream {stream.id}")
             self._link.write(stream_header(stream.id, stream.length))
-            await PayloadSender(self._link, opener(), stream.length).start()
+            await PayloadSender(self._link, opener(), stream.length, on_chunk=self._sending).start()
             self._link.write(stream_trailer(stream.length))
+        if self._state is _State.RESPONSE and self._response is None:
+            # The response timeout counts from the end of the request, so a
+            # large upload over a slow link is not cut off while it is sent.
+            self._arm(self._response_timeout)
+
+    def _sending(self) -> None:
+        if self._state is _State.RESPONSE:
+            self._arm(self._heartbeat_timeout)
 
     def next(self) -> Deferred[None]:
         """
@@ -226,7 +240,7 @@ class ClientConnection(Protocol):
         self._state = _State.PROCEED
         d: Deferred[None] = Deferred()
         self._waiting = d
-        self._arm(HEARTBEAT_TIMEOUT)
+        self._arm(self._heartbeat_timeout)
         self._link.write(b"NEXT\r\n")
         return d
 
@@ -281,7 +295,7 @@ class ClientConnection(Protocol):
                 raise ValueError(f"unexpected bytes while {self._state.value}")
 
     def _read_response(self) -> None:
-        self._arm(HEARTBEAT_TIMEOUT if self._response is not None else self._response_timeout)
+        self._arm(self._heartbeat_timeout if self._response is not None else self._response_timeout)
         data, self._buffer = self._buffer, b""
         if self._response is None:
             assert self._inflater is not None

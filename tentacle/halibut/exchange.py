@@ -73,6 +73,7 @@ class _State(enum.Enum):
     MESSAGE = "reading a request"
     STREAMS = "reading data streams"
     BUSY = "serving a request"
+    SENDING = "sending data streams"
     CONTROL = "waiting for NEXT or END"
     CLOSED = "closed"
 
@@ -105,10 +106,21 @@ class PayloadSender:
     transport takes them, and checks it is exactly as long as declared.
     """
 
-    def __init__(self, transport: Any, source: IO[bytes], length: int) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        source: IO[bytes],
+        length: int,
+        on_chunk: Callable[[], None] | None = None,
+    ) -> None:
+        """
+        @param on_chunk: called as each chunk is taken; the transport asks
+            for one only once the last has drained, so it marks progress.
+        """
         self._transport = transport
         self._source = source
         self._remaining = length
+        self._on_chunk = on_chunk
         self.done: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
@@ -126,6 +138,8 @@ class PayloadSender:
             self._finish(ProtocolError(f"a data stream ended {self._remaining} bytes short"))
             return
         self._remaining -= len(chunk)
+        if self._on_chunk is not None:
+            self._on_chunk()
         self._transport.write(chunk)
 
     def stopProducing(self) -> None:
@@ -207,7 +221,7 @@ class MessageExchange(Protocol):
 
     def _consume(self, data: bytes) -> None:
         while data and self._state is not _State.CLOSED:
-            if self._state is _State.BUSY:
+            if self._state in (_State.BUSY, _State.SENDING):
                 self._pending += data
                 if len(self._pending) > MAX_READ_AHEAD:
                     raise ProtocolError("the client sent too much while a request was served")
@@ -369,12 +383,20 @@ class MessageExchange(Protocol):
         )
 
     async def _send_streams(self, outgoing: list[DataStream], context: CallContext) -> None:
+        if outgoing:
+            # A peer that stops taking a stream must not hold the connection
+            # (and the file) for ever: it gets the heartbeat's grace.
+            self._state = _State.SENDING
+            self._arm(self._settings.heartbeat_timeout)
         for stream in outgoing:
             opener = context.outgoing.get(stream.id)
             if opener is None:
                 raise ProtocolError(f"no payload for outgoing data stream {stream.id}")
             self._link.write(stream_header(stream.id, stream.length))
-            await PayloadSender(self._link, opener(), stream.length).start()
+            await PayloadSender(
+                self._link, opener(), stream.length,
+                on_chunk=lambda: self._arm(self._settings.heartbeat_timeout),
+            ).start()
             self._link.write(stream_trailer(stream.length))
         self._discard_received()
         self._await_control()
@@ -427,9 +449,11 @@ class MessageExchange(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         self.log.info(
-            "Closing the connection from {thumbprint}: nothing received while {state}",
+            "Closing the connection from {thumbprint}: {what} while {state}",
             thumbprint=self._who,
+            what="it took nothing" if self._state is _State.SENDING else "nothing received",
             state=self._state.value,
+            event="connection_timed_out",
         )
         self._abort()
 

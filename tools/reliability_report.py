@@ -1,0 +1,186 @@
+"""
+Regenerate C{docs/reliability.md}: run the reliability tests and tabulate
+the figures they record (C{tests/figures.py}).
+
+    python tools/reliability_report.py                    # atheris 10 s a target
+    python tools/reliability_report.py --fuzz-seconds 60  # a longer campaign
+
+It fails, and leaves the document alone, if any of those tests fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+DOCUMENT = CHECKOUT / "docs" / "reliability.md"
+MODULES = [
+    "tests.e2e.test_network_faults",
+    "tests.e2e.test_crashes",
+    "tests.e2e.test_hostile_input",
+    "tests.e2e.test_tls_policy",
+    "tests.test_fuzz",
+]
+AREAS = {
+    "network": (
+        "Network faults",
+        "The client library drives a real agent through `tests/fault_forwarder.py`, "
+        "which kills (TCP reset), pauses (black-holes), delays or shapes the connection "
+        "at exact moments.",
+    ),
+    "crash": (
+        "Crashes",
+        "The agent runs in a child process and is killed with SIGKILL, then started "
+        "again on the same home and port.",
+    ),
+    "hostile": ("Hostile peers", "Attacks on the listener, before and after authentication."),
+    "tls": ("TLS policy", "`openssl s_client` and pyOpenSSL probes against a real agent."),
+    "fuzz": (
+        "Fuzzing",
+        "Targets in `tests/fuzz_targets.py`, from the seeds in `tests/fuzz_corpus/`. "
+        "A crash is any exception but the reader's own error; a hang is an input that "
+        "takes over 5 s (atheris) or 2 s (hypothesis).",
+    ),
+}
+
+
+#: What the suite found, and the test that keeps each fixed.
+DEFECTS = [
+    ("The client retried nothing once a request was sent, so a reset during "
+     "StartScript, GetStatus, CancelScript or CompleteScript, or mid-transfer, failed "
+     "the whole run", "`run_script`, `upload` and `download` resend the calls that are "
+     "safe to repeat (`call_idempotent`); never V1 StartScript",
+     "`test_start_script_answer_lost` and the other network-fault tests"),
+    ("A pooled connection the agent had closed (a restart, an idle timeout) was handed "
+     "out again: the next call failed with `RuntimeError`", "the pool skips it",
+     "`test_pooled_connection_reset_while_idle`, `test_sigkill_during_a_running_script`"),
+    ("The client's response timeout ran from the start of the request, so an upload "
+     "taking longer than it to send was cut off, and a stalled send was never noticed",
+     "it starts once the request is sent; while streams go out the heartbeat watches "
+     "that they drain", "`test_upload_slower_than_the_response_timeout`"),
+    ("A server that stopped taking a download held the agent's connection and file open "
+     "for ever: no timer ran while the agent sent", "the heartbeat covers sending too",
+     "`test_paused_during_a_download`"),
+    ("Twisted's listen backlog of 50: under a burst of connections, a trusted server's "
+     "connection waited out a SYN retry (over a second)", "backlog 1024",
+     "`test_stalled_connections_are_cut_off_and_the_server_still_served`"),
+    ("The identity-line limit (1 KiB) held when the line came in pieces but not when it "
+     "came in one read (found by atheris)", "checked on the whole line either way",
+     "`IdentityReaderTests`, seed `tests/fuzz_corpus/identity/crash-line-over-limit-in-one-read`"),
+]
+
+
+def run_tests(figures: Path, fuzz_seconds: float) -> tuple[int, str]:
+    env = dict(os.environ)
+    env["TENTACLE_RELIABILITY_FIGURES"] = str(figures)
+    env["TENTACLE_FUZZ_SECONDS"] = str(int(fuzz_seconds))
+    env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory(prefix="tentacle-reliability-") as temp:
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted.trial", "--temp-directory", str(Path(temp) / "trial"), *MODULES],
+            cwd=CHECKOUT, env=env, capture_output=True, text=True,
+        )
+    return result.returncode, result.stdout + result.stderr
+
+
+def _figures(figures: dict[str, Any]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in figures.items()) or "-"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render(records: list[dict[str, Any]], summary: str, fuzz_seconds: float) -> str:
+    by_area: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in records:
+        by_area[entry["area"]].append(entry)
+    totals = {
+        "faults injected and survived": sum(
+            e["figures"].get("faults", 0) + e["figures"].get("restarts", 0) for e in records
+        ),
+        "retries that recovered a call": sum(e["figures"].get("retries", 0) for e in records),
+        "fuzz inputs tried": sum(e["figures"].get("inputs", 0) for e in by_area["fuzz"]),
+        "fuzz crashes and hangs": sum(e["figures"].get("crashes", 0) for e in by_area["fuzz"]),
+        "hostile inputs refused": sum(e["figures"].get("inputs", 0) for e in by_area["hostile"])
+        + sum(e["figures"].get("refused", 0) for e in by_area["hostile"]),
+        "stalled connections held at once": max(
+            (e["figures"].get("connections_held", 0) for e in records), default=0
+        ),
+        "log lines or complete files lost": sum(e["figures"].get("lines_lost", 0) for e in records),
+    }
+    lines = [
+        "# Reliability",
+        "",
+        "What the reliability suite injects into the agent and the client, and what",
+        "came out. Every row is a test that passed; the figures are the ones that run",
+        "recorded. Regenerate this page with:",
+        "",
+        "    python tools/reliability_report.py [--fuzz-seconds N]",
+        "",
+        "The same tests run in CI with the README's test command (atheris for 2 s a",
+        "target there); the long fuzz campaign is `python tools/fuzz.py --seconds 600`.",
+        "",
+        f"Last run: {summary}; atheris {int(fuzz_seconds)} s a target; "
+        f"Python {platform.python_version()} on {platform.machine()}.",
+        "",
+        "## Totals",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {name} | {value:,} |" for name, value in totals.items()]
+    lines += [
+        "",
+        "## Defects found and fixed",
+        "",
+        "| defect | fix | kept by |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {_escape(d)} | {_escape(f)} | {_escape(t)} |" for d, f, t in DEFECTS]
+    for area, (title, blurb) in AREAS.items():
+        entries = by_area.get(area, [])
+        if not entries:
+            continue
+        lines += ["", f"## {title}", "", blurb, "", "| test | injects | result | figures |", "| --- | --- | --- | --- |"]
+        for e in entries:
+            name = e["test"].rsplit(".", 1)[-1]
+            lines.append(
+                f"| `{name}` | {_escape(e['injects'])} | {_escape(e['result'])} | {_figures(e['figures'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fuzz-seconds", type=float, default=10.0, help="atheris time per target (default 10)")
+    parser.add_argument("--output", type=Path, default=DOCUMENT)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as temp:
+        figures = Path(temp) / "figures.jsonl"
+        code, output = run_tests(figures, args.fuzz_seconds)
+        records = [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
+    closing = re.findall(r"^(?:PASSED|FAILED) \(.*\)$", output, re.M)
+    ran = re.findall(r"^Ran (\d+) tests in ([\d.]+)s$", output, re.M)
+    if code != 0:
+        print(output[-5000:], file=sys.stderr)
+        print("reliability tests failed; docs not updated", file=sys.stderr)
+        return 1
+    summary = f"{ran[-1][0]} tests in {float(ran[-1][1]):.0f} s, {closing[-1]}" if ran and closing else "passed"
+    args.output.write_text(render(records, summary, args.fuzz_seconds))
+    print(f"wrote {args.output} ({len(records)} rows; {summary})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
