@@ -122,17 +122,15 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._services: dict[str, dict[str, _Bound]] = {}
+        self._implementations: tuple[object, ...] = ()
 
     @property
-    def implementations(self) -> list[object]:
+    def implementations(self) -> tuple[object, ...]:
         """
-        The objects serving the registered contracts.
+        The objects serving the registered contracts (kept up to date by
+        L{register}: log observers ask for it on every event).
         """
-        return [
-            getattr(bound.call, "__self__", None)
-            for service in self._services.values()
-            for bound in service.values()
-        ]
+        return self._implementations
 
     @property
     def contracts(self) -> frozenset[str]:
@@ -165,6 +163,8 @@ class Dispatcher:
             sink = getattr(implementation, f"{name}_sink", None)
             bound[operation.name.lower()] = _Bound(operation, call, wants_context, sink)
         self._services[contract.name] = bound
+        if not any(implementation is known for known in self._implementations):
+            self._implementations += (implementation,)
 
     @staticmethod
     def summarize(request: RequestMessage) -> dict[str, Any]:

@@ -272,8 +272,8 @@ class TentacleService(MultiService):
 
     # --- watching the agent ----------------------------------------------------
 
-    def _owned(self) -> list[object]:
-        return [self.listener_factory, self._accepting, self.scripts, *self.dispatcher.implementations]
+    def _owned(self) -> tuple[object, ...]:
+        return (self.listener_factory, self._accepting, self.scripts) + self.dispatcher.implementations
 
     def _start_observing(self) -> None:
         if self._observer is not None:
