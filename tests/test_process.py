@@ -250,7 +250,9 @@ class FakeReactorTests(SynchronousTestCase):
         spawn = self.reactor.spawns[0]
         self.assertEqual(spawn.args[-3:], [resolve_executable("sh", ENV, "."), "-c", "true"])
         self.assertEqual(spawn.env, ENV)
-        self.assertEqual(spawn.path, os.getcwd())
+        # The child changes folder itself, so Twisted may posix_spawn it.
+        self.assertIsNone(spawn.path)
+        self.assertIn(os.getcwd(), spawn.args)
         self.assertFalse(spawn.usePTY)
         self.assertTrue(child.stdin_closed)
         self.assertEqual((process.pid, process.pgid), (4242, 4242))
@@ -270,12 +272,14 @@ class FakeReactorTests(SynchronousTestCase):
 
     def test_session_command(self) -> None:
         self.assertEqual(
-            session_command("/bin/x", ["a", "-b"], "/usr/bin/setsid"),
-            ("/usr/bin/setsid", ["/usr/bin/setsid", "--", "/bin/x", "a", "-b"]),
+            session_command("/bin/x", ["a", "-b"], "/usr/bin/setsid", "/w", "/usr/bin/env"),
+            ("/usr/bin/setsid", ["/usr/bin/setsid", "--", "/usr/bin/env", "-C", "/w", "--", "/bin/x", "a", "-b"]),
         )
-        program, argv = session_command("/bin/x", ["a"], None)
+        program, argv = session_command("/bin/x", ["a"], None, "/w", "/usr/bin/env")
         self.assertEqual(program, sys.executable)
-        self.assertEqual(argv[-2:], ["/bin/x", "a"])
+        self.assertEqual(argv[-3:], ["/w", "/bin/x", "a"])
+        program, argv = session_command("/bin/x", ["a"], "/usr/bin/setsid", "/w", None)
+        self.assertEqual(program, sys.executable, "no env -C: the shim changes folder")
 
     def test_lines(self) -> None:
         """

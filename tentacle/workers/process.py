@@ -27,8 +27,10 @@ group is killed at once.
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import shutil
+import subprocess
 import signal as signals
 import sys
 from datetime import datetime, timezone
@@ -55,9 +57,10 @@ _SESSION_SHIM = """\
 import os, sys
 os.setsid()
 try:
-    os.execv(sys.argv[1], sys.argv[1:])
+    os.chdir(sys.argv[1])
+    os.execv(sys.argv[2], sys.argv[2:])
 except OSError as e:
-    sys.stderr.write(f"cannot execute {sys.argv[1]}: {e}\\n")
+    sys.stderr.write(f"cannot execute {sys.argv[2]}: {e}\\n")
     sys.stderr.flush()
     os._exit(127)
 """
@@ -119,18 +122,38 @@ def resolve_executable(executable: str, env: Mapping[str, str], path: str) -> st
 
 
 def session_command(
-    executable: str, args: Sequence[str], setsid: str | None
+    executable: str, args: Sequence[str], setsid: str | None, cwd: str, env_chdir: str | None
 ) -> tuple[str, list[str]]:
     """
     The program and argv that run C{executable} with C{args} in a new
-    session.  A freshly spawned child is never a group leader, so C{setsid}
-    calls C{setsid(2)} and execs in place: the pid Twisted tracks is the
-    script's, and it leads its own process group.
+    session, in C{cwd}.  A freshly spawned child is never a group leader, so
+    C{setsid} calls C{setsid(2)} and execs in place: the pid Twisted tracks
+    is the script's, and it leads its own process group.
+
+    The child changes folder itself (C{env -C}, or the shim), so Twisted can
+    start it with C{posix_spawn}: with a working folder of its own, Twisted
+    forks the whole agent instead, which is slower and lets a signal land
+    between the fork and the exec.
     """
-    if setsid is not None:
-        return setsid, [setsid, "--", executable, *args]
+    if setsid is not None and env_chdir is not None:
+        return setsid, [setsid, "--", env_chdir, "-C", cwd, "--", executable, *args]
     python = sys.executable
-    return python, [python, "-I", "-S", "-c", _SESSION_SHIM, executable, *args]
+    return python, [python, "-I", "-S", "-c", _SESSION_SHIM, cwd, executable, *args]
+
+
+@functools.cache
+def env_with_chdir() -> str | None:
+    """
+    C{env}, if it can change folder (GNU coreutils 8.28 and later).
+    """
+    env = shutil.which("env")
+    if env is None:
+        return None
+    try:
+        result = subprocess.run([env, "-C", "/", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return env if result.returncode == 0 else None
 
 
 @attrs.define
@@ -324,7 +347,9 @@ class ScriptProcess:
                 raise SpawnError(f"Cannot run in {self._path!r}: no such directory")
             executable = resolve_executable(self._executable, self._env, self._path)
             setsid = shutil.which("setsid") if self._use_setsid else None
-            program, argv = session_command(executable, self._args, setsid)
+            program, argv = session_command(
+                executable, self._args, setsid, os.path.abspath(self._path), env_with_chdir()
+            )
             self._streams = {
                 fd: _Lines(source, self._report) for fd, source in _SOURCES.items()
             }
@@ -334,7 +359,7 @@ class ScriptProcess:
                 program,
                 argv,
                 env=dict(self._env),
-                path=self._path,
+                path=None,  # see session_command
                 usePTY=False,
             )
         except SpawnError as e:
