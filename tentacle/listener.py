@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IProtocol,
     IReactorTime,
     ISSLTransport,
@@ -35,6 +34,7 @@ from twisted.python.failure import Failure
 from OpenSSL import SSL
 
 from tentacle.page import FRIENDLY_PAGE
+from tentacle.timers import Deadline
 from tentacle.trust import PeerIdentity, TrustList
 
 #: Halibut stops reading a first request at this many characters.
@@ -173,7 +173,7 @@ class AgentConnection(Protocol):
         self._identity = IdentityReader()
         self._peer: PeerIdentity | None = None
         self._session: IProtocol | None = None
-        self._timeout: IDelayedCall | None = None
+        self._timeout: Deadline | None = None
         self._address = "?"
         self._finished = False
         self._refused = False
@@ -199,9 +199,8 @@ class AgentConnection(Protocol):
         if not self.factory.admit(self):
             self._refuse()
             return
-        self._timeout = self.factory.clock.callLater(
-            self.factory.handshake_timeout, self._timed_out
-        )
+        self._timeout = Deadline(self.factory.clock, self._timed_out)
+        self._timeout.arm(self.factory.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -309,7 +308,6 @@ class AgentConnection(Protocol):
         self._abort()
 
     def _timed_out(self) -> None:
-        self._timeout = None
         self.log.info(
             "Disconnected {peer}: no complete request within {timeout} seconds",
             peer=self._address,
@@ -359,9 +357,8 @@ class AgentConnection(Protocol):
         return "unknown TLS"
 
     def _cancel_timeout(self) -> None:
-        if self._timeout is not None and self._timeout.active():
+        if self._timeout is not None:
             self._timeout.cancel()
-        self._timeout = None
 
     def _close(self) -> None:
         self._finished = True

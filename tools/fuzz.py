@@ -18,7 +18,6 @@ Prints one line per target: C{<target>: <runs> runs, ok} (or the failure).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys

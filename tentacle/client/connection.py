@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +41,7 @@ from tentacle.halibut.streams import (
     stream_trailer,
 )
 from tentacle.identity import normalize_thumbprint
+from tentacle.timers import Deadline
 from tentacle.trust import PeerIdentity
 
 IDENTITY = b"MX\r\n\r\nMX-CLIENT 1.0\r\n\r\n"
@@ -142,7 +143,7 @@ class ClientConnection(Protocol):
         self._streams: DataStreamReader | None = None
         self._response: ResponseMessage | None = None
         self._waiting: Deferred[Any] | None = None
-        self._timer: IDelayedCall | None = None
+        self._deadline = Deadline(clock, self._timed_out)
         self.ready: Deferred[PeerIdentity] = Deferred()
         self.peer: PeerIdentity | None = None
         self.tls_version: str | None = None
@@ -329,18 +330,12 @@ class ClientConnection(Protocol):
     # --- ending -------------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        else:
-            self._timer = self._clock.callLater(seconds, self._timed_out)
+        self._deadline.arm(seconds)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.cancel()
 
     def _timed_out(self) -> None:
-        self._timer = None
         self._broken(RequestFailed(f"the agent sent nothing while {self._state.value}"))
 
     def _broken(self, error: ClientError) -> None:

@@ -20,7 +20,7 @@ from typing import IO, Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +48,7 @@ from tentacle.halibut.streams import (
     stream_header,
     stream_trailer,
 )
+from tentacle.timers import Deadline
 from tentacle.trust import PeerIdentity
 from tentacle.listener import describe_address
 
@@ -186,7 +187,7 @@ class MessageExchange(Protocol):
         self._started = 0.0
         self._pending = b""
         self._control = b""
-        self._timer: IDelayedCall | None = None
+        self._deadline = Deadline(clock, self._timed_out)
         self.requests_served = 0
 
     @property
@@ -436,18 +437,12 @@ class MessageExchange(Protocol):
     # --- ending ---------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        else:
-            self._timer = self._clock.callLater(seconds, self._timed_out)
+        self._deadline.arm(seconds)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.cancel()
 
     def _timed_out(self) -> None:
-        self._timer = None
         self.log.info(
             "Closing the connection from {thumbprint}: {what} while {state}",
             thumbprint=self._who,

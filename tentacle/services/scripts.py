@@ -223,7 +223,6 @@ class ScriptRunner:
         return script
 
     async def _run(self, script: RunningScript) -> None:
-        launch = script.launch
         lease: Lease | None = None
         slot_taken = False
         try:

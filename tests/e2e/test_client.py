@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import uuid
 from pathlib import Path
 from typing import Any
 

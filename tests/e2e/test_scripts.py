@@ -6,8 +6,6 @@ on a real agent over TLS, and real bash processes run the scripts.
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import time
 import uuid
 from datetime import timedelta
@@ -16,9 +14,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tentacle.contracts import (
