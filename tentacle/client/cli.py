@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--targets-file", default=str(DEFAULT_TARGETS_FILE),
                         help="named targets: {\"name\": {\"host\": ..., \"port\": ..., \"thumbprint\": ...}}")
     common.add_argument("--target", action="append", default=[], metavar="TARGET",
-                        help="another target (host[:port] or a name); repeatable")
+                        help="another target (host[:port], a name, or @FILE listing targets one a line); repeatable")
     common.add_argument("--proxy", metavar="URL",
                         help="reach the agents through this HTTP CONNECT proxy: http://[user:password@]host[:port]")
     common.add_argument("--concurrency", type=int, default=10, help="targets worked on at once (default 10)")
@@ -115,6 +115,24 @@ def _host_and_port(text: str) -> tuple[str, int]:
     if not host or not 0 < number < 65536:
         raise UsageError(f"tentacle-client: {text!r} is not host[:port] or a named target")
     return host, number
+
+
+def _expand_target_files(names: Sequence[str]) -> list[str]:
+    """
+    C{@FILE} stands for the targets listed in FILE, one a line (blank lines
+    and C{#} comments ignored).
+    """
+    expanded: list[str] = []
+    for name in names:
+        if not name.startswith("@"):
+            expanded.append(name)
+            continue
+        try:
+            lines = Path(name[1:]).expanduser().read_text().splitlines()
+        except OSError as e:
+            raise UsageError(f"tentacle-client: cannot read the target list {name[1:]}: {e.strerror}") from None
+        expanded += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    return expanded
 
 
 def _pin(thumbprint: str | None) -> Pin | None:
@@ -298,7 +316,7 @@ async def _one(reactor: Any, identity: Identity, console: Console, name: str, ta
 
 async def _main(reactor: Any, args: argparse.Namespace, console: Console) -> int:
     identity = load_identity(args)
-    names = _split_positionals(args) + list(args.target)
+    names = _expand_target_files(_split_positionals(args) + list(args.target))
     if not names:
         raise UsageError(f"tentacle-client {args.command}: give at least one TARGET")
     targets = resolve_targets(names, args.thumbprint, Path(args.targets_file))

@@ -250,3 +250,35 @@ class ClientCLITests(TestCase):
         )
         self.assertNotEqual(code, 0)
         self.assertFalse((agent.config.applications / "webapp" / "current").exists())
+
+    async def test_targets_from_a_file(self) -> None:
+        agents = [self.agent() for _ in range(3)]
+        listing = Path(self.mktemp())
+        listing.write_text(
+            "# web servers\n" + "".join(f"127.0.0.1:{agent_port(a)}\n\n" for a in agents)
+        )
+        code, out, err = await self.cli(*self.pinned("run"), "--target", f"@{listing}", "-c", "echo listed")
+        self.assertEqual(code, 0, err)
+        self.assertIn("3 of 3 succeeded", out)
+        code, _, err = await self.cli(*self.pinned("run"), "--target", "@/no/such/list", "-c", "x")
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read the target list /no/such/list", err)
+
+    async def test_progress_bar_on_a_terminal(self) -> None:
+        agent = self.agent()
+        local = Path(self.mktemp())
+        local.write_bytes(os.urandom(3 * 1024 * 1024))
+        env = dict(os.environ, PYTHONPATH=CHECKOUT)
+        protocol = CLIProcess()
+        reactor.spawnProcess(  # type: ignore[attr-defined]
+            protocol, sys.executable,
+            [sys.executable, "-m", "tentacle.client.cli", *self.pinned("upload"),
+             f"127.0.0.1:{agent_port(agent)}", str(local), "tty/blob"],
+            env=env, usePTY=True,
+        )
+        code = await protocol.ended
+        self.assertEqual(code, 0, protocol.out)
+        self.assertIn(b"3.0 MiB", protocol.out)
+        self.assertIn(b"MiB/s", protocol.out)
+        self.assertIn(b"ETA", protocol.out)
+        self.assertIn(b"Uploaded 3145728 bytes", protocol.out)
