@@ -22,7 +22,6 @@ import socket
 from typing import Any, Callable
 
 from twisted.internet.interfaces import (
-    IAddress,
     IProtocol,
     IReactorTime,
     ISSLTransport,
@@ -33,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from OpenSSL import SSL
 
+from tentacle.addresses import describe_address
 from tentacle.page import FRIENDLY_PAGE
 from tentacle.timers import Deadline
 from tentacle.trust import PeerIdentity, TrustList
@@ -44,21 +44,6 @@ MAX_IDENTITY_LINE = 1024
 IDENTITY_ANSWER = b"MX-SERVER 1.0\r\n\r\n"
 
 SessionFactory = Callable[[PeerIdentity], IProtocol]
-
-
-def describe_address(address: IAddress) -> str:
-    """
-    C{host:port}, with IPv6 hosts in brackets, for log lines.
-    """
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]  # IPv4 through the dual-stack socket
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def reset_connection(transport: ITransport) -> None:

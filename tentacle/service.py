@@ -38,7 +38,8 @@ from tentacle.dispatch import Dispatcher
 from tentacle.halibut.exchange import ExchangeSettings, exchange_factory
 from tentacle.config import ConfigError, ConfigFile, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
-from tentacle.listener import ListenerFactory, SessionFactory, describe_address
+from tentacle.addresses import describe_address
+from tentacle.listener import ListenerFactory, SessionFactory
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2

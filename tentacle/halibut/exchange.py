@@ -50,7 +50,7 @@ from tentacle.halibut.streams import (
 )
 from tentacle.timers import Deadline
 from tentacle.trust import PeerIdentity
-from tentacle.listener import describe_address
+from tentacle.addresses import describe_address
 
 #: Halibut's default wait for the next request on an idle connection.
 DEFAULT_IDLE_TIMEOUT = 600.0

@@ -35,6 +35,18 @@ def child_environment(home: Path) -> dict[str, str]:
     return env
 
 
+async def configure_home(case: TestCase, env: dict[str, str], port: int, *trusted: str) -> None:
+    """
+    Set a child agent's port, loopback address and trusted servers, the way
+    a user would: with the C{tentacle configure} command.
+    """
+    arguments = ["-m", "tentacle", "configure", "--port", str(port), "--listen-ip", "127.0.0.1"]
+    for thumbprint in trusted:
+        arguments += ["--trust", thumbprint]
+    out, err, code = await getProcessOutputAndValue(sys.executable, arguments, env=env)
+    case.assertEqual(code, 0, err)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,10 +91,7 @@ class DaemonTests(TestCase):
         home = Path(self.mktemp()).absolute()
         port = free_port()
         env = child_environment(home)
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "tentacle.cli", "configure", "--port", str(port), "--listen-ip", "127.0.0.1"], env=env
-        )
-        self.assertEqual(code, 0, err)
+        await configure_home(self, env, port)
         agent = AgentProcess()
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
             agent, sys.executable, [sys.executable, "-m", "tentacle.cli", "run"], env=env
@@ -125,13 +134,7 @@ class RestartTests(TestCase):
         home = Path(self.mktemp()).absolute()
         port = free_port()
         env = child_environment(home)
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "tentacle", "configure", "--port", str(port), "--listen-ip", "127.0.0.1",
-             "--trust", identity("server").thumbprint],
-            env=env,
-        )
-        self.assertEqual(code, 0, err)
+        await configure_home(self, env, port, identity("server").thumbprint)
         context = client_context(identity("server"), home.parent)
         tag = f"600.{os.getpid()}9"
         command = v2_command(f"echo before; sleep {tag}")
@@ -191,13 +194,7 @@ class UnprivilegedTests(TestCase):
         home = Path(self.mktemp()).absolute()
         port = free_port()
         env = child_environment(home)
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "tentacle", "configure", "--port", str(port), "--listen-ip", "127.0.0.1",
-             "--trust", identity("server").thumbprint],
-            env=env,
-        )
-        self.assertEqual(code, 0, err)
+        await configure_home(self, env, port, identity("server").thumbprint)
         IdentityStore(home).save(identity("agent"))
         for path in [home, *home.rglob("*")]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
