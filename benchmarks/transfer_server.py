@@ -41,7 +41,7 @@ from tentacle.dispatch import Dispatcher
 from tentacle.fsutil import fsync_directory
 from tentacle.services import register_tentacle_services
 
-#: The agent's own outgoing chunk (tentacle.halibut.exchange.CHUNK_SIZE).
+#: The agent's own outgoing chunk (tentacle.halibut.connection.CHUNK_SIZE).
 CHUNK = 65536
 BLOCK = bytes(range(256)) * (CHUNK // 256)
 

@@ -37,17 +37,18 @@ import hashlib
 import inspect
 import re
 import traceback
-import uuid
-from typing import IO, Any, Callable, Mapping
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tentacle.contracts import Operation, ServiceContract
-from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMessage, ServerError
-from tentacle.halibut.streams import ExpectedStream, ReceivedStream, StreamSink
-from tentacle.trust import PeerIdentity
+from tentacle.halibut.rpc import CallContext, IRequestHandler, PayloadOpener
+from tentacle.halibut.serializer import RequestMessage, ResponseMessage, ServerError
+from tentacle.halibut.streams import ExpectedStream, StreamSink
 
 class RequestError(Exception):
     """
@@ -66,45 +67,6 @@ def snake_case(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 
-#: Opens an outgoing stream's payload when it is time to send it.
-PayloadOpener = Callable[[], IO[bytes]]
-
-
-@attrs.define
-class CallContext:
-    """
-    What a service method may know of its call besides its arguments.
-
-    @ivar peer: the authenticated caller.
-    @ivar received: the data streams that came with the request, by id.
-    """
-
-    peer: PeerIdentity | None
-    request: RequestMessage
-    received: Mapping[uuid.UUID, ReceivedStream] = attrs.field(factory=dict)
-    outgoing: dict[uuid.UUID, PayloadOpener] = attrs.field(factory=dict)
-
-    def payload(self, stream: DataStream) -> IO[bytes]:
-        """
-        The received bytes of a data stream argument, rewound; owned by the
-        exchange, which discards them after the response.
-        """
-        received = self.received.get(stream.id)
-        if received is None:
-            raise KeyError(f"no data stream {stream.id} arrived with this request")
-        fileobj: IO[bytes] = received.sink.fileobj()  # type: ignore[attr-defined]
-        return fileobj
-
-    def send(self, length: int, opener: PayloadOpener) -> DataStream:
-        """
-        A data stream to return (or put in the result): its bytes are read
-        from C{opener()} after the response message, in chunks.
-        """
-        stream = DataStream.fresh(length)
-        self.outgoing[stream.id] = opener
-        return stream
-
-
 @attrs.frozen
 class _Bound:
     operation: Operation
@@ -113,9 +75,11 @@ class _Bound:
     sink: Callable[..., StreamSink] | None
 
 
+@implementer(IRequestHandler)
 class Dispatcher:
     """
-    The services this agent offers, by contract name and wire method name.
+    The services this agent offers, by contract name and wire method name:
+    the L{IRequestHandler} the agent's connections hand requests to.
     """
 
     log = Logger()
@@ -205,7 +169,7 @@ class Dispatcher:
             return None
         return bound.sink(*request.params, stream=stream)
 
-    def dispatch(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
+    def handle(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
         """
         Run one request.  Never fails: every error becomes a response with
         C{error} set, so the caller can answer it and keep the connection.
@@ -213,6 +177,8 @@ class Dispatcher:
         return ensureDeferred(self._dispatch(request, context))
 
     async def _dispatch(self, request: RequestMessage, context: CallContext) -> ResponseMessage:
+        if context.refusal is not None:
+            return self._failed(request, request.method, context.refusal)
         service = self._services.get(request.service)
         if service is None:
             return _error(
@@ -241,24 +207,8 @@ class Dispatcher:
             result = bound.call(*request.params, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
-        except RequestError as e:
-            self.log.warn(
-                "{service}.{method} refused: {error}",
-                service=request.service,
-                method=operation.name,
-                error=str(e),
-            )
-            return ResponseMessage(request.id, ServerError(str(e), str(e)))
         except Exception as e:
-            self.log.failure(
-                "{service}.{method} raised",
-                service=request.service,
-                method=operation.name,
-            )
-            return ResponseMessage(
-                request.id,
-                ServerError(str(e) or type(e).__name__, "".join(traceback.format_exception(e))),
-            )
+            return self._failed(request, operation.name, e)
         if operation.returns is None:
             result = None
         elif result is not None and not isinstance(result, operation.returns):
@@ -275,6 +225,32 @@ class Dispatcher:
                 None,
             )
         return ResponseMessage(request.id, None, result)
+
+
+    def _failed(self, request: RequestMessage, method: str, error: BaseException) -> ResponseMessage:
+        """
+        The answer to a method (or a stream sink) that raised: a
+        L{RequestError} is the agent working as it should, logged as a
+        warning; anything else is logged with its traceback.
+        """
+        if isinstance(error, RequestError):
+            self.log.warn(
+                "{service}.{method} refused: {error}",
+                service=request.service,
+                method=method,
+                error=str(error),
+            )
+            return ResponseMessage(request.id, ServerError(str(error), str(error)))
+        self.log.failure(
+            "{service}.{method} raised",
+            Failure(error),
+            service=request.service,
+            method=method,
+        )
+        return ResponseMessage(
+            request.id,
+            ServerError(str(error) or type(error).__name__, "".join(traceback.format_exception(error))),
+        )
 
 
 def _error(request: RequestMessage, message: str, error_type: str | None) -> ResponseMessage:

@@ -1,5 +1,6 @@
 """
-One TLS connection to the agent, from its first byte to the message exchange.
+One accepted TLS connection, from its first byte to the Halibut role that
+serves it: the agent's listener, and a hub's polling port, alike.
 
 The order of checks follows Halibut's listener, and is the security model:
 
@@ -10,8 +11,9 @@ The order of checks follows Halibut's listener, and is the security model:
   4. C{MX}: the peer's certificate must be in the trust list, else it is
      logged with its address and thumbprint and the connection is reset
      without a byte written.
-  5. Read the identity line C{MX-CLIENT 1.0}, answer C{MX-SERVER 1.0}, and
-     hand the connection to the message exchange.
+  5. Read the identity line (C{MX-CLIENT 1.0}, or C{MX-SUBSCRIBER 1.0
+     poll://id/}); the session factory builds the role that serves it, or
+     refuses it; answer C{MX-SERVER 1.0} and hand the connection over.
 
 Nothing but the friendly page happens before step 4.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Callable
 
+import attrs
 from twisted.internet.interfaces import (
     IProtocol,
     IReactorTime,
@@ -32,18 +35,42 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from OpenSSL import SSL
 
+from tentacle import events
 from tentacle.addresses import describe_address
+from tentacle.halibut.handshake import (
+    MAX_INITIAL_REQUEST,
+    SERVER_IDENTITY,
+    IdentityError,
+    IdentityKind,
+    IdentityReader,
+    InitialRequestTooLong,
+    PreambleReader,
+    RemoteIdentity,
+)
+from tentacle.halibut.connection import ExchangeSettings, HalibutConnection
+from tentacle.halibut.roles import ListeningService, PollingServer
+from tentacle.halibut.rpc import IRequestHandler, IRequestSource
+from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
-from tentacle.timers import Deadline
+from tentacle.halibut.deadline import Deadline
 from tentacle.trust import PeerIdentity, TrustList
 
-#: Halibut stops reading a first request at this many characters.
-MAX_INITIAL_REQUEST = 20000
-#: An identity line is a few words; anything longer is not a Halibut client.
-MAX_IDENTITY_LINE = 1024
-IDENTITY_ANSWER = b"MX-SERVER 1.0\r\n\r\n"
+@attrs.frozen
+class Accepted:
+    """
+    A connection that passed the checks: who it is, what it said it is
+    (a listening client, or a polling subscriber), and where it came from.
+    """
 
-SessionFactory = Callable[[PeerIdentity], IProtocol]
+    peer: PeerIdentity
+    identity: RemoteIdentity
+    address: str
+
+
+#: Builds the session (a Halibut role on a connection) for an accepted
+#: connection, or refuses it with C{None}.
+SessionFactory = Callable[[Accepted], "IProtocol | None"]
+_ACCEPTED = frozenset({IdentityKind.CLIENT, IdentityKind.SUBSCRIBER})
 
 
 def reset_connection(transport: ITransport) -> None:
@@ -63,87 +90,6 @@ def reset_connection(transport: ITransport) -> None:
     transport.abortConnection()  # type: ignore[attr-defined]
 
 
-class InitialRequestTooLong(Exception):
-    pass
-
-
-class PreambleReader:
-    """
-    Reads the first request as Halibut does: carriage returns ignored, ends
-    at a blank line, capped in length.  Pure, so it is simple to fuzz.
-    """
-
-    def __init__(self, limit: int = MAX_INITIAL_REQUEST) -> None:
-        self._limit = limit
-        self._chars: list[str] = []
-        self._previous_newline = False
-
-    def feed(self, data: bytes) -> tuple[str, bytes] | None:
-        """
-        @return: C{None} while incomplete; else the request (lines joined by
-            C{\\n}, without the blank line) and the bytes that followed it.
-        @raise InitialRequestTooLong: past the limit.
-        """
-        for index, byte in enumerate(data):
-            if byte == 0x0D:
-                continue
-            if byte == 0x0A:
-                if self._previous_newline:
-                    return "".join(self._chars), data[index + 1 :]
-                self._previous_newline = True
-            else:
-                self._previous_newline = False
-            # Latin-1 maps each byte to one character, as Halibut's byte-wise read does.
-            self._chars.append(chr(byte))
-            if len(self._chars) >= self._limit:
-                raise InitialRequestTooLong()
-        return None
-
-
-class IdentityError(Exception):
-    """
-    What followed a trusted C{MX} is not a Halibut client's identity.
-    """
-
-
-class IdentityReader:
-    """
-    Reads the identity line (C{MX-CLIENT 1.0}, CRLF, blank CRLF line) that
-    follows a trusted C{MX} request.  Pure, so it is simple to fuzz.
-    """
-
-    def __init__(self, limit: int = MAX_IDENTITY_LINE) -> None:
-        self._limit = limit
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> bytes | None:
-        """
-        @return: C{None} while incomplete; else the bytes that followed the
-            blank line (the start of the message exchange).
-        @raise IdentityError: a malformed or over-long identity.
-        """
-        self._buffer += data
-        buffer = self._buffer
-        first = buffer.find(b"\n")
-        second = buffer.find(b"\n", first + 1) if first >= 0 else -1
-        # The limit holds however the bytes arrive: whole, or a byte at a time.
-        length = len(buffer) if second < 0 else second + 1
-        if length > self._limit:
-            raise IdentityError("the identity line is too long")
-        if second < 0:
-            return None
-        line, blank, rest = buffer[: first + 1], buffer[first + 1 : second + 1], buffer[second + 1 :]
-        if not line.endswith(b"\r\n") or blank != b"\r\n":
-            raise IdentityError(
-                "the identity line must be followed by an empty line, both ending in CRLF"
-            )
-        kind = line[:-2].decode("utf-8", "replace").split(" ")[0]
-        if kind != "MX-CLIENT":
-            raise IdentityError(f"unknown identity type {kind[:40]!r} (expected MX-CLIENT)")
-        self._buffer = b""
-        return rest
-
-
 class AgentConnection(Protocol):
     """
     One connection, from the TLS handshake to the hand-over to the exchange.
@@ -155,7 +101,7 @@ class AgentConnection(Protocol):
 
     def __init__(self) -> None:
         self._preamble: PreambleReader | None = PreambleReader()
-        self._identity = IdentityReader()
+        self._identity = IdentityReader(_ACCEPTED)
         self._peer: PeerIdentity | None = None
         self._session: IProtocol | None = None
         self._timeout: Deadline | None = None
@@ -180,6 +126,7 @@ class AgentConnection(Protocol):
         return self._peer
 
     def connectionMade(self) -> None:
+        self.log = self.factory.log
         self._address = describe_address(self._link.getPeer())
         if not self.factory.admit(self):
             self._refuse()
@@ -234,7 +181,7 @@ class AgentConnection(Protocol):
                 "Refused a client at {peer}: it attempted a message exchange "
                 "without a client certificate",
                 peer=self._address,
-                event="client_denied",
+                event=events.CLIENT_DENIED,
             )
             self._reset()
             return False
@@ -246,7 +193,7 @@ class AgentConnection(Protocol):
                 thumbprint=peer.thumbprint,
                 sha256=peer.sha256,
                 subject=peer.subject,
-                event="client_denied",
+                event=events.CLIENT_DENIED,
             )
             self._reset()
             return False
@@ -255,7 +202,7 @@ class AgentConnection(Protocol):
             peer=self._address,
             thumbprint=peer.thumbprint,
             tls_version=self._tls_version(),
-            event="client_authenticated",
+            event=events.CLIENT_AUTHENTICATED,
         )
         self._peer = peer
         self.factory.authenticated(self)
@@ -270,15 +217,26 @@ class AgentConnection(Protocol):
         if done is None:
             return
         self._cancel_timeout()
-        self._link.write(IDENTITY_ANSWER)
-        self._start_session(done)
+        identity, leftover = done
+        self._start_session(identity, leftover)
 
-    def _start_session(self, leftover: bytes) -> None:
+    def _start_session(self, identity: RemoteIdentity, leftover: bytes) -> None:
         assert self._peer is not None
         if self.factory.session_factory is None:
+            self._link.write(SERVER_IDENTITY)
             self._close()
             return
-        session = self.factory.session_factory(self._peer)
+        session = self.factory.session_factory(Accepted(self._peer, identity, self._address))
+        if session is None:
+            self.log.warn(
+                "Closed the connection from {peer} ({thumbprint}): {identity} is not served here",
+                peer=self._address,
+                thumbprint=self._peer.thumbprint,
+                identity=" ".join(filter(None, (identity.kind.value, identity.subscription))),
+            )
+            self._close()
+            return
+        self._link.write(SERVER_IDENTITY)
         self._session = session
         session.makeConnection(self._link)
         if leftover:
@@ -324,7 +282,7 @@ class AgentConnection(Protocol):
             reason=f"{self.factory.max_connections} connections are open, the most allowed "
             "(max-connections)",
             limit=self.factory.max_connections,
-            event="connection_refused",
+            event=events.CONNECTION_REFUSED,
         )
         tcp = getattr(self._link, "transport", self._link)
         tcp.abortConnection()
@@ -390,6 +348,7 @@ class ListenerFactory(Factory):
 
     protocol = AgentConnection  # type: ignore[assignment]
     noisy = False
+    log = Logger()
 
     def __init__(
         self,
@@ -398,7 +357,10 @@ class ListenerFactory(Factory):
         handshake_timeout: float,
         session_factory: SessionFactory | None = None,
         max_connections: int | None = None,
+        log: Logger | None = None,
     ) -> None:
+        if log is not None:
+            self.log = log
         self.trust = trust
         self.clock = clock
         self.handshake_timeout = handshake_timeout
@@ -446,3 +408,42 @@ class ListenerFactory(Factory):
             if peer is not None and not self.trust.trusts(peer):
                 self._authenticated.discard(connection)
                 connection.revoke()
+
+
+def halibut_sessions(
+    clock: IReactorTime,
+    registry: TypeRegistry,
+    settings: ExchangeSettings,
+    *,
+    handler_for: Callable[[Accepted], IRequestHandler] | None = None,
+    source_for: Callable[[Accepted], IRequestSource | None] | None = None,
+    log: Logger | None = None,
+) -> SessionFactory:
+    """
+    The session factory of a Halibut listener: a listening client gets the
+    listening-service role over C{handler_for(accepted)}; a polling
+    subscriber gets the polling-server role over C{source_for(accepted)},
+    which may refuse it with C{None}.  Whatever has no role here is refused.
+    """
+
+    def build(accepted: Accepted) -> HalibutConnection | None:
+        identity = accepted.identity
+        role: Any
+        if identity.kind is IdentityKind.CLIENT and handler_for is not None:
+            role = ListeningService(handler_for(accepted))
+        elif identity.kind is IdentityKind.SUBSCRIBER and source_for is not None:
+            source = source_for(accepted)
+            if source is None or identity.subscription is None:
+                return None
+            role = PollingServer(source, identity.subscription)
+        else:
+            return None
+        return HalibutConnection(
+            clock, registry, settings,
+            peer=accepted.peer,
+            label=f"{accepted.address} ({accepted.peer.thumbprint})",
+            role=role,
+            log=log,
+        )
+
+    return build

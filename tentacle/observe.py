@@ -1,30 +1,36 @@
 """
 Turning the agent's structured log events into its audit log and metrics.
 
-The listener, the exchange and the services log what happens with an
-C{event} field (C{client_denied}, C{request_served}, ...).  One observer per
-agent picks out the events of I{its} agent (several may share a process)
-and feeds the audit log and the counters, so the request path knows nothing
-of either.
+The listener, the services and L{ObservedHandler} log what happens with an
+C{event} field (names in L{tentacle.events}) to the agent's own publisher.
+One observer on that publisher feeds the audit log and the counters, so the
+request path knows nothing of either, and agents sharing a process never
+mix.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from twisted.logger import ILogObserver, LogEvent
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from tentacle import events
+from tentacle.halibut.rpc import CallContext, IRequestHandler
+from tentacle.halibut.serializer import RequestMessage, ResponseMessage
+from tentacle.halibut.streams import ExpectedStream, StreamSink
 from tentacle.metrics import Metrics
 
 #: What the audit log records, and under which name.
 _AUDITED = {
-    "client_denied": "refused",
-    "connection_refused": "refused",
-    "request_served": "request",
+    events.CLIENT_DENIED: "refused",
+    events.CONNECTION_REFUSED: "refused",
+    events.REQUEST_SERVED: "request",
 }
 _AUDIT_FIELDS = (
     "peer", "thumbprint", "sha256", "service", "method", "ticket", "outcome", "error",
@@ -64,58 +70,88 @@ class AuditLog:
 @implementer(ILogObserver)
 class AgentObserver:
     """
-    Feeds one agent's events to its audit log and metrics.
-
-    @param belongs: whether an event was logged by this agent's objects.
+    Feeds one agent's events (from its own publisher) to its audit log and
+    metrics.
     """
 
-    def __init__(
-        self,
-        belongs: Callable[[LogEvent], bool],
-        metrics: Metrics,
-        audit: AuditLog | None = None,
-    ) -> None:
-        self._belongs = belongs
+    def __init__(self, metrics: Metrics, audit: AuditLog | None = None) -> None:
         self.metrics = metrics
         self.audit = audit
 
     def __call__(self, event: LogEvent) -> None:
         kind = event.get("event")
-        if kind is None or not self._belongs(event):
+        if kind is None:
             return
         m = self.metrics
-        if kind == "connection_accepted":
+        if kind == events.CONNECTION_ACCEPTED:
             m.connections_accepted += 1
-        elif kind == "client_denied":
+        elif kind == events.CLIENT_DENIED:
             m.connections_refused["untrusted" if event.get("thumbprint") else "no_certificate"] += 1
-        elif kind == "connection_refused":
+        elif kind == events.CONNECTION_REFUSED:
             m.connections_refused[str(event.get("reason") or "refused")] += 1
-        elif kind == "request_served":
+        elif kind == events.REQUEST_SERVED:
             m.requests[(event["service"], event["method"], event["outcome"])] += 1
             m.observe_latency(float(event.get("duration", 0.0)))
-        elif kind == "script_finished":
+        elif kind == events.SCRIPT_FINISHED:
             m.scripts_finished[int(event["exit_code"])] += 1
-        elif kind == "upload_stored":
+        elif kind == events.UPLOAD_STORED:
             m.bytes_uploaded += int(event.get("length", 0))
-        elif kind == "download_started":
+        elif kind == events.DOWNLOAD_STARTED:
             m.bytes_downloaded += int(event.get("length", 0))
         if self.audit is not None and kind in _AUDITED:
             self.audit.record(_AUDITED[kind], event)
 
 
-def owned_by(objects: Callable[[], Iterable[object]], attributes: dict[str, object]) -> Callable[[LogEvent], bool]:
+@implementer(IRequestHandler)
+class ObservedHandler:
     """
-    An event belongs to an agent when it was logged by one of its objects,
-    or by an object whose named attribute is one of them (a connection's
-    C{factory}, an exchange's C{dispatcher}).
+    A handler that logs one C{request_served} event per answer (who, what,
+    outcome, how long; a script body only as its length and hash), for one
+    connection.
+
+    @param summarize: what a log may say about a request's arguments.
     """
 
-    def belongs(event: LogEvent) -> bool:
-        source = event.get("log_source")
-        if source is None:
-            return False
-        if any(source is o for o in objects()):
-            return True
-        return any(getattr(source, name, None) is owner for name, owner in attributes.items())
+    def __init__(
+        self,
+        handler: IRequestHandler,
+        clock: IReactorTime,
+        log: Logger,
+        *,
+        address: str,
+        thumbprint: str,
+        summarize: Callable[[RequestMessage], dict[str, Any]],
+    ) -> None:
+        self._handler = handler
+        self._clock = clock
+        self._log = log
+        self._address = address
+        self._thumbprint = thumbprint
+        self._summarize = summarize
 
-    return belongs
+    def sink_for(self, request: RequestMessage, stream: ExpectedStream) -> StreamSink | None:
+        sink: StreamSink | None = self._handler.sink_for(request, stream)
+        return sink
+
+    def handle(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
+        started = self._clock.seconds()
+        d: Deferred[ResponseMessage] = self._handler.handle(request, context)
+        d.addCallback(self._served, request, started)
+        return d
+
+    def _served(self, response: ResponseMessage, request: RequestMessage, started: float) -> ResponseMessage:
+        error = response.error
+        self._log.info(
+            "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s",
+            event=events.REQUEST_SERVED,
+            peer=self._address,
+            thumbprint=self._thumbprint,
+            service=request.service,
+            method=request.method,
+            outcome="error" if error is not None else "ok",
+            error=error.message if error is not None else None,
+            duration=self._clock.seconds() - started,
+            request_id=request.id,
+            **self._summarize(request),
+        )
+        return response

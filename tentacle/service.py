@@ -25,7 +25,6 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -33,13 +32,14 @@ from twisted.web.server import Site
 from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, ProcessState, tentacle_registry
 from tentacle.fsutil import atomic_write
 from tentacle.metrics import Metrics
-from tentacle.observe import AgentObserver, AuditLog, owned_by
+from tentacle import events
+from tentacle.observe import AgentObserver, AuditLog, ObservedHandler
 from tentacle.dispatch import Dispatcher
-from tentacle.halibut.exchange import ExchangeSettings, exchange_factory
+from tentacle.halibut.connection import ExchangeSettings
 from tentacle.config import ConfigError, ConfigFile, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
-from tentacle.listener import ListenerFactory, SessionFactory
+from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut_sessions
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
@@ -67,14 +67,16 @@ class _AcceptCounter(WrappingFactory):
     Logs each accepted TCP connection (at debug level) for the metrics.
     """
 
-    log = Logger()
     noisy = False
 
-    def __init__(self, wrapped: Any) -> None:
+    def __init__(self, wrapped: Any, log: Logger) -> None:
         super().__init__(wrapped)
+        self.log = log
 
     def buildProtocol(self, addr: Any) -> Any:
-        self.log.debug("Accepted a connection from {peer}", peer=describe_address(addr), event="connection_accepted")
+        self.log.debug(
+            "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
+        )
         return self.wrappedFactory.buildProtocol(addr)
 
 
@@ -135,24 +137,29 @@ class TentacleService(MultiService):
     ) -> None:
         super().__init__()
         self.reactor = reactor if reactor is not None else _default_reactor()
+        #: This agent's events: to the global log, and to its own audit log
+        #: and metrics (see L{tentacle.events}).
+        self.events = events.agent_publisher()
+        self.log = Logger(observer=self.events, source=self)
         self.scripts: ScriptRunner | None = None
         if dispatcher is None:
             dispatcher = Dispatcher()
             self.scripts = self._offer_tentacle_services(dispatcher, config)
         self.dispatcher = dispatcher
         if session_factory is None:
-            session_factory = exchange_factory(
-                self.dispatcher, tentacle_registry(), self.reactor, exchange_settings
+            session_factory = halibut_sessions(
+                self.reactor, tentacle_registry(), exchange_settings,
+                handler_for=self._observed, log=self._logger("tentacle.halibut"),
             )
         self.config = config
         self.identity = identity if identity is not None else IdentityStore(config.home).load()
         self.trust = TrustList(config.trusted_thumbprints)
         self.listener_factory = ListenerFactory(
             self.trust, self.reactor, config.handshake_timeout, session_factory,
-            max_connections=config.max_connections,
+            max_connections=config.max_connections, log=self._logger("tentacle.listener"),
         )
         self.port: IListeningPort | None = None
-        self._accepting = _AcceptCounter(self.listener_factory)
+        self._accepting = _AcceptCounter(self.listener_factory, self._logger("tentacle.listener"))
         self.metrics = Metrics(gauges=self._script_gauges)
         self._audit: AuditLog | None = None
         self._observer: AgentObserver | None = None
@@ -169,6 +176,16 @@ class TentacleService(MultiService):
             watcher.clock = self.reactor
             watcher.setServiceParent(self)
 
+    def _logger(self, namespace: str) -> Logger:
+        return Logger(namespace=namespace, observer=self.events)
+
+    def _observed(self, accepted: Accepted) -> ObservedHandler:
+        return ObservedHandler(
+            self.dispatcher, self.reactor, self._logger("tentacle.requests"),
+            address=accepted.address, thumbprint=accepted.peer.thumbprint,
+            summarize=Dispatcher.summarize,
+        )
+
     def _offer_tentacle_services(self, dispatcher: Dispatcher, config: TentacleConfig) -> ScriptRunner:
         """
         The services an Octopus Server expects: scripts (V1 and V2), file
@@ -180,10 +197,11 @@ class TentacleService(MultiService):
             config.applications,
             max_concurrent=config.max_concurrent_scripts,
             script_timeout=config.script_timeout,
+            log=self._logger("tentacle.scripts"),
         )
         dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
         dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
-        register_tentacle_services(dispatcher, config, self.reactor)
+        register_tentacle_services(dispatcher, config, self.reactor, log=self._logger("tentacle.files"))
         cleaner = TimerService(
             min(WORKSPACE_CLEANING_INTERVAL, config.workspace_max_age / 2),
             self._clean_workspaces,
@@ -273,9 +291,6 @@ class TentacleService(MultiService):
 
     # --- watching the agent ----------------------------------------------------
 
-    def _owned(self) -> tuple[object, ...]:
-        return (self.listener_factory, self._accepting, self.scripts) + self.dispatcher.implementations
-
     def _start_observing(self) -> None:
         if self._observer is not None:
             return
@@ -283,12 +298,8 @@ class TentacleService(MultiService):
             logs = self.config.home / "Logs"
             logs.mkdir(parents=True, exist_ok=True)
             self._audit = AuditLog(str(logs / "audit.log"))
-        self._observer = AgentObserver(
-            owned_by(self._owned, {"factory": self.listener_factory, "dispatcher": self.dispatcher}),
-            self.metrics,
-            self._audit,
-        )
-        globalLogPublisher.addObserver(self._observer)
+        self._observer = AgentObserver(self.metrics, self._audit)
+        self.events.addObserver(self._observer)
         if self.config.metrics_port is not None:
             site = Site(_MetricsPage(self.metrics))
             site.noisy = False
@@ -297,7 +308,7 @@ class TentacleService(MultiService):
 
     def _stop_observing(self) -> None:
         if self._observer is not None:
-            globalLogPublisher.removeObserver(self._observer)
+            self.events.removeObserver(self._observer)
             self._observer = None
         if self._audit is not None:
             self._audit.close()
@@ -353,6 +364,6 @@ class TentacleService(MultiService):
     def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
         added, removed = self.trust.replace(thumbprints)
         for t in sorted(added):
-            self.log.info("Now trusting {thumbprint}", thumbprint=t, event="trust_added")
+            self.log.info("Now trusting {thumbprint}", thumbprint=t, event=events.TRUST_ADDED)
         for t in sorted(removed):
-            self.log.info("No longer trusting {thumbprint}", thumbprint=t, event="trust_removed")
+            self.log.info("No longer trusting {thumbprint}", thumbprint=t, event=events.TRUST_REMOVED)

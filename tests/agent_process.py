@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
 
     from tentacle.config import TentacleConfig
     from tentacle.dispatch import Dispatcher
-    from tentacle.halibut.exchange import ExchangeSettings
+    from tentacle.halibut.connection import ExchangeSettings
     from tentacle.service import TentacleService
     from tentacle.services import register_tentacle_services
 

@@ -33,7 +33,7 @@ from tentacle.halibut.streams import (
     stream_header,
     stream_trailer,
 )
-from tentacle.listener import IdentityError, IdentityReader, InitialRequestTooLong, PreambleReader
+from tentacle.halibut.handshake import IdentityError, IdentityReader, InitialRequestTooLong, PreambleReader
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 #: Small limits, so the fuzzer reaches them with short inputs.
@@ -84,8 +84,8 @@ def identity(data: bytes) -> None:
     body, reads = split(data)
     whole = _read_identity([body])
     assert whole == _read_identity(reads), "the outcome depends on how the bytes arrive"
-    if isinstance(whole, bytes):
-        assert body.endswith(whole)
+    if isinstance(whole, tuple):
+        assert body.endswith(whole[1])
         assert body.startswith(b"MX-CLIENT")
 
 
@@ -95,7 +95,7 @@ def _read_identity(reads: list[bytes]) -> object:
         for index, chunk in enumerate(reads):
             done = reader.feed(chunk)
             if done is not None:
-                return done + b"".join(reads[index + 1 :])
+                return done[0], done[1] + b"".join(reads[index + 1 :])
     except IdentityError:
         return "refused"
     return None

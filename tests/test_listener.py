@@ -13,18 +13,19 @@ from twisted.internet.address import IPv4Address
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from tentacle.identity import Identity
-from tentacle.listener import (
-    IDENTITY_ANSWER,
+from tentacle.halibut.handshake import (
     MAX_INITIAL_REQUEST,
-    AgentConnection,
+    SERVER_IDENTITY as IDENTITY_ANSWER,
     IdentityError,
+    IdentityKind,
     IdentityReader,
     InitialRequestTooLong,
-    ListenerFactory,
     PreambleReader,
-    describe_address,
+    RemoteIdentity,
+    normalize_subscription,
 )
+from tentacle.identity import Identity
+from tentacle.listener import Accepted, AgentConnection, ListenerFactory, describe_address
 from tentacle.page import FRIENDLY_PAGE
 from tentacle.tls import AgentTLSOptions
 from tentacle.trust import PeerIdentity, TrustList
@@ -68,11 +69,27 @@ class IdentityReaderTests(SynchronousTestCase):
     def test_identity_and_what_follows(self) -> None:
         reader = IdentityReader()
         self.assertIsNone(reader.feed(b"MX-CLIENT 1.0\r\n"))
-        self.assertEqual(reader.feed(b"\r\nmessage"), b"message")
+        self.assertEqual(reader.feed(b"\r\nmessage"), (RemoteIdentity(IdentityKind.CLIENT, "1.0"), b"message"))
 
     def test_malformed(self) -> None:
         for data in (b"MX-SERVER 1.0\r\n\r\n", b"MX-CLIENT 1.0\n\n", b"MX-CLIENT 1.0\r\nx\r\n"):
             self.assertRaises(IdentityError, IdentityReader().feed, data)
+
+    def test_subscriber(self) -> None:
+        reader = IdentityReader(frozenset({IdentityKind.CLIENT, IdentityKind.SUBSCRIBER}))
+        self.assertEqual(
+            reader.feed(b"MX-SUBSCRIBER 1.0 poll://AbC123/\r\n\r\n"),
+            (RemoteIdentity(IdentityKind.SUBSCRIBER, "1.0", "poll://abc123/"), b""),
+        )
+        for bad in (b"MX-SUBSCRIBER 1.0\r\n\r\n", b"MX-SUBSCRIBER 1.0 not-a-uri\r\n\r\n"):
+            self.assertRaises(
+                IdentityError, IdentityReader(frozenset({IdentityKind.SUBSCRIBER})).feed, bad
+            )
+
+    def test_subscriptions_are_normalised_as_halibut_keys_them(self) -> None:
+        self.assertEqual(normalize_subscription("POLL://ABCDEF"), "poll://abcdef/")
+        for bad in ("poll://", "poll:///", "abc", "poll://a/b", "poll://a b/"):
+            self.assertRaises(ValueError, normalize_subscription, bad)
 
     def test_limit_holds_however_the_bytes_arrive(self) -> None:
         """
@@ -136,8 +153,10 @@ class InMemoryAgent:
             AgentTLSOptions(identity("agent")), False, self.factory, clock=self.clock
         )
 
-    def _session(self, peer: PeerIdentity) -> Session:
-        session = Session(peer)
+    def _session(self, accepted: Accepted) -> Session | None:
+        if accepted.identity.kind is not IdentityKind.CLIENT:
+            return None
+        session = Session(accepted.peer)
         self.sessions.append(session)
         return session
 
@@ -261,11 +280,27 @@ class ListenerTests(SynchronousTestCase):
     def test_unknown_identity_type_closes(self) -> None:
         agent = InMemoryAgent(trusted=(identity("server").thumbprint,))
         recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + b"MX-BOGUS 1.0\r\n\r\n")
+        pump.flush()
+        self.assertEqual(recorder.received, b"")
+        self.assertIsNotNone(recorder.lost)
+        self.assertTrue(
+            self.logs.matching(why="unknown identity type 'MX-BOGUS' (expected MX-CLIENT or MX-SUBSCRIBER)")
+        )
+
+    def test_identity_without_a_role_here_closes(self) -> None:
+        """
+        An agent serves listening clients only: a subscriber is closed
+        before C{MX-SERVER}, and logged.
+        """
+        agent = InMemoryAgent(trusted=(identity("server").thumbprint,), with_sessions=True)
+        recorder, _, pump = agent.connect(identity("server"))
         recorder.transport.write(MX_PREAMBLE + b"MX-SUBSCRIBER 1.0 poll://x/\r\n\r\n")
         pump.flush()
         self.assertEqual(recorder.received, b"")
         self.assertIsNotNone(recorder.lost)
-        self.assertTrue(self.logs.matching(why="unknown identity type 'MX-SUBSCRIBER' (expected MX-CLIENT)"))
+        self.assertEqual(agent.sessions, [])
+        self.assertTrue(self.logs.matching(identity="MX-SUBSCRIBER poll://x/"))
 
     def test_identity_without_blank_line_closes(self) -> None:
         agent = InMemoryAgent(trusted=(identity("server").thumbprint,))

@@ -41,7 +41,7 @@ def _fuzz_one(target: str, arguments: list[str]) -> None:
         import tentacle.halibut.deflate  # noqa: F401
         import tentacle.halibut.serializer  # noqa: F401
         import tentacle.halibut.streams  # noqa: F401
-        import tentacle.listener  # noqa: F401
+        import tentacle.halibut.handshake  # noqa: F401
     from tests.fuzz_targets import TARGETS
 
     atheris.Setup([sys.argv[0], *arguments], TARGETS[target])

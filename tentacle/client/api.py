@@ -27,14 +27,12 @@ from typing import IO, Any, Callable, Mapping
 
 import attrs
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from tentacle import events
 from tentacle.client.connection import (
     HEARTBEAT_TIMEOUT,
     RESPONSE_TIMEOUT,
@@ -44,7 +42,7 @@ from tentacle.client.connection import (
     Pin,
     RequestFailed,
 )
-from tentacle.client.proxy import Proxy, ProxyEndpoint, ProxyRefused
+from tentacle.dialer import Proxy, ProxyRefused, dial
 from tentacle.contracts import (
     CancelScriptCommand,
     CancelScriptCommandV2,
@@ -61,7 +59,7 @@ from tentacle.contracts import (
     StartScriptCommandV2,
     UploadResult,
 )
-from tentacle.dispatch import PayloadOpener
+from tentacle.halibut.rpc import PayloadOpener
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.halibut.serializer import DataStream, RequestMessage, ServerError
 from tentacle.halibut.streams import ReceivedStream
@@ -197,24 +195,14 @@ class TentacleClient:
     # --- connections ----------------------------------------------------------------
 
     async def _open(self) -> ClientConnection:
-        tcp: Any
-        if self.target.proxy is not None:
-            tcp = ProxyEndpoint(
-                self._reactor, self.target.proxy, self.target.host, self.target.port, self._connect_timeout
-            )
-        else:
-            tcp = HostnameEndpoint(self._reactor, self.target.host, self.target.port, timeout=self._connect_timeout)
-        endpoint = wrapClientTLS(self._tls, tcp)
         connection = ClientConnection(
             self.target.pin, self._reactor,
             response_timeout=self._response_timeout, heartbeat_timeout=self._heartbeat_timeout,
         )
-        try:
-            await endpoint.connect(Factory.forProtocol(lambda: connection))
-        except DNSLookupError as e:
-            raise ConnectionFailed(f"cannot resolve {self.target.host}: {e}") from None
-        except ConnectError as e:
-            raise ConnectionFailed(f"cannot connect to {self.target}: {e}") from None
+        await dial(
+            self._reactor, self.target.host, self.target.port, self._tls, connection.protocol,
+            proxy=self.target.proxy, timeout=self._connect_timeout,
+        )
         await connection.ready
         return connection
 
@@ -335,7 +323,7 @@ class TentacleClient:
                 self.log.info(
                     "{service}.{method} on {target} failed ({error}); sending it again",
                     service=service, method=method, target=str(self.target), error=str(e),
-                    event="call_retried",
+                    event=events.CALL_RETRIED,
                 )
                 attempt += 1
                 await deferLater(self._reactor, self._retry.interval, lambda: None)

@@ -22,7 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 from tentacle.client import deploy_cli
 from tentacle.client.api import RemoteError, Target, TentacleClient
 from tentacle.client.connection import ClientError, Pin
-from tentacle.client.proxy import Proxy
+from tentacle.dialer import Proxy
 from tentacle.config import ConfigError, resolve_home
 from tentacle.contracts import ProcessOutput, ProcessOutputSource, ScriptIsolationLevel
 from tentacle.identity import Identity, IdentityError, IdentityStore

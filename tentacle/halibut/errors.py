@@ -51,3 +51,10 @@ class CodecLimits:
     max_depth: int = attrs.field(default=64, validator=_positive)
     max_string_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
     max_stream_memory_bytes: int = attrs.field(default=1 * MiB, validator=_positive)
+
+
+class ProtocolError(Exception):
+    """
+    The peer broke the protocol (a bad control line, a stream of the wrong
+    length, a timeout's worth of silence): the connection must close.
+    """

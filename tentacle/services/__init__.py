@@ -6,6 +6,7 @@ registers them on a L{Dispatcher}.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
 
 from tentacle.config import TentacleConfig
 from tentacle.contracts import CAPABILITIES_SERVICE_V2, FILE_TRANSFER_SERVICE
@@ -22,16 +23,17 @@ __all__ = [
 
 
 def register_tentacle_services(
-    dispatcher: Dispatcher, config: TentacleConfig, reactor: IReactorThreads
+    dispatcher: Dispatcher, config: TentacleConfig, reactor: IReactorThreads, *, log: Logger | None = None
 ) -> None:
     """
     Offer Tentacle's services on C{dispatcher}: file transfer (confined to
     C{config.allowed_roots} when set) and capabilities.
 
     @param reactor: its thread pool runs blocking file work (fsync, rename).
+    @param log: where the services' events go (the agent's publisher).
     """
-    dispatcher.register(
-        FILE_TRANSFER_SERVICE,
-        FileTransferService(config.home, config.allowed_roots, reactor),
-    )
+    files = FileTransferService(config.home, config.allowed_roots, reactor)
+    if log is not None:
+        files.log = log
+    dispatcher.register(FILE_TRANSFER_SERVICE, files)
     dispatcher.register(CAPABILITIES_SERVICE_V2, CapabilitiesService(dispatcher))

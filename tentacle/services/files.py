@@ -32,6 +32,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from tentacle.contracts import DataStream, UploadResult
+from tentacle import events
 from tentacle.dispatch import CallContext, RequestError
 from tentacle.fsutil import fsync_directory
 from tentacle.halibut.streams import ExpectedStream
@@ -147,12 +148,11 @@ class UploadSink:
     @ivar error: why the upload failed, once it has.
     """
 
-    log = Logger()
-
     target: Target
     temp_path: str
     expected_length: int
     _fd: int | None
+    log: Logger = attrs.field(kw_only=True, factory=lambda: Logger(namespace=__name__))
     _sha1: Any = attrs.field(init=False, factory=lambda: hashlib.sha1(usedforsecurity=False))
     _batch: bytearray = attrs.field(init=False, factory=bytearray)
     received: int = attrs.field(init=False, default=0)
@@ -213,7 +213,7 @@ class UploadSink:
                 path=self.target.full_path,
                 received=self.received,
                 length=self.expected_length,
-                event="upload_abandoned",
+                event=events.UPLOAD_ABANDONED,
             )
         self._drop()
 
@@ -296,15 +296,15 @@ class FileTransferService:
     @ivar reactor: runs the blocking commit (fsync, rename) in its thread
         pool, so flushing a large file never stalls other connections.
     @ivar statvfs: reports free space; replaceable for tests.
+    @ivar log: where its events go (the agent's publisher).
     """
-
-    log = Logger()
 
     home: Path
     allowed_roots: tuple[Path, ...] = ()
     reactor: IReactorThreads = attrs.field(factory=_reactor_threads)
     statvfs: StatVfs = os.statvfs
     clock: Callable[[], float] = time.time
+    log: Logger = attrs.field(kw_only=True, factory=lambda: Logger(namespace=__name__))
 
     def resolve(self, remote_path: str | None) -> Target:
         return resolve_remote_path(remote_path, self.home, self.allowed_roots)
@@ -320,7 +320,7 @@ class FileTransferService:
             return self._open_upload(remote_path, stream.length)
         except FileTransferError as e:
             self.log.warn(
-                "Upload refused: {error}", error=str(e), path=remote_path, event="upload_refused"
+                "Upload refused: {error}", error=str(e), path=remote_path, event=events.UPLOAD_REFUSED
             )
             raise
 
@@ -347,7 +347,7 @@ class FileTransferService:
         self.log.info(
             "Receiving {length} bytes for {path}", length=length, path=target.full_path
         )
-        return UploadSink(target, temp, length, fd)
+        return UploadSink(target, temp, length, fd, log=self.log)
 
     def _check_free_space(self, folder: str, length: int, target: Target) -> None:
         existing = folder
@@ -407,7 +407,7 @@ class FileTransferService:
             path=result.full_path,
             length=result.length,
             hash=result.hash,
-            event="upload_stored",
+            event=events.UPLOAD_STORED,
         )
         return result
 
@@ -442,7 +442,7 @@ class FileTransferService:
             "Sending {path} ({length} bytes)",
             path=target.full_path,
             length=status.st_size,
-            event="download_started",
+            event=events.DOWNLOAD_STARTED,
         )
         # Opened now, so the length declared is that of the file being sent.
         return context.send(status.st_size, lambda: source)

@@ -44,6 +44,7 @@ from tentacle.contracts import (
     StartScriptCommand,
     StartScriptCommandV2,
 )
+from tentacle import events
 from tentacle.dispatch import CallContext
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
@@ -152,11 +153,15 @@ class ScriptRunner:
         kill_grace: float = 5.0,
         environment: Mapping[str, str] | None = None,
         pwsh: str | None = None,
+        log: Logger | None = None,
     ) -> None:
         """
         @param pwsh: the PowerShell executable; found on PATH when C{None},
             and C{""} means there is none.
+        @param log: where its events go (the agent's publisher).
         """
+        if log is not None:
+            self.log = log
         self._reactor = reactor
         # Scripts run in their workspaces: every path they see must be absolute.
         self._home = home = home.absolute()
@@ -397,7 +402,7 @@ class ScriptRunner:
             "Script {ticket} finished with exit code {exit_code}",
             ticket=script.launch.ticket.task_id,
             exit_code=exit_code,
-            event="script_finished",
+            event=events.SCRIPT_FINISHED,
         )
         script.notify_finished()
         if script.delete_when_done:

@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from tentacle.client.api import RetryPolicy, Target, TentacleClient
 from tentacle.client.connection import ConnectionFailed, Pin
-from tentacle.client.proxy import Proxy, ProxyRefused
+from tentacle.dialer import Proxy, ProxyRefused
 from tests.connect_proxy import ConnectProxy
 from tests.support import agent_port, identity, start_agent
 

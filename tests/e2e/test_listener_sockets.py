@@ -19,9 +19,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tentacle.config import ConfigFile
-from tentacle.listener import IDENTITY_ANSWER, MAX_INITIAL_REQUEST
+from tentacle.halibut.handshake import MAX_INITIAL_REQUEST, SERVER_IDENTITY as IDENTITY_ANSWER
 from tentacle.page import FRIENDLY_PAGE, HEADERS
-from tentacle.trust import PeerIdentity
+from tentacle.listener import Accepted
 from tests.support import (
     LogCapture,
     agent_port,
@@ -40,8 +40,8 @@ class HoldOpen(Protocol):
     A message exchange that does nothing, so an authenticated connection stays open.
     """
 
-    def __init__(self, peer: PeerIdentity) -> None:
-        self.peer = peer
+    def __init__(self, accepted: Accepted) -> None:
+        self.peer = accepted.peer
 
 
 class FriendlyPageTests(TestCase):

@@ -29,7 +29,7 @@ from twisted.trial.unittest import TestCase
 
 from tentacle.client.api import RetryPolicy, Target, TentacleClient
 from tentacle.client.connection import Pin
-from tentacle.halibut.exchange import ExchangeSettings
+from tentacle.halibut.connection import ExchangeSettings
 from tentacle.services.files import TEMP_MARKER
 from tests.e2e.test_crashes import _kill_all
 from tests.e2e.test_scripts import _processes_with
@@ -185,7 +185,7 @@ class ScriptFaultTests(NetworkFaultTestCase):
             lambda _: on_event(
                 self, lambda _: forwarder.kill_existing(), event="request_served", method="GetStatus"
             ),
-            log_namespace="tentacle.services.scripts.ScriptRunner",
+            event="script_finished",
             exit_code=0,
         )
         code, lines, runs = await self.run_once(self.client(forwarder))

@@ -1,6 +1,6 @@
 """
 A restartable deadline on an injected clock: the one timer pattern the
-listener, the exchange and the client connection all need.
+listener and every Halibut connection need.
 """
 
 from __future__ import annotations

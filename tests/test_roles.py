@@ -1,5 +1,5 @@
 """
-The exchange and the dispatcher, in memory: bytes in, bytes out, fake clock.
+The listening-service role and the dispatcher, in memory: bytes in, bytes out, fake clock.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,7 +23,9 @@ from tentacle.dispatch import (
 )
 from tentacle.halibut import bson
 from tentacle.halibut.deflate import Inflater, compress
-from tentacle.halibut.exchange import ExchangeSettings, MessageExchange
+from tentacle.halibut.connection import ExchangeSettings, HalibutConnection
+from tentacle.halibut.roles import ListeningService
+from tentacle.observe import ObservedHandler
 from tentacle.halibut.serializer import (
     DataStream,
     RequestMessage,
@@ -117,7 +120,13 @@ class Harness:
         self.clock = Clock()
         dispatcher = Dispatcher()
         dispatcher.register(SERVICE, Things())
-        self.exchange = MessageExchange(dispatcher, tentacle_registry(), None, self.clock, settings)
+        handler = ObservedHandler(
+            dispatcher, self.clock, Logger(),
+            address="192.168.1.1:54321", thumbprint="?", summarize=Dispatcher.summarize,
+        )
+        self.exchange = HalibutConnection(
+            self.clock, tentacle_registry(), settings, role=ListeningService(handler)
+        )
         self.transport = StringTransport()
         self.exchange.makeConnection(self.transport)
 
@@ -301,6 +310,7 @@ class ExchangeTests(SynchronousTestCase):
         assert response.error is not None
         self.assertEqual(response.error.message, "may not store forbidden")
         self.assertIsNone(response.result)
+        self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
         h.send(b"NEXT\r\n" + encode_request(request("IThingService", "Echo", "after")))
         self.assertEqual([r.result for r in h.responses()], ["after"])
 

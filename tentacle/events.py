@@ -1,0 +1,68 @@
+"""
+Every structured event the agent, the hub and the client log, by name.
+
+An event is a log line with an C{event} field; the audit log and the
+metrics are made of them (L{tentacle.observe}).  Each agent logs through its
+own publisher (L{agent_publisher}), so several agents in one process never
+mix, and nothing on the request path asks whose an event is.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import LogPublisher, globalLogPublisher
+
+from tentacle.halibut.connection import CONNECTION_TIMED_OUT, PROTOCOL_ERROR
+
+# --- connections (listener) ---------------------------------------------------
+CONNECTION_ACCEPTED = "connection_accepted"
+#: Closed before TLS: over a connection budget.
+CONNECTION_REFUSED = "connection_refused"
+#: An MX exchange without a trusted certificate.
+CLIENT_DENIED = "client_denied"
+CLIENT_AUTHENTICATED = "client_authenticated"
+
+# --- requests (agent) ---------------------------------------------------------
+REQUEST_SERVED = "request_served"
+
+# --- services -----------------------------------------------------------------
+SCRIPT_FINISHED = "script_finished"
+UPLOAD_STORED = "upload_stored"
+UPLOAD_ABANDONED = "upload_abandoned"
+UPLOAD_REFUSED = "upload_refused"
+DOWNLOAD_STARTED = "download_started"
+
+# --- trust --------------------------------------------------------------------
+TRUST_ADDED = "trust_added"
+TRUST_REMOVED = "trust_removed"
+
+# --- client -------------------------------------------------------------------
+CALL_RETRIED = "call_retried"
+
+__all__ = [
+    "CALL_RETRIED",
+    "CLIENT_AUTHENTICATED",
+    "CLIENT_DENIED",
+    "CONNECTION_ACCEPTED",
+    "CONNECTION_REFUSED",
+    "CONNECTION_TIMED_OUT",
+    "DOWNLOAD_STARTED",
+    "PROTOCOL_ERROR",
+    "REQUEST_SERVED",
+    "SCRIPT_FINISHED",
+    "TRUST_ADDED",
+    "TRUST_REMOVED",
+    "UPLOAD_ABANDONED",
+    "UPLOAD_REFUSED",
+    "UPLOAD_STORED",
+    "agent_publisher",
+]
+
+
+def agent_publisher() -> LogPublisher:
+    """
+    A publisher for one agent's events: everything it gets also goes to the
+    global log; the agent adds its audit and metrics observer.
+    """
+    publisher = LogPublisher()
+    publisher.addObserver(globalLogPublisher)
+    return publisher
