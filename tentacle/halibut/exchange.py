@@ -26,10 +26,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tentacle.dispatch import CallContext, Dispatcher
+from tentacle.dispatch import CallContext, Dispatcher, RequestError
 from tentacle.halibut import bson
 from tentacle.halibut.deflate import Inflater, compress
 from tentacle.halibut.errors import CodecError, CodecLimits
+from tentacle.halibut.failures import invocation_failure
 from tentacle.halibut.serializer import (
     DataStream,
     RequestMessage,
@@ -334,11 +335,11 @@ class MessageExchange(Protocol):
         self._started = self._clock.seconds()
         if self._sink_error is not None:
             error, self._sink_error = self._sink_error, None
+            if not isinstance(error.value, RequestError):
+                self.log.failure("{service}.{method} refused its data stream", error,
+                                 service=request.service, method=request.method)
             d: Deferred[ResponseMessage] = succeed(
-                ResponseMessage(
-                    request.id,
-                    ServerError(error.getErrorMessage(), error.getTraceback()),
-                )
+                ResponseMessage(request.id, invocation_failure(error.value))
             )
         else:
             d = self._dispatcher.dispatch(request, context)
