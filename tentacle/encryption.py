@@ -24,6 +24,8 @@ from __future__ import annotations
 import codecs
 import io
 import os
+import secrets
+import shlex
 from typing import IO
 
 from cryptography.hazmat.primitives import hashes, padding
@@ -32,11 +34,15 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 __all__ = [
     "IV_PREFIX",
+    "PASSWORD_VARIABLE",
     "DecryptionError",
     "EncryptingReader",
     "decrypt",
     "derive_key",
     "encrypt",
+    "is_encrypted",
+    "new_password",
+    "password_prelude",
 ]
 
 SALT = b"Octopuss"
@@ -45,6 +51,11 @@ KEY_BYTES = 16
 IV_PREFIX = b"IV__"
 BLOCK_BYTES = 16
 HEADER_BYTES = len(IV_PREFIX) + BLOCK_BYTES
+
+#: Where our client's scripts find the password of the files it sent
+#: encrypted.  The script body sets it (see L{password_prelude}): the agent
+#: runs only what the server sends, and arguments would show in C{ps}.
+PASSWORD_VARIABLE = "TENTACLE_FILES_PASSWORD"
 
 
 class DecryptionError(ValueError):
@@ -191,3 +202,54 @@ def decrypt(data: bytes, password: str) -> str:
         raise DecryptionError("the password is wrong, or the file is damaged") from None
     # StreamReader(stream, Encoding.UTF8): a BOM would be consumed.
     return plain.decode("utf-8", "replace").removeprefix("\ufeff")
+
+
+def is_encrypted(data: bytes) -> bool:
+    """
+    Whether C{data} starts like an encrypted file (no JSON or script does).
+    """
+    return data.startswith(IV_PREFIX)
+
+
+def new_password() -> str:
+    """
+    A fresh password for one call's files: 192 random bits, URL-safe text.
+    """
+    return secrets.token_urlsafe(24)
+
+
+def password_prelude(password: str) -> str:
+    """
+    The bash line a script body starts with so the script, and only its
+    processes, can decrypt its files: C{export TENTACLE_FILES_PASSWORD=...}.
+    """
+    return f"export {PASSWORD_VARIABLE}={shlex.quote(password)}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m tentacle.encryption FILE}: print the text of a file the
+    agent stored encrypted, with the password in C{$TENTACLE_FILES_PASSWORD}.
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m tentacle.encryption FILE", file=sys.stderr)
+        return 2
+    password = os.environ.get(PASSWORD_VARIABLE)
+    if password is None:
+        print(f"error: ${PASSWORD_VARIABLE} is not set", file=sys.stderr)
+        return 1
+    try:
+        with open(args[0], "rb") as f:
+            text = decrypt(f.read(), password)
+    except (OSError, DecryptionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
