@@ -70,7 +70,7 @@ class ProxySettingTests(SynchronousTestCase):
             self.assertIn(key, str(caught.exception))
 
 
-def certificate(hash_algorithm: hashes.HashAlgorithm) -> x509.Certificate:
+def certificate(hash_algorithm: hashes.SHA256 | hashes.SHA384 | hashes.SHA512) -> x509.Certificate:
     key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
     now = datetime.datetime.now(datetime.timezone.utc)

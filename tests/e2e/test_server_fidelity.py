@@ -133,7 +133,7 @@ class FailureTests(AgentCase):
 
         def run() -> list[ServerError | None]:
             client = self.wire(service)
-            errors = []
+            errors: list[ServerError | None] = []
             for call in (
                 request("IScriptServiceV9", "StartScript", "x"),
                 request("IFileTransferService", "Frobnicate", "x"),
