@@ -12,13 +12,16 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 
 from tentacle.fsutil import atomic_write
 from tentacle.identity import normalize_thumbprint
+from tentacle.systemd import check_instance
 
 DEFAULT_PORT = 10933
+DEFAULT_INSTANCE = "default"
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_WORKSPACE_MAX_AGE = 86400.0
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -76,6 +79,62 @@ def check_timeout(value: object) -> float:
     return float(value)
 
 
+@attrs.frozen
+class ProxySetting:
+    """
+    How this machine reaches the outside, as Tentacle's proxy settings say
+    it: the system's proxy (the default), none at all, or a given HTTP proxy.
+    Scripts are told (C{TentacleUseDefaultProxy}, C{TentacleProxyHost}, ...)
+    so Calamari and the like use the same.
+
+    In C{tentacle.json}: C{"proxy": null} (the system's), C{"none"}, or
+    C{"http://[user:password@]host[:port]"}.
+    """
+
+    use_default: bool = True
+    host: str = ""
+    port: int = 80
+    username: str = ""
+    password: str = ""
+
+    @classmethod
+    def parse(cls, value: object) -> ProxySetting:
+        if value is None:
+            return cls()
+        if value == "none":
+            return cls(use_default=False)
+        if not isinstance(value, str):
+            raise ValueError(f"expected null, 'none' or http://[user:password@]host[:port], not {value!r}")
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
+            raise ValueError(f"expected null, 'none' or http://[user:password@]host[:port], not {value!r}")
+        return cls(
+            use_default=False,
+            host=parts.hostname,
+            port=port or 80,
+            username=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+        )
+
+    def to_json(self) -> str | None:
+        if self.use_default:
+            return None
+        if not self.host:
+            return "none"
+        credentials = ""
+        if self.username or self.password:
+            credentials = quote(self.username, safe="")
+            if self.password:
+                credentials += ":" + quote(self.password, safe="")
+            credentials += "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{credentials}{host}:{self.port}"
+
+
 def _thumbprints(values: object) -> tuple[str, ...]:
     if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
         raise ValueError("trusted-thumbprints must be a list of strings")
@@ -108,6 +167,9 @@ class TentacleConfig:
         refused before TLS (None: no limit).
     @ivar audit_log: keep C{<home>/Logs/audit.log}.
     @ivar metrics_port: serve Prometheus metrics on this loopback port.
+    @ivar instance_name: the name scripts see as C{TentacleInstanceName}
+        (as C{tentacle service --instance} names the unit).
+    @ivar proxy: this machine's proxy, told to scripts.
     """
 
     home: Path
@@ -123,6 +185,8 @@ class TentacleConfig:
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
     audit_log: bool = True
     metrics_port: int | None = None
+    instance_name: str = DEFAULT_INSTANCE
+    proxy: ProxySetting = ProxySetting()
 
     @property
     def applications(self) -> Path:
@@ -164,6 +228,8 @@ class TentacleConfig:
             "max-connections": self.max_connections,
             "audit-log": self.audit_log,
             "metrics-port": self.metrics_port,
+            "instance-name": self.instance_name,
+            "proxy": self.proxy.to_json(),
         }
 
     @classmethod
@@ -206,6 +272,12 @@ def _count(value: object) -> int:
     return value
 
 
+def _instance_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a name, not {value!r}")
+    return check_instance(value)
+
+
 def _optional(value: object, check: Any) -> Any:
     return None if value is None else check(value)
 
@@ -235,6 +307,8 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "max-connections": ("max_connections", lambda v: _optional(v, _count)),
     "audit-log": ("audit_log", lambda v: _boolean(v)),
     "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
+    "instance-name": ("instance_name", lambda v: _instance_name(v)),
+    "proxy": ("proxy", ProxySetting.parse),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 
@@ -273,7 +347,8 @@ class ConfigFile:
     def save(self, config: TentacleConfig) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config.to_json(), indent=2) + "\n"
-        atomic_write(self.path, text.encode("utf-8"), mode=0o644)
+        # A proxy password makes the file a secret.
+        atomic_write(self.path, text.encode("utf-8"), mode=0o600 if config.proxy.password else 0o644)
 
     def signature(self) -> tuple[int, int, int] | None:
         """
