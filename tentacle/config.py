@@ -13,14 +13,17 @@ import os
 import secrets
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 
 from tentacle.fsutil import atomic_write
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.identity import normalize_thumbprint
+from tentacle.systemd import check_instance
 
 DEFAULT_PORT = 10933
+DEFAULT_INSTANCE = "default"
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_WORKSPACE_MAX_AGE = 86400.0
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -82,6 +85,62 @@ def check_timeout(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"a timeout must be a positive number of seconds, not {value!r}")
     return float(value)
+
+
+@attrs.frozen
+class ProxySetting:
+    """
+    How this machine reaches the outside, as Tentacle's proxy settings say
+    it: the system's proxy (the default), none at all, or a given HTTP proxy.
+    Scripts are told (C{TentacleUseDefaultProxy}, C{TentacleProxyHost}, ...)
+    so Calamari and the like use the same.
+
+    In C{tentacle.json}: C{"proxy": null} (the system's), C{"none"}, or
+    C{"http://[user:password@]host[:port]"}.
+    """
+
+    use_default: bool = True
+    host: str = ""
+    port: int = 80
+    username: str = ""
+    password: str = ""
+
+    @classmethod
+    def parse(cls, value: object) -> ProxySetting:
+        if value is None:
+            return cls()
+        if value == "none":
+            return cls(use_default=False)
+        if not isinstance(value, str):
+            raise ValueError(f"expected null, 'none' or http://[user:password@]host[:port], not {value!r}")
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
+            raise ValueError(f"expected null, 'none' or http://[user:password@]host[:port], not {value!r}")
+        return cls(
+            use_default=False,
+            host=parts.hostname,
+            port=port or 80,
+            username=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+        )
+
+    def to_json(self) -> str | None:
+        if self.use_default:
+            return None
+        if not self.host:
+            return "none"
+        credentials = ""
+        if self.username or self.password:
+            credentials = quote(self.username, safe="")
+            if self.password:
+                credentials += ":" + quote(self.password, safe="")
+            credentials += "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{credentials}{host}:{self.port}"
 
 
 def _thumbprints(values: object) -> tuple[str, ...]:
@@ -232,6 +291,9 @@ class TentacleConfig:
         only polls.
     @ivar polling_servers: the servers this agent dials for work; each one's
         thumbprint is trusted for listening too, as Tentacle trusts it.
+    @ivar instance_name: the name scripts see as C{TentacleInstanceName}
+        (as C{tentacle service --instance} names the unit).
+    @ivar proxy: this machine's proxy, told to scripts.
     """
 
     home: Path
@@ -249,6 +311,8 @@ class TentacleConfig:
     metrics_port: int | None = None
     listen: bool = True
     polling_servers: tuple[PollingServer, ...] = ()
+    instance_name: str = DEFAULT_INSTANCE
+    proxy: ProxySetting = ProxySetting()
 
     @property
     def trusted(self) -> tuple[str, ...]:
@@ -361,6 +425,8 @@ class TentacleConfig:
             "metrics-port": self.metrics_port,
             "listen": self.listen,
             "polling-servers": [p.to_json() for p in self.polling_servers],
+            "instance-name": self.instance_name,
+            "proxy": self.proxy.to_json(),
         }
 
     @classmethod
@@ -403,6 +469,12 @@ def _count(value: object) -> int:
     return value
 
 
+def _instance_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a name, not {value!r}")
+    return check_instance(value)
+
+
 def _optional(value: object, check: Any) -> Any:
     return None if value is None else check(value)
 
@@ -434,6 +506,8 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
     "listen": ("listen", lambda v: _boolean(v)),
     "polling-servers": ("polling_servers", _polling_servers),
+    "instance-name": ("instance_name", lambda v: _instance_name(v)),
+    "proxy": ("proxy", ProxySetting.parse),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 
@@ -472,7 +546,8 @@ class ConfigFile:
     def save(self, config: TentacleConfig) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config.to_json(), indent=2) + "\n"
-        atomic_write(self.path, text.encode("utf-8"), mode=0o644)
+        # A proxy password makes the file a secret.
+        atomic_write(self.path, text.encode("utf-8"), mode=0o600 if config.proxy.password else 0o644)
 
     def signature(self) -> tuple[int, int, int] | None:
         """

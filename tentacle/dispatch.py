@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-import traceback
 from typing import Any, Callable
 
 import attrs
@@ -46,21 +45,30 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tentacle.contracts import Operation, ServiceContract
+from tentacle.halibut.failures import (
+    AMBIGUOUS_METHOD,
+    METHOD_NOT_FOUND,
+    SERVICE_NOT_FOUND,
+    ambiguous_method,
+    dotnet_short_name,
+    invocation_failure,
+    method_not_found,
+    service_not_found,
+)
 from tentacle.halibut.rpc import CallContext, IRequestHandler, PayloadOpener
-from tentacle.halibut.serializer import RequestMessage, ResponseMessage, ServerError
+from tentacle.halibut.serializer import RequestMessage, ResponseMessage
 from tentacle.halibut.streams import ExpectedStream, StreamSink
+
 
 class RequestError(Exception):
     """
     A request that cannot be carried out as asked (a bad path, a bad name):
     answered with its message and logged as a warning, without a traceback,
-    since the agent is working as it should.
+    since the agent is working as it should.  The Server sees it as a
+    C{System.ArgumentException} (or as the OS error it was raised from).
     """
 
-
-SERVICE_NOT_FOUND = "Halibut.Exceptions.ServiceNotFoundHalibutClientException"
-METHOD_NOT_FOUND = "Halibut.Exceptions.MethodNotFoundHalibutClientException"
-AMBIGUOUS_METHOD = "Halibut.Exceptions.AmbiguousMethodMatchHalibutClientException"
+    dotnet_exception_type = "System.ArgumentException"
 
 
 def snake_case(name: str) -> str:
@@ -86,6 +94,7 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._services: dict[str, dict[str, _Bound]] = {}
+        self._interfaces: dict[str, str] = {}
         self._implementations: tuple[object, ...] = ()
 
     @property
@@ -127,6 +136,7 @@ class Dispatcher:
             sink = getattr(implementation, f"{name}_sink", None)
             bound[operation.name.lower()] = _Bound(operation, call, wants_context, sink)
         self._services[contract.name] = bound
+        self._interfaces[contract.name] = contract.dotnet_type.split(",")[0]
         if not any(implementation is known for known in self._implementations):
             self._implementations += (implementation,)
 
@@ -178,37 +188,27 @@ class Dispatcher:
 
     async def _dispatch(self, request: RequestMessage, context: CallContext) -> ResponseMessage:
         if context.refusal is not None:
-            return self._failed(request, request.method, context.refusal)
+            return self._failed(request, request.method, context.refusal, "refused its data stream")
         service = self._services.get(request.service)
         if service is None:
-            return _error(
-                request,
-                f"Service not found: {request.service}",
-                SERVICE_NOT_FOUND,
-            )
+            return ResponseMessage(request.id, service_not_found(request.service))
         bound = service.get(request.method.lower())
         if bound is None:
-            return _error(
-                request,
-                f"Service {request.service} has no method named {request.method}",
-                METHOD_NOT_FOUND,
-            )
+            interface = self._interfaces[request.service]
+            return ResponseMessage(request.id, method_not_found(interface, request.method))
         operation = bound.operation
         if not operation.accepts(request.params):
             expected = ", ".join(f"{p.type.__name__} {p.name}" for p in operation.parameters)
-            got = ", ".join(type(a).__name__ for a in request.params)
-            return _error(
-                request,
-                f"{request.service}.{operation.name} takes ({expected}), not ({got})",
-                METHOD_NOT_FOUND,
-            )
+            got = [dotnet_short_name(a) for a in request.params]
+            candidate = f"{operation.name}Async({expected})"
+            return ResponseMessage(request.id, ambiguous_method([candidate], got))
         kwargs = {"context": context} if bound.wants_context else {}
         try:
             result = bound.call(*request.params, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
         except Exception as e:
-            return self._failed(request, operation.name, e)
+            return self._failed(request, operation.name, e, "raised")
         if operation.returns is None:
             result = None
         elif result is not None and not isinstance(result, operation.returns):
@@ -219,45 +219,35 @@ class Dispatcher:
                 got=type(result).__name__,
                 expected=operation.returns.__name__,
             )
-            return _error(
-                request,
+            return ResponseMessage(request.id, invocation_failure(
+                "System.InvalidOperationException",
                 f"Internal error: {request.service}.{operation.name} returned the wrong type",
-                None,
-            )
+            ))
         return ResponseMessage(request.id, None, result)
 
-
-    def _failed(self, request: RequestMessage, method: str, error: BaseException) -> ResponseMessage:
+    def _failed(self, request: RequestMessage, method: str, error: BaseException, what: str) -> ResponseMessage:
         """
-        The answer to a method (or a stream sink) that raised: a
-        L{RequestError} is the agent working as it should, logged as a
-        warning; anything else is logged with its traceback.
+        The answer to a method (or a stream sink) that raised, shaped as
+        .NET reports an exception thrown by a service method, so Octopus
+        Server does not retry it.  A L{RequestError} is the agent working as
+        it should, logged as a warning; anything else is logged with its
+        traceback (which never goes on the wire).
         """
         if isinstance(error, RequestError):
             self.log.warn(
-                "{service}.{method} refused: {error}",
-                service=request.service,
-                method=method,
-                error=str(error),
+                "{service}.{method} refused: {error}", service=request.service, method=method, error=str(error)
             )
-            return ResponseMessage(request.id, ServerError(str(error), str(error)))
-        self.log.failure(
-            "{service}.{method} raised",
-            Failure(error),
-            service=request.service,
-            method=method,
-        )
-        return ResponseMessage(
-            request.id,
-            ServerError(str(error) or type(error).__name__, "".join(traceback.format_exception(error))),
-        )
-
-
-def _error(request: RequestMessage, message: str, error_type: str | None) -> ResponseMessage:
-    return ResponseMessage(request.id, ServerError(message, message, error_type))
+        else:
+            self.log.failure(
+                "{service}.{method} " + what, Failure(error), service=request.service, method=method
+            )
+        return ResponseMessage(request.id, invocation_failure(error))
 
 
 __all__ = [
+    "AMBIGUOUS_METHOD",
+    "METHOD_NOT_FOUND",
+    "SERVICE_NOT_FOUND",
     "RequestError",
     "CallContext",
     "Dispatcher",

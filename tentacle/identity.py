@@ -38,7 +38,7 @@ class IdentityError(Exception):
     """
 
 
-_HEX_DIGITS = re.compile(r"^[0-9A-F]+$")
+_HEX_DIGITS = re.compile(r"[0-9A-F]+")
 
 
 def normalize_thumbprint(text: str) -> str:
@@ -52,7 +52,7 @@ def normalize_thumbprint(text: str) -> str:
     @raise ValueError: with a message saying what was expected.
     """
     cleaned = text.strip().replace(":", "").upper()
-    if not _HEX_DIGITS.match(cleaned) or len(cleaned) not in (40, 64):
+    if not _HEX_DIGITS.fullmatch(cleaned) or len(cleaned) not in (40, 64):
         raise ValueError(
             f"{text!r} is not a thumbprint: expected 40 hex digits (SHA-1) "
             "or 64 hex digits (SHA-256), in any case, colons allowed"

@@ -44,6 +44,7 @@ from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut
 from tentacle.polling import PollingService
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
+from tentacle.services.script_environment import script_variables, signature_algorithm_name
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
 from tentacle.trust import TrustList
 from tentacle.workspace import remove_stale_workspaces
@@ -144,6 +145,7 @@ class TentacleService(MultiService):
         self.events = events.agent_publisher()
         self.log = Logger(observer=self.events, source=self)
         self.scripts: ScriptRunner | None = None
+        self.identity = identity if identity is not None else IdentityStore(config.home).load()
         if dispatcher is None:
             dispatcher = Dispatcher()
             self.scripts = self._offer_tentacle_services(dispatcher, config)
@@ -154,7 +156,6 @@ class TentacleService(MultiService):
                 handler_for=self._observed, log=self._logger("tentacle.halibut"),
             )
         self.config = config
-        self.identity = identity if identity is not None else IdentityStore(config.home).load()
         self.trust = TrustList(config.trusted)
         self.listener_factory = ListenerFactory(
             self.trust, self.reactor, config.handshake_timeout, session_factory,
@@ -214,6 +215,10 @@ class TentacleService(MultiService):
             max_concurrent=config.max_concurrent_scripts,
             script_timeout=config.script_timeout,
             log=self._logger("tentacle.scripts"),
+            variables=script_variables(
+                home=config.home, applications=config.applications, instance_name=config.instance_name,
+                signature_algorithm=signature_algorithm_name(self.identity.certificate), proxy=config.proxy,
+            ),
         )
         dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
         dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import attrs
 
 DEFAULT_UNIT_DIRECTORY = Path("/etc/systemd/system")
-_SAFE_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAFE_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ServiceError(Exception):
@@ -30,7 +30,7 @@ class ServiceError(Exception):
 
 
 def check_instance(name: str) -> str:
-    if not _SAFE_INSTANCE.match(name):
+    if not _SAFE_INSTANCE.fullmatch(name):
         raise ValueError(
             f"{name!r} cannot be an instance name: use letters, digits, '.', '_' and '-' (at most 64)"
         )
@@ -45,7 +45,7 @@ def _quote(argument: str) -> str:
     """
     systemd's own quoting for ExecStart arguments.
     """
-    if re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", argument):
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", argument):
         return argument
     return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

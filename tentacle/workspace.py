@@ -39,7 +39,7 @@ _SOURCE_NAMES = {
     ProcessOutputSource.Debug: "debug",
 }
 _SOURCES = {name: source for source, name in _SOURCE_NAMES.items()}
-_SAFE_TICKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SAFE_TICKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class WorkspaceError(RequestError):
@@ -54,7 +54,7 @@ def ticket_folder_name(ticket: str) -> str:
     name is lower case; anything that could leave C{Work/} is refused, since
     V2 tickets are chosen by the client.
     """
-    if not _SAFE_TICKET.match(ticket) or ".." in ticket:
+    if not _SAFE_TICKET.fullmatch(ticket) or ".." in ticket:
         raise WorkspaceError(
             f"{ticket!r} cannot be a script ticket: use letters, digits, '.', '_' "
             "and '-' only (at most 200)"

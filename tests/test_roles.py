@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tentacle.contracts import Operation, Parameter, ServiceContract, tentacle_registry
 from tentacle.dispatch import (
+    AMBIGUOUS_METHOD,
     METHOD_NOT_FOUND,
     SERVICE_NOT_FOUND,
     CallContext,
@@ -181,34 +182,57 @@ class DispatchErrorTests(SynchronousTestCase):
     def test_unknown_service(self) -> None:
         response = self.call(request("INoService", "Echo", "x"))
         self.assertIsNone(response.result)
+        message = "Service not found: INoService"
         self.assertEqual(
             response.error,
-            ServerError("Service not found: INoService", "Service not found: INoService", SERVICE_NOT_FOUND),
+            ServerError(message, f"{SERVICE_NOT_FOUND}: {message}", SERVICE_NOT_FOUND),
         )
 
     def test_unknown_method(self) -> None:
+        """
+        Halibut's text, naming the contract's .NET interface and the async
+        method it looked for.
+        """
         response = self.call(request("IThingService", "Nope", "x"))
-        message = "Service IThingService has no method named Nope"
-        self.assertEqual(response.error, ServerError(message, message, METHOD_NOT_FOUND))
+        message = "Method Tests.IThingService::NopeAsync not found"
+        self.assertEqual(response.error, ServerError(message, f"{METHOD_NOT_FOUND}: {message}", METHOD_NOT_FOUND))
 
     def test_wrong_argument_count_and_type(self) -> None:
         response = self.call(request("IThingService", "Echo"))
-        message = "IThingService.Echo takes (str text), not ()"
-        self.assertEqual(response.error, ServerError(message, message, METHOD_NOT_FOUND))
+        message = (
+            "Could not decide which candidate to call out of the following methods:\n"
+            " - EchoAsync(str text)\n"
+            "The request arguments were:\n"
+            "\n"
+        )
+        assert response.error is not None
+        self.assertEqual(response.error.message, message)
+        self.assertEqual(response.error.halibut_error_type, AMBIGUOUS_METHOD)
         self.harness.send(b"NEXT\r\n")
         response = self.call(request("IThingService", "Echo", True))
         assert response.error is not None
-        self.assertEqual(response.error.message, "IThingService.Echo takes (str text), not (bool)")
+        self.assertIn("The request arguments were:\nBoolean\n", response.error.message)
 
     def test_raising_method(self) -> None:
+        """
+        As a .NET service method that threw: the message, then the
+        TargetInvocationException around a .NET exception of a fitting type.
+        The Python traceback goes to the log, never to the peer.
+        """
         response = self.call(request("IThingService", "Boom", "cake"))
         assert response.error is not None
         self.assertEqual(response.error.message, "no cake today")
-        self.assertIn("ValueError: no cake today", response.error.details or "")
-        self.assertIn("Traceback", response.error.details or "")
+        self.assertEqual(
+            response.error.details,
+            "System.Reflection.TargetInvocationException: Exception has been thrown by the "
+            "target of an invocation.\n"
+            " ---> System.ArgumentException: no cake today\n"
+            "   --- End of inner exception stack trace ---",
+        )
         self.assertIsNone(response.error.halibut_error_type)
         self.assertIsNone(response.result)
-        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        [logged] = self.flushLoggedErrors(ValueError)
+        self.assertIn("no cake today", logged.getTraceback())
 
     def test_wrong_return_type(self) -> None:
         response = self.call(request("IThingService", "Wrong"))
@@ -309,8 +333,16 @@ class ExchangeTests(SynchronousTestCase):
         [response] = h.responses()
         assert response.error is not None
         self.assertEqual(response.error.message, "may not store forbidden")
+        self.assertEqual(
+            response.error.details,
+            "System.Reflection.TargetInvocationException: Exception has been thrown by the "
+            "target of an invocation.\n"
+            " ---> System.UnauthorizedAccessException: may not store forbidden\n"
+            "   --- End of inner exception stack trace ---",
+        )
         self.assertIsNone(response.result)
-        self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
+        [logged] = self.flushLoggedErrors(PermissionError)
+        self.assertIn("store_sink", logged.getTraceback())
         h.send(b"NEXT\r\n" + encode_request(request("IThingService", "Echo", "after")))
         self.assertEqual([r.result for r in h.responses()], ["after"])
 

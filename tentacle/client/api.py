@@ -59,6 +59,7 @@ from tentacle.contracts import (
     StartScriptCommandV2,
     UploadResult,
 )
+from tentacle.encryption import new_password, password_prelude
 from tentacle.halibut.rpc import PayloadOpener
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.halibut.connection import ConnectionClosed
@@ -427,6 +428,7 @@ class TentacleClient:
         mutex: str | None = None,
         mutex_timeout: float = 0.0,
         files: Mapping[str, Path] | None = None,
+        encrypt_files: bool = False,
         task_id: str | None = None,
         on_log: Callable[[ProcessOutput], None] | None = None,
         poll_interval: float = 0.1,
@@ -437,14 +439,22 @@ class TentacleClient:
         comes; the exit code.  V2 when the agent offers it, else V1.
         Cancelling the Deferred cancels the script on the agent, waits for it
         to stop, then raises L{CancelledError}.
+
+        @param encrypt_files: have the agent store C{files} encrypted, as
+            Octopus Server does for sensitive variables, under a password
+            made for this call; the script finds it in
+            C{$TENTACLE_FILES_PASSWORD} (L{tentacle.encryption}).
         """
         task_id = task_id or f"ServerTasks-{uuid.uuid4().int % 1_000_000}"
         payloads: dict[uuid.UUID, PayloadOpener] = {}
         script_files = []
+        password = new_password() if encrypt_files and files else None
+        if password is not None:
+            body = password_prelude(password) + body
         for name, path in (files or {}).items():
             ref = DataStream.fresh(path.stat().st_size)
             payloads[ref.id] = lambda path=path: path.open("rb")  # type: ignore[misc]
-            script_files.append(ScriptFile(name, ref))
+            script_files.append(ScriptFile(name, ref, password))
         v2 = "IScriptServiceV2" in await self.capabilities()
         timeout = TimeSpan.from_timedelta(timedelta(seconds=mutex_timeout))
         if v2:

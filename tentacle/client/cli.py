@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mutex", help="the isolation mutex name")
     run.add_argument("--file-arg", action="append", default=[], metavar="NAME=PATH",
                      help="send a file into the script's workspace; repeatable")
+    run.add_argument("--encrypt", action="store_true",
+                     help="the agent stores the --file-arg files encrypted; the script gets the "
+                          "password in $TENTACLE_FILES_PASSWORD")
     run.add_argument("--arg", action="append", default=[], help="a script argument; repeatable")
 
     upload = add("upload", help="send a file to the agent")
@@ -267,6 +270,7 @@ async def _run(client: TentacleClient, console: Console, name: str, args: argpar
         isolation=ScriptIsolationLevel.FullIsolation if args.isolation == "full" else ScriptIsolationLevel.NoIsolation,
         mutex=args.mutex,
         files=files,
+        encrypt_files=args.encrypt,
         on_log=lambda entry: console.log(name, entry),
     )
     if console.as_json:

@@ -130,8 +130,9 @@ async def _run_with_variables(
     client: TentacleClient, body: str, variables: Mapping[str, str], on_log: Log | None
 ) -> int:
     """
-    Run C{body}; when there are variables, they go along as a file only
-    the agent's user can read, which the tool is pointed at.
+    Run C{body}; when there are variables, they go along as a file the
+    agent stores encrypted (as Octopus Server's sensitive variables), which
+    the tool is pointed at and decrypts in memory.
     """
     if not variables:
         return await client.run_script(body, on_log=on_log)
@@ -141,7 +142,7 @@ async def _run_with_variables(
         with os.fdopen(fd, "w") as f:
             json.dump(dict(variables), f)
         body = body.rstrip("\n") + f" --variables-file {_VARIABLES_FILE}\n"
-        return await client.run_script(body, files={_VARIABLES_FILE: path}, on_log=on_log)
+        return await client.run_script(body, files={_VARIABLES_FILE: path}, encrypt_files=True, on_log=on_log)
 
 
 def _checked(variables: Mapping[str, str] | None) -> dict[str, str]:

@@ -29,6 +29,7 @@ from tentacle.deploy.deployment import (
 )
 from tentacle.deploy.packages import PackageError, check_id, file_hashes, parse_package_name
 from tentacle.deploy.releases import ReleaseError, ReleaseStore
+from tentacle.encryption import PASSWORD_VARIABLE, DecryptionError, decrypt, is_encrypted
 
 
 class _Stopped(BaseException):
@@ -90,10 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_variables_file(path: str) -> str:
+    """
+    The file's text; decrypted in memory when the agent stored it
+    encrypted, with the password the script was given (never on disk).
+    """
+    raw = Path(path).read_bytes()
+    if not is_encrypted(raw):
+        return raw.decode("utf-8")
+    password = os.environ.get(PASSWORD_VARIABLE)
+    if password is None:
+        raise VariableError(f"{path} is encrypted, and ${PASSWORD_VARIABLE} is not set")
+    try:
+        return decrypt(raw, password)
+    except DecryptionError as e:
+        raise VariableError(f"{path}: {e}") from None
+
+
 def _variables(args: argparse.Namespace) -> dict[str, str]:
     variables: dict[str, str] = {}
     if args.variables_file:
-        data = json.loads(Path(args.variables_file).read_text())
+        data = json.loads(_read_variables_file(args.variables_file))
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise VariableError(f"{args.variables_file} must hold a JSON object of strings")
         variables.update({check_variable(k): v for k, v in data.items()})
@@ -140,16 +158,23 @@ def _hash(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        variables = _variables(args) if args.command in ("deploy", "rollback") else {}
+    except (VariableError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    # The package's own scripts get the variables, not the files' password.
+    os.environ.pop(PASSWORD_VARIABLE, None)
+    try:
         if args.command == "deploy":
             package = Path(args.package).absolute()
             name = parse_package_name(package.name, args.package_id, args.version)
             request = DeployRequest(
                 package=package, name=name, applications=_apps(args), keep=args.keep,
-                sha1=args.sha1, sha256=args.sha256, variables=_variables(args), substitute=tuple(args.substitute),
+                sha1=args.sha1, sha256=args.sha256, variables=variables, substitute=tuple(args.substitute),
             )
             return deploy(request)
         if args.command == "rollback":
-            return rollback(_apps(args), check_id(args.package_id), args.to, _variables(args))
+            return rollback(_apps(args), check_id(args.package_id), args.to, variables)
         if args.command == "releases":
             check_id(args.package_id)
             return _releases(args)

@@ -33,13 +33,13 @@ from tentacle.halibut.connection import (
 )
 from tentacle.halibut.deflate import compress
 from tentacle.halibut.errors import ProtocolError
+from tentacle.halibut.failures import invocation_failure
 from tentacle.halibut.handshake import PREAMBLE, IdentityKind, RemoteIdentity, identity_line
 from tentacle.halibut.rpc import CallContext, IRequestHandler, IRequestSource, PendingRequest
 from tentacle.halibut.serializer import (
     Message,
     RequestMessage,
     ResponseMessage,
-    ServerError,
     encode_message,
 )
 from tentacle.halibut.streams import ExpectedStream, ReceivedStream, SpoolingSink, StreamSink
@@ -96,7 +96,9 @@ class _Answerer:
             except (TypeError, ValueError) as e:
                 log.error("Could not encode the response to {id}: {error}", id=response.id, error=str(e))
                 data, outgoing = encode_message(
-                    ResponseMessage(response.id, ServerError(f"The agent could not encode its response: {e}"))
+                    ResponseMessage(response.id, invocation_failure(
+                        "System.InvalidOperationException", f"The agent could not encode its response: {e}"
+                    ))
                 )
             await connection.send_encoded(compress(data), outgoing, context.outgoing)
         finally:
@@ -111,8 +113,11 @@ class _Answerer:
         """
         log.warn("Refused a request from {peer}: {error}", peer=connection.label, error=str(error))
         if error.request_id is not None:
+            # Sending it again would fail again: shaped so the Server does not.
             await connection.send_envelope(
-                ResponseMessage(error.request_id, ServerError(f"The request could not be read: {error}"))
+                ResponseMessage(error.request_id, invocation_failure(
+                    "System.ArgumentException", f"The request could not be read: {error}"
+                ))
             )
         connection.close()
 

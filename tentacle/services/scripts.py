@@ -13,17 +13,15 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import IO, Any, Callable, Mapping, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from tentacle import __version__
 from tentacle.contracts import (
     CancelScriptCommand,
     CancelScriptCommandV2,
@@ -46,7 +44,9 @@ from tentacle.contracts import (
 )
 from tentacle import events
 from tentacle.dispatch import CallContext
+from tentacle.encryption import EncryptingReader
 from tentacle.halibut.dotnet import TimeSpan
+from tentacle.services.script_environment import script_variables
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
 from tentacle.workers.process import ProcessResult, ScriptProcess
 from tentacle.workspace import ScriptState, ScriptWorkspace, WorkspaceStore, safe_file_name
@@ -152,10 +152,14 @@ class ScriptRunner:
         script_timeout: float | None = None,
         kill_grace: float = 5.0,
         environment: Mapping[str, str] | None = None,
+        variables: Mapping[str, str] | None = None,
         pwsh: str | None = None,
         log: Logger | None = None,
     ) -> None:
         """
+        @param environment: what scripts inherit (the agent's own by default).
+        @param variables: Tentacle's variables for every script, over the
+            environment (L{script_variables}; by default from the folders).
         @param pwsh: the PowerShell executable; found on PATH when C{None},
             and C{""} means there is none.
         @param log: where its events go (the agent's publisher).
@@ -172,6 +176,9 @@ class ScriptRunner:
         self._script_timeout = script_timeout
         self._kill_grace = kill_grace
         self._base_environment = dict(os.environ if environment is None else environment)
+        if variables is None:
+            variables = script_variables(home=self._home, applications=self._applications)
+        self._base_environment.update(variables)
         self._pwsh = pwsh if pwsh is not None else shutil.which("pwsh")
         self._scripts: dict[str, RunningScript] = {}
         self._flush_call: IDelayedCall | None = None
@@ -214,7 +221,7 @@ class ScriptRunner:
         workspace.create()
         try:
             for script_file in launch.files:
-                workspace.add_file(script_file.name, context.payload(script_file.contents))
+                workspace.add_file(script_file.name, _contents(script_file, context))
         except BaseException:
             workspace.delete()
             raise
@@ -339,20 +346,7 @@ class ScriptRunner:
         The agent's environment plus the variables Tentacle gives scripts,
         which the scripts Octopus Server sends rely on.
         """
-        executable = shutil.which("tentacle") or sys.argv[0]
-        env = dict(self._base_environment)
-        env.update(
-            TentacleHome=str(self._home),
-            TentacleApplications=str(self._applications),
-            TentacleJournal=str(self._home / "DeploymentJournal.xml"),
-            TentacleVersion=__version__,
-            TentacleCertificateSignatureAlgorithm="sha256RSA",
-            TentacleExecutablePath=executable,
-            TentacleProgramDirectoryPath=os.path.dirname(executable),
-            TentacleUseDefaultProxy="False",
-            TentaclePython=sys.executable,
-        )
-        return env
+        return dict(self._base_environment)
 
     @staticmethod
     def _exit_code(script: RunningScript, result: ProcessResult) -> int:
@@ -501,6 +495,17 @@ class ScriptRunner:
 
         script.when_finished().addCallback(finished)
         return done
+
+
+def _contents(script_file: ScriptFile, context: CallContext) -> IO[bytes]:
+    """
+    A file as it lands in the workspace: encrypted, as Tentacle writes it,
+    when it came with a password (a sensitive-variables file).
+    """
+    payload = context.payload(script_file.contents)
+    if script_file.encryption_password is None:
+        return payload
+    return cast(IO[bytes], EncryptingReader(payload, script_file.encryption_password))
 
 
 def _launch(command: StartScriptCommand | StartScriptCommandV2, ticket: ScriptTicket) -> ScriptLaunch:

@@ -285,6 +285,8 @@ public static class Generate
                 Error = new ServerError { Message = "boom" },
             });
         Write(outDir, "null_envelope", "MessageEnvelope with a null Message (the polling keep-alive)", null);
+        FailureVectors.Add((name, description, message) => Write(outDir, name, description, message));
+        EncryptionVectors.Write(outDir);
 
         // ---- the same V1 messages with the current names, which Tentacle also reads
         legacyNames = false;

@@ -12,6 +12,6 @@ cp "$json" "$build/Newtonsoft.Json.dll"
 mcs -nologo -target:library -out:"$build/Halibut.dll" -r:"$build/Newtonsoft.Json.dll" "$here/Halibut.cs"
 mcs -nologo -target:library -out:"$build/Octopus.Tentacle.Contracts.dll" -r:"$build/Halibut.dll" "$here/Contracts.cs"
 mcs -nologo -target:exe -out:"$build/Generate.exe" -r:"$build/Newtonsoft.Json.dll" -r:"$build/Halibut.dll" \
-    -r:"$build/Octopus.Tentacle.Contracts.dll" "$here/Generate.cs"
+    -r:"$build/Octopus.Tentacle.Contracts.dll" "$here/Generate.cs" "$here/Failures.cs" "$here/Encryption.cs"
 rm -f "$out"/*.bson "$out"/*.json
 mono "$build/Generate.exe" "$out"
