@@ -210,7 +210,7 @@ def _parse_port(text: str, whole: str) -> int:
 
 
 @attrs.frozen
-class PollingServer:
+class PolledServer:
     """
     A server this agent polls: it dials C{host:port} (through C{proxy}, an
     C{http://[user:password@]host:port} URL, when set), expects the
@@ -239,7 +239,7 @@ class PollingServer:
         }
 
     @classmethod
-    def from_json(cls, data: object) -> PollingServer:
+    def from_json(cls, data: object) -> PolledServer:
         if not isinstance(data, dict):
             raise ValueError("each polling server must be a JSON object")
         unknown = set(data) - {"address", "thumbprint", "subscription-id", "connections", "proxy"}
@@ -258,10 +258,10 @@ class PollingServer:
         )
 
 
-def _polling_servers(values: object) -> tuple[PollingServer, ...]:
+def _polling_servers(values: object) -> tuple[PolledServer, ...]:
     if not isinstance(values, (list, tuple)):
         raise ValueError("expected a list of polling servers")
-    return tuple(PollingServer.from_json(v) for v in values)
+    return tuple(PolledServer.from_json(v) for v in values)
 
 
 @attrs.frozen
@@ -310,7 +310,7 @@ class TentacleConfig:
     audit_log: bool = True
     metrics_port: int | None = None
     listen: bool = True
-    polling_servers: tuple[PollingServer, ...] = ()
+    polling_servers: tuple[PolledServer, ...] = ()
     instance_name: str = DEFAULT_INSTANCE
     proxy: ProxySetting = ProxySetting()
 
@@ -331,7 +331,7 @@ class TentacleConfig:
         subscription_id: str | None = None,
         connections: int = 1,
         proxy: str | None = None,
-    ) -> tuple[TentacleConfig, PollingServer]:
+    ) -> tuple[TentacleConfig, PolledServer]:
         """
         Poll one more server (or replace the entry for the same address).
         Without a subscription id, the one already used with this
@@ -342,7 +342,7 @@ class TentacleConfig:
         if subscription_id is None:
             same = [p.subscription_id for p in self.polling_servers if p.thumbprint == t]
             subscription_id = same[0] if same else new_subscription_id()
-        entry = PollingServer(host, t, subscription_id, port, connections, proxy)
+        entry = PolledServer(host, t, subscription_id, port, connections, proxy)
         others = tuple(p for p in self.polling_servers if (p.host.lower(), p.port) != (host.lower(), port))
         return attrs.evolve(self, polling_servers=others + (entry,)), entry
 
@@ -368,7 +368,7 @@ class TentacleConfig:
             raise ConfigError(f"no polling server {address!r} is configured")
         return attrs.evolve(self, polling_servers=kept)
 
-    def polling_connections(self, server: PollingServer, environ: Mapping[str, str] = os.environ) -> int:
+    def polling_connections(self, server: PolledServer, environ: Mapping[str, str] = os.environ) -> int:
         """
         How many connections to keep to C{server}: its setting, or
         C{$TentaclePollingConnectionCount} for every server.

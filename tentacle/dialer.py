@@ -318,8 +318,10 @@ async def dial(
     else:
         tcp = HostnameEndpoint(reactor, host, port, timeout=timeout)
     endpoint = wrapClientTLS(tls, tcp)
+    factory = Factory.forProtocol(lambda: connection)
+    factory.noisy = False
     try:
-        await endpoint.connect(Factory.forProtocol(lambda: connection))
+        await endpoint.connect(factory)
     except DNSLookupError as e:
         raise HostNotFound(f"cannot resolve {host}: {e}") from None
     except ConnectionRefusedError as e:

@@ -48,7 +48,7 @@ from tentacle.halibut.handshake import (
     RemoteIdentity,
 )
 from tentacle.halibut.connection import ExchangeSettings, HalibutConnection
-from tentacle.halibut.roles import ListeningService, PollingServer
+from tentacle.halibut.roles import ListeningService, ServerOfSubscriber
 from tentacle.halibut.rpc import IRequestHandler, IRequestSource
 from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
@@ -435,7 +435,7 @@ def halibut_sessions(
             source = source_for(accepted)
             if source is None or identity.subscription is None:
                 return None
-            role = PollingServer(source, identity.subscription)
+            role = ServerOfSubscriber(source, identity.subscription)
         else:
             return None
         return HalibutConnection(

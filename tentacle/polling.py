@@ -28,7 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from tentacle import events
-from tentacle.config import PollingServer
+from tentacle.config import PolledServer
 from tentacle.dialer import (
     ConnectionRefused,
     DialError,
@@ -53,7 +53,7 @@ CONNECT_TIMEOUT = 60.0
 
 #: Builds the handler for a connection to a server (the agent wraps its
 #: dispatcher so each answer is logged with who asked).
-HandlerFor = Callable[[PollingServer, str], IRequestHandler]
+HandlerFor = Callable[[PolledServer, str], IRequestHandler]
 
 
 def _client_tls(identity: Identity) -> CertificateOptions:
@@ -74,7 +74,7 @@ class PollingConnection(Service):
 
     def __init__(
         self,
-        server: PollingServer,
+        server: PolledServer,
         index: int,
         identity: Identity,
         handler_for: HandlerFor,
@@ -259,7 +259,7 @@ class PollingService(MultiService):
         registry: TypeRegistry,
         settings: ExchangeSettings,
         log: Logger,
-        connection_count: Callable[[PollingServer], int],
+        connection_count: Callable[[PolledServer], int],
     ) -> None:
         super().__init__()
         self._identity = identity
@@ -269,13 +269,13 @@ class PollingService(MultiService):
         self._settings = settings
         self.log = log
         self._count = connection_count
-        self._servers: dict[PollingServer, list[PollingConnection]] = {}
+        self._servers: dict[PolledServer, list[PollingConnection]] = {}
 
     @property
-    def servers(self) -> dict[PollingServer, list[PollingConnection]]:
+    def servers(self) -> dict[PolledServer, list[PollingConnection]]:
         return dict(self._servers)
 
-    def status(self) -> list[tuple[PollingServer, int, int]]:
+    def status(self) -> list[tuple[PolledServer, int, int]]:
         """
         Each server with its connections identified now and configured.
         """
@@ -284,7 +284,7 @@ class PollingService(MultiService):
             for server, connections in self._servers.items()
         ]
 
-    def apply(self, servers: tuple[PollingServer, ...]) -> None:
+    def apply(self, servers: tuple[PolledServer, ...]) -> None:
         """
         Poll exactly C{servers}: start the new ones, stop (and cut) the ones
         gone or changed.

@@ -37,7 +37,7 @@ from tentacle import events
 from tentacle.observe import AgentObserver, AuditLog, ObservedHandler
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.connection import ExchangeSettings
-from tentacle.config import ConfigError, ConfigFile, PollingServer, TentacleConfig
+from tentacle.config import ConfigError, ConfigFile, PolledServer, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
 from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut_sessions
@@ -197,7 +197,7 @@ class TentacleService(MultiService):
             summarize=Dispatcher.summarize,
         )
 
-    def _polling_handler(self, server: PollingServer, address: str) -> ObservedHandler:
+    def _polling_handler(self, server: PolledServer, address: str) -> ObservedHandler:
         return ObservedHandler(
             self.dispatcher, self.reactor, self._logger("tentacle.requests"),
             address=address, thumbprint=server.thumbprint, summarize=Dispatcher.summarize,

@@ -23,7 +23,7 @@ from tentacle.dispatch import Dispatcher
 from tentacle.halibut import bson
 from tentacle.halibut.connection import ExchangeSettings, HalibutConnection, TimedOut
 from tentacle.halibut.deflate import Inflater, compress
-from tentacle.halibut.roles import PollingServer, PollingSubscriber
+from tentacle.halibut.roles import ServerOfSubscriber, PollingSubscriber
 from tentacle.halibut.rpc import PendingRequest
 from tentacle.halibut.serializer import RequestMessage, ResponseMessage, decode_message, encode_message
 from tentacle.hub.queues import NotCollected, PollingQueues, WrongAgent
@@ -180,7 +180,7 @@ class ServerOfSubscriberTests(SynchronousTestCase):
         self.logs = LogCapture.install(self)
         self.clock = Clock()
         self.queues = PollingQueues(self.clock)
-        self.wire = Wire(PollingServer(self.queues, SUBSCRIPTION), self.clock)
+        self.wire = Wire(ServerOfSubscriber(self.queues, SUBSCRIPTION), self.clock)
 
     def test_null_after_the_queue_wait(self) -> None:
         self.clock.advance(29.9)
