@@ -415,13 +415,14 @@ def halibut_sessions(
     registry: TypeRegistry,
     settings: ExchangeSettings,
     *,
-    handler_for: Callable[[Accepted], IRequestHandler] | None = None,
+    handler_for: Callable[[Accepted], IRequestHandler | None] | None = None,
     source_for: Callable[[Accepted], IRequestSource | None] | None = None,
     log: Logger | None = None,
 ) -> SessionFactory:
     """
     The session factory of a Halibut listener: a listening client gets the
-    listening-service role over C{handler_for(accepted)}; a polling
+    listening-service role over C{handler_for(accepted)} (which may refuse
+    it with C{None}); a polling
     subscriber gets the polling-server role over C{source_for(accepted)},
     which may refuse it with C{None}.  Whatever has no role here is refused.
     """
@@ -430,7 +431,10 @@ def halibut_sessions(
         identity = accepted.identity
         role: Any
         if identity.kind is IdentityKind.CLIENT and handler_for is not None:
-            role = ListeningService(handler_for(accepted))
+            handler = handler_for(accepted)
+            if handler is None:
+                return None
+            role = ListeningService(handler)
         elif identity.kind is IdentityKind.SUBSCRIBER and source_for is not None:
             source = source_for(accepted)
             if source is None or identity.subscription is None:

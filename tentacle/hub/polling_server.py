@@ -69,8 +69,9 @@ class PollingServer(Service):
     @param trusted: the thumbprints of the agents (and, on a hub, of the
         CLI users) allowed in.
     @param bindings: subscription -> the thumbprints allowed to claim it.
-    @param handler: serves MX-CLIENT connections (a hub forwards them to
-        the queues); without one, only subscribers are served.
+    @param on_collected: told each request's wait in the queue (metrics).
+    @ivar handler: serves MX-CLIENT connections (a hub forwards them to
+        the queues); while C{None}, only subscribers are served.
     """
 
     log = Logger()
@@ -87,7 +88,7 @@ class PollingServer(Service):
         collect_timeout: float = DEFAULT_COLLECT_TIMEOUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         settings: ExchangeSettings = ExchangeSettings(),
-        handler: IRequestHandler | None = None,
+        on_collected: Callable[[float], None] | None = None,
         log: Logger | None = None,
     ) -> None:
         if reactor is None:
@@ -101,7 +102,7 @@ class PollingServer(Service):
         self.trust = trusted if isinstance(trusted, TrustList) else TrustList(
             normalize_thumbprint(t) for t in trusted
         )
-        self.queues = PollingQueues(reactor, collect_timeout)
+        self.queues = PollingQueues(reactor, collect_timeout, on_collected)
         self.bindings = {
             sub: frozenset(normalize_thumbprint(t) for t in thumbprints)
             for sub, thumbprints in (bindings or {}).items()
@@ -109,11 +110,11 @@ class PollingServer(Service):
         self._port_number = port
         self._interface = interface
         self._settings = settings
-        self._handler = handler
+        self.handler: Callable[[Accepted], IRequestHandler | None] | None = None
         self._connected: collections.Counter[str] = collections.Counter()
         sessions = halibut_sessions(
             reactor, tentacle_registry(), settings,
-            handler_for=(lambda accepted: handler) if handler is not None else None,
+            handler_for=lambda accepted: self.handler(accepted) if self.handler is not None else None,
             source_for=self._source_for,
             log=self.log,
         )

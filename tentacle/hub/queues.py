@@ -51,14 +51,23 @@ class PendingRequestQueue:
     connections waiting for them.
     """
 
-    def __init__(self, subscription: str, clock: IReactorTime, collect_timeout: float) -> None:
+    def __init__(
+        self,
+        subscription: str,
+        clock: IReactorTime,
+        collect_timeout: float,
+        on_collected: Callable[[float], None] | None = None,
+    ) -> None:
+        """
+        @param on_collected: told each request's wait from queueing to
+            collection, in seconds (for metrics).
+        """
         self.subscription = subscription
         self._clock = clock
         self._collect_timeout = collect_timeout
+        self._on_collected = on_collected
         self._pending: collections.deque[tuple[PendingRequest, IDelayedCall, float]] = collections.deque()
         self._takers: collections.deque[tuple[Deferred[PendingRequest | None], Any]] = collections.deque()
-        #: Seconds from queueing to collection of the requests collected so far.
-        self.collect_latencies: collections.deque[float] = collections.deque(maxlen=1000)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -112,7 +121,9 @@ class PendingRequestQueue:
                     )
                 )
                 continue
-            self.collect_latencies.append(self._clock.seconds() - queued)
+            waited = self._clock.seconds() - queued
+            if self._on_collected is not None:
+                self._on_collected(waited)
             taker.callback(pending)
 
     def _keep_alive(self, taker: Deferred[PendingRequest | None]) -> None:
@@ -166,16 +177,22 @@ class PollingQueues:
     Every subscription's queue, made on first use.
     """
 
-    def __init__(self, clock: IReactorTime, collect_timeout: float = DEFAULT_COLLECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        collect_timeout: float = DEFAULT_COLLECT_TIMEOUT,
+        on_collected: Callable[[float], None] | None = None,
+    ) -> None:
         self._clock = clock
         self._collect_timeout = collect_timeout
+        self._on_collected = on_collected
         self._queues: dict[str, PendingRequestQueue] = {}
 
     def queue(self, subscription: str) -> PendingRequestQueue:
         queue = self._queues.get(subscription)
         if queue is None:
             queue = self._queues[subscription] = PendingRequestQueue(
-                subscription, self._clock, self._collect_timeout
+                subscription, self._clock, self._collect_timeout, self._on_collected
             )
         return queue
 
