@@ -22,6 +22,8 @@ DEFAULT_PORT = 10933
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_WORKSPACE_MAX_AGE = 86400.0
 DEFAULT_MAX_CONNECTIONS = 1000
+#: The smallest script-output-limit: room for the marker lines and more.
+MIN_SCRIPT_OUTPUT_LIMIT = 64 * 1024
 CONFIG_FILE = "tentacle.json"
 HOME_ENVIRONMENT_VARIABLE = "TENTACLE_HOME"
 
@@ -108,6 +110,9 @@ class TentacleConfig:
         refused before TLS (None: no limit).
     @ivar audit_log: keep C{<home>/Logs/audit.log}.
     @ivar metrics_port: serve Prometheus metrics on this loopback port.
+    @ivar script_output_limit: a script's stored output (its C{Output.log})
+        stops growing at this many bytes; its last lines are kept (None:
+        no limit).
     """
 
     home: Path
@@ -123,6 +128,7 @@ class TentacleConfig:
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
     audit_log: bool = True
     metrics_port: int | None = None
+    script_output_limit: int | None = None
 
     @property
     def applications(self) -> Path:
@@ -164,6 +170,7 @@ class TentacleConfig:
             "max-connections": self.max_connections,
             "audit-log": self.audit_log,
             "metrics-port": self.metrics_port,
+            "script-output-limit": self.script_output_limit,
         }
 
     @classmethod
@@ -206,6 +213,12 @@ def _count(value: object) -> int:
     return value
 
 
+def check_output_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_SCRIPT_OUTPUT_LIMIT:
+        raise ValueError(f"expected a number of bytes of at least {MIN_SCRIPT_OUTPUT_LIMIT}, not {value!r}")
+    return value
+
+
 def _optional(value: object, check: Any) -> Any:
     return None if value is None else check(value)
 
@@ -235,6 +248,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "max-connections": ("max_connections", lambda v: _optional(v, _count)),
     "audit-log": ("audit_log", lambda v: _boolean(v)),
     "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
+    "script-output-limit": ("script_output_limit", lambda v: _optional(v, check_output_limit)),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 

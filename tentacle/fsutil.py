@@ -49,3 +49,20 @@ def fsync_directory(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_folder(folder: Path) -> None:
+    """
+    Make C{folder}, and whichever of its parents are missing, readable by
+    their owner only (0700) whatever the umask; folders that exist are left
+    as they are.
+    """
+    if folder.is_dir():
+        return
+    if not folder.parent.is_dir() and folder.parent != folder:
+        private_folder(folder.parent)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(folder, 0o700)  # mkdir's mode is only ever narrowed by the umask

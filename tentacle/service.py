@@ -180,6 +180,7 @@ class TentacleService(MultiService):
             config.applications,
             max_concurrent=config.max_concurrent_scripts,
             script_timeout=config.script_timeout,
+            output_limit=config.script_output_limit,
         )
         dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
         dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
