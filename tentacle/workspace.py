@@ -5,6 +5,7 @@ A script's durable state on disk: its workspace folder, its log, its state file.
         Bootstrap.sh        the script body (CRLF normalised to LF)
         <files>             the script's extra files
         Output.log          one JSON array per line: [source, text, occurred]
+        Output.idx          a sparse index of Output.log, for restarts
         scriptstate.json    the V2 state, replaced atomically
 
 Everything a server may need after an agent restart is here, so a status can
@@ -146,11 +147,13 @@ class LogPage:
     One answer's worth of log.
 
     @ivar bytes_read: how much of the file was read to find and decode it.
+    @ivar thread: the thread that read it.
     """
 
     entries: list[ProcessOutput]
     next_sequence: int
     bytes_read: int
+    thread: int = attrs.field(factory=threading.get_ident)
 
 
 class ScriptLog:
@@ -182,6 +185,9 @@ class ScriptLog:
         self._count = 0
         self._end = 0
         self._writer: IO[bytes] | None = None
+        self._index_writer: IO[bytes] | None = None
+        #: Index entries not yet saved: written after the lines they point to.
+        self._unsaved = array("q")
         self._indexed = False
         #: Lines over the limit: the newest few, and how many in all.
         self._capped = False
@@ -189,8 +195,9 @@ class ScriptLog:
         self._tail_chars = 0
         self._held = 0
         self._finished = False
-        #: Which thread last scanned the file (L{index_existing}).
-        self.scanned_on: int | None = None
+        #: The thread of each scan of the file (L{index_existing}).
+        self.scans: list[int] = []
+        self._scan_lock = threading.Lock()
 
     @property
     def indexed(self) -> bool:
@@ -210,19 +217,25 @@ class ScriptLog:
         """
         Scan the file on disk to build the index: blocking, in chunks, so
         memory stays bounded whatever the file's size.  A line cut short by
-        a crash ends the log.  Safe to call again (it does nothing).
+        a crash ends the log.  Safe to call again, from any thread (it does
+        nothing once done).
         """
+        with self._scan_lock:
+            self._scan()
+
+    def _scan(self) -> None:
         if self._indexed:
             return
-        lines = array("q", [0])
-        offsets = array("q", [0])
-        count = base = end = 0
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
             self._indexed = True
             return
         with f:
+            lines, offsets = self._saved_index(f)
+            count = lines[-1]
+            base = end = offsets[-1]
+            f.seek(base)
             while chunk := f.read(_SCAN_CHUNK):
                 newlines = chunk.count(b"\n")
                 if newlines:
@@ -234,8 +247,44 @@ class ScriptLog:
                     end = base + chunk.rfind(b"\n") + 1
                 base += len(chunk)
         self._lines, self._offsets, self._count, self._end = lines, offsets, count, end
-        self.scanned_on = threading.get_ident()
+        self.scans.append(threading.get_ident())
         self._indexed = True
+
+    def _saved_index(self, log: IO[bytes]) -> tuple[array[int], array[int]]:
+        """
+        The index saved beside the log (L{index_path}), up to its last entry
+        that is still a line start of the file: the scan goes on from
+        there, so after a restart only the log's tail is read.  Anything
+        doubtful falls back to the start of the file.
+        """
+        lines, offsets = array("q", [0]), array("q", [0])
+        try:
+            saved = self.index_path.read_bytes()
+        except OSError:
+            return lines, offsets
+        pairs = array("q")
+        pairs.frombytes(saved[: len(saved) - len(saved) % 16])
+        size = os.fstat(log.fileno()).st_size
+        for line, offset in zip(pairs[2::2], pairs[3::2]):
+            if not (lines[-1] < line and offsets[-1] < offset <= size):
+                break
+            lines.append(line)
+            offsets.append(offset)
+        while len(lines) > 1:
+            log.seek(offsets[-1] - 1)
+            if log.read(1) == b"\n":
+                break
+            lines.pop()
+            offsets.pop()
+        return lines, offsets
+
+    @property
+    def index_path(self) -> Path:
+        """
+        Where the index is saved as it grows (pairs of 64-bit line numbers
+        and offsets), so a restart need not scan the whole log.
+        """
+        return self.path.with_suffix(".idx")
 
     def _ensure_indexed(self) -> None:
         if not self._indexed:
@@ -285,6 +334,10 @@ class ScriptLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             self._writer = os.fdopen(fd, "ab")
             self._writer.truncate(self._end)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+            self._index_writer = os.fdopen(os.open(self.index_path, flags, 0o600), "ab")
+            for line, offset in zip(self._lines, self._offsets):
+                self._unsaved.extend((line, offset))
         body = (head + (tail + head).join(encoded) + tail).encode("ascii")
         first, start, n = self._count, self._end, len(encoded)
         if (
@@ -312,6 +365,7 @@ class ScriptLog:
                 return
             self._lines.append(first + j)
             self._offsets.append(start + starts[j])
+            self._unsaved.extend((first + j, start + starts[j]))
 
     def _write_marker(self, text: str, occurred: datetime) -> None:
         self._write('["stdout", ', ', "' + occurred.isoformat() + '"]\n', [_encode_text(text)])
@@ -353,11 +407,17 @@ class ScriptLog:
         """
         if self._writer is not None:
             self._writer.flush()
+        if self._unsaved and self._index_writer is not None:
+            self._index_writer.write(self._unsaved.tobytes())
+            self._index_writer.flush()
+            del self._unsaved[:]
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.flush()
+        for writer in (self._writer, self._index_writer):
+            if writer is not None:
+                writer.close()
+        self._writer = self._index_writer = None
 
     def span(self, after: int) -> int:
         """

@@ -454,7 +454,7 @@ class ScriptRunner:
         script = self.find(ticket)
         if script is not None:
             log = script.workspace.log
-            page = await self._read(log, after)
+            page = await self.read_log(log, after)
             state = script.state.state
             if state is ProcessState.Complete and page.next_sequence < len(log):
                 # More log to come: a client stops asking once it sees Complete.
@@ -467,7 +467,7 @@ class ScriptRunner:
         log = workspace.log
         if not log.indexed:
             await self._in_thread(log.index_existing)
-        page = await self._read(log, after)
+        page = await self.read_log(log, after)
         saved = workspace.load_state()
         if saved is not None and saved.state is ProcessState.Complete and saved.exit_code is not None:
             exit_code = saved.exit_code
@@ -496,7 +496,11 @@ class ScriptRunner:
             self._disk_workspaces.popitem(last=False)
         return workspace
 
-    async def _read(self, log: ScriptLog, after: int) -> LogPage:
+    async def read_log(self, log: ScriptLog, after: int) -> LogPage:
+        """
+        One status answer's page of an indexed log from C{after}: on this
+        thread when it reads at most L{SMALL_READ} bytes, else in a thread.
+        """
         if log.span(after) <= SMALL_READ:
             return log.read_page(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES)
         log.flush()  # here, on the thread that writes it
