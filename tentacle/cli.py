@@ -369,7 +369,7 @@ class _Command:
             os.environ[logs.FILE_VARIABLE] = os.path.abspath(args.log_file)
         privileges = self._drop_to(args.user) if args.user else []
         sys.argv = [
-            "twistd", "--nodaemon", "--pidfile=", "--logger", "tentacle.logs.observer", *privileges,
+            "twistd", "--nodaemon", "--pidfile=", "--umask=0077", "--logger", "tentacle.logs.observer", *privileges,
             "tentacle", "--home", str(self.home),
         ]
         twistd.run()

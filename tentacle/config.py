@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from tentacle.fsutil import atomic_write
+from tentacle.fsutil import atomic_write, private_folder
 from tentacle.identity import normalize_thumbprint
 
 DEFAULT_PORT = 10933
@@ -285,9 +285,9 @@ class ConfigFile:
             raise ConfigError(f"{self.path}: {e}") from None
 
     def save(self, config: TentacleConfig) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_folder(self.home)
         text = json.dumps(config.to_json(), indent=2) + "\n"
-        atomic_write(self.path, text.encode("utf-8"), mode=0o644)
+        atomic_write(self.path, text.encode("utf-8"), mode=0o600)
 
     def signature(self) -> tuple[int, int, int] | None:
         """

@@ -4,12 +4,14 @@ Durable file writes: nothing partial is ever visible where a complete file is ex
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """
     Replace C{path} with C{data}: write a temp file beside it (created with
     C{mode}, so a key is never readable by others even for a moment), fsync
@@ -64,5 +66,23 @@ def private_folder(folder: Path) -> None:
     try:
         os.mkdir(folder, 0o700)
     except FileExistsError:
-        return
+        if folder.is_dir():  # made by someone else meanwhile
+            return
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(folder)) from None
     os.chmod(folder, 0o700)  # mkdir's mode is only ever narrowed by the umask
+
+
+def tighten_folder(folder: Path) -> bool:
+    """
+    Make an existing folder of ours private (0700) if others may enter it:
+    folders an older agent made 0755.  A folder owned by someone else is
+    left alone.  Whether it was changed.
+    """
+    try:
+        status = os.lstat(folder)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() or not status.st_mode & 0o077:
+        return False
+    os.chmod(folder, stat.S_IMODE(status.st_mode) & 0o700 | 0o700)
+    return True
