@@ -86,3 +86,30 @@ def tighten_folder(folder: Path) -> bool:
         return False
     os.chmod(folder, stat.S_IMODE(status.st_mode) & 0o700 | 0o700)
     return True
+
+
+def sync_tree(folder: Path) -> int:
+    """
+    fsync every file and folder under C{folder}, and C{folder} itself,
+    deepest first; symlinks are not followed.  Before a tree is made live,
+    so a power cut cannot leave it with empty files.  How many were synced.
+    """
+    synced = 0
+    for dirpath, dirnames, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    continue  # a symlink: its target is synced where it lies
+                raise
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
+                    synced += 1
+            finally:
+                os.close(fd)
+        fsync_directory(Path(dirpath))
+        synced += 1
+    return synced
