@@ -41,6 +41,7 @@ import hashlib
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -435,24 +436,52 @@ MAX_ZIP_DIRECTORY = 128 * MiB
 
 def _check_zip_directory(archive: Path, limits: PackageLimits) -> None:
     """
-    The entry count and central directory size from the zip's end record,
-    before the directory is read into memory.
+    Count the zip's entries by walking its central directory record by
+    record, before C{zipfile} reads it whole into memory (the count in the
+    end record may lie: C{zipfile} does not use it).
     """
-    read_end = getattr(zipfile, "_EndRecData", None)
-    if read_end is None:
-        return
     with archive.open("rb") as f:
-        end = read_end(f)
-    if not end:
-        return  # not a zip: ZipFile says so
-    entries = end[getattr(zipfile, "_ECD_ENTRIES_TOTAL", 4)]
-    directory = end[getattr(zipfile, "_ECD_SIZE", 5)]
-    limits.check(archive, archive.stat().st_size, entries, 0)
-    if directory > MAX_ZIP_DIRECTORY:
-        raise PackageError(
-            f"{archive.name} has a central directory of {directory:,} bytes; at most "
-            f"{MAX_ZIP_DIRECTORY:,} are read"
-        )
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+        if not end:
+            return  # not a zip: ZipFile says so
+        size = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+        if size > MAX_ZIP_DIRECTORY:
+            raise PackageError(
+                f"{archive.name} has a central directory of {size:,} bytes; at most "
+                f"{MAX_ZIP_DIRECTORY:,} are read"
+            )
+        zip64 = end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64  # type: ignore[attr-defined]
+        start = end[zipfile._ECD_LOCATION] - size - (76 if zip64 else 0)  # type: ignore[attr-defined]
+        if start < 0:
+            return  # damaged: ZipFile says so
+        f.seek(start)
+        archive_size = archive.stat().st_size
+        entries = 0
+        buffer = b""
+        position = 0
+        left = size
+        while True:
+            if len(buffer) - position < 46 and left:
+                chunk = f.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                buffer = buffer[position:] + chunk
+                position = 0
+            if len(buffer) - position < 46 or buffer[position : position + 4] != b"PK\x01\x02":
+                return  # the end, or damage: ZipFile says so
+            names, extra, comment = struct.unpack_from("<3H", buffer, position + 28)
+            entries += 1
+            limits.check(archive, archive_size, entries, 0)
+            skip = 46 + names + extra + comment
+            while len(buffer) - position < skip and left:
+                chunk = f.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                buffer = buffer[position:] + chunk
+                position = 0
+            position += skip
 
 
 def _zip_entry(info: zipfile.ZipInfo, zf: zipfile.ZipFile) -> _Entry:
