@@ -114,7 +114,10 @@ def resolve_remote_path(
     if "\0" in remote_path:
         raise FileTransferError(f"The path {remote_path!r} contains a NUL character")
     full = os.path.abspath(os.path.join(home, remote_path.replace("\\", "/")))
-    real = os.path.realpath(full)
+    try:
+        real = os.path.realpath(full)
+    except OSError as e:  # a link changing under us as it is resolved
+        raise FileTransferError(f"Could not resolve {full}: {_describe(e)}") from None
     if allowed_roots and not any(_inside(real, root) for root in allowed_roots):
         roots = ", ".join(str(r) for r in allowed_roots)
         shown = full if real == full else f"{full} (which resolves to {real})"
