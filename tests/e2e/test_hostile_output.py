@@ -27,11 +27,11 @@ from tentacle.contracts import (
     ScriptTicket,
 )
 from tentacle.services.scripts import SMALL_READ, ScriptRunner
-from tentacle.workspace import INDEX_EVERY_BYTES, ScriptState, WorkspaceStore
+from tentacle.workspace import INDEX_EVERY_BYTES, TAIL_LINES, ScriptState, WorkspaceStore
 from tests.agent_process import spawn_agent
 from tests.e2e.test_scripts import v2_command
 from tests.figures import record
-from tests.support import identity
+from tests.support import agent_port, identity, start_agent
 
 AGENT = identity("agent")
 SERVER = identity("server")
@@ -172,3 +172,24 @@ class FloodTests(TestCase):
         )
 
     test_five_million_lines_in_flat_memory.timeout = 300  # type: ignore[attr-defined]
+
+
+class OutputLimitTests(TestCase):
+    async def test_a_script_flooding_past_the_script_output_limit_keeps_its_last_lines(self) -> None:
+        limit = 64 * 1024
+        service = start_agent(self, trusted=(SERVER.thumbprint,), script_output_limit=limit)
+        client = TentacleClient(Target("127.0.0.1", agent_port(service), Pin(AGENT.thumbprint)), SERVER, reactor)
+        self.addCleanup(client.close)
+        count = 200_000
+        lines: list[str] = []
+        code = await client.run_script(f"seq 1 {count}", on_log=lambda line: lines.append(line.text))
+        self.assertEqual(code, 0)
+        first_marker = next(i for i, text in enumerate(lines) if "passed the script-output-limit" in text)
+        self.assertEqual(lines[:first_marker], [str(n) for n in range(1, first_marker + 1)])
+        self.assertIn(f"of {limit} bytes", lines[first_marker])
+        dropped = count - first_marker - TAIL_LINES
+        self.assertIn(f"{dropped} lines of output were not stored", lines[first_marker + 1])
+        self.assertEqual(lines[first_marker + 2 :], [str(n) for n in range(count - TAIL_LINES + 1, count + 1)])
+        record(self, "hostile", f"a script printing {count:,} lines against script-output-limit={limit}",
+               f"{first_marker:,} lines stored, a marker, then the last {TAIL_LINES} at the end; "
+               f"{dropped:,} not stored", lines_dropped_by_limit=dropped)
