@@ -176,6 +176,9 @@ class PlantedSymlinkTests(SynchronousTestCase):
             with ReleaseStore(self.apps, "linked").locked():
                 pass
         self.assertFalse((self.victim / LOCK).exists())
+        record(self, "hostile", "symlinks planted in a package's folder: the lock, a leftover extraction, "
+               "a release, the journal (and a FIFO), the folder itself",
+               "none followed: refused or unlinked; the victim folder untouched", refused=6)
 
 
 class DurableExtractionTests(SynchronousTestCase):
