@@ -95,9 +95,11 @@ class PrivateWorkspaceTests(TestCase):
         """
         if os.geteuid() != 0:
             self.skipTest("only root can run a probe as another user")  # type: ignore[attr-defined]
-        os.umask(old := os.umask(0o022))
-        self.assertEqual(old & 0o077, 0o022 & 0o077, "the agent inherits an ordinary umask")
-        agent, home, port = await spawn_agent(self, AGENT, (SERVER.thumbprint,), options=("--scripts",))
+        old = os.umask(0o022)  # what the agent inherits: an ordinary umask
+        try:
+            agent, home, port = await spawn_agent(self, AGENT, (SERVER.thumbprint,), options=("--scripts",))
+        finally:
+            os.umask(old)
         client = TentacleClient(Target("127.0.0.1", port, Pin(AGENT.thumbprint)), SERVER, reactor)
         self.addCleanup(client.close)
         local = Path(self.mktemp())
