@@ -166,10 +166,12 @@ class ScriptLog:
     (and at least one per L{INDEX_EVERY_BYTES}), so a page is found by a
     seek and at most that much skipping.
 
+    The index is also saved beside the log (L{index_path}) as it grows.
     A log that already exists on disk (after an agent restart) must be
     indexed once, by L{index_existing}, before it is read or appended to:
-    that scans the whole file, so callers on the reactor thread run it in
-    a thread.
+    that reads the saved index and scans the log from its last entry (the
+    whole log when there is none), so callers on the reactor thread run it
+    in a thread.
 
     @param limit: stop storing lines once the file would pass this many
         bytes (C{None}: no limit).  A marker line says so, and the last
