@@ -184,6 +184,15 @@ class StartupTests(TestCase):
             self.assertIn("allowed-roots", warnings[0]["log_format"])
             self.assertIn("--user", warnings[0]["log_format"])
 
+    def test_an_older_agents_open_folders_are_made_private(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        for name in ("Work", "Logs", "Packages", "Elsewhere"):
+            (home / name).mkdir(parents=True)
+            os.chmod(home / name, 0o755)
+        start_agent(self, home=home, trusted=(SERVER.thumbprint,))
+        modes = {name: mode(home / name) for name in ("Work", "Logs", "Packages", "Elsewhere")}
+        self.assertEqual(modes, {"Work": 0o700, "Logs": 0o700, "Packages": 0o700, "Elsewhere": 0o755})
+
     async def test_run_as_user_creates_the_identity_for_that_user(self) -> None:
         """
         Started as root with C{--user}, the agent makes its certificate for
