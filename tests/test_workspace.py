@@ -108,6 +108,8 @@ class SparseIndexTests(SynchronousTestCase):
         folder = Path(self.mktemp())
         folder.mkdir()
         self.path = folder / "Output.log"
+        self.addCleanup(self.path.unlink, missing_ok=True)
+        self.addCleanup(self.path.with_suffix(".idx").unlink, missing_ok=True)
 
     def fill(self, log: ScriptLog, count: int, text: str = "line {}", batch: int = 997) -> None:
         for start in range(0, count, batch):

@@ -65,6 +65,7 @@ class RestartedLogTests(TestCase):
         home = Path(self.mktemp()).absolute()
         lines = 300_000
         ticket = ScriptTicket("restarted")
+        self.addCleanup(shutil.rmtree, home, True)
         _write_log(home, ticket.task_id, lines)
         # As an older agent left it: no saved index, so the whole log is scanned.
         (home / "Work" / "restarted" / "Output.idx").unlink()
