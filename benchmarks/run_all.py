@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_connections.py", [], ["--rounds", "3", "--count", "300"]),
     ("bench_transfer.py", [], ["--rounds", "3", "--mib", "256"]),
     ("bench_scripts.py", ["--scripts", "100"], ["--rounds", "3", "--count", "20"]),
+    ("bench_script_log.py", [], ["--rounds", "3", "--samples", "10"]),
 ]
 
 
@@ -201,6 +202,22 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, float, str]]:
         add(
             "StartScript 'echo hello' waiting for its end (vs bare spawn to exit)",
             first["agent-wait"] * 1e3, first["spawn-exit"] * 1e3, "ms", "lower",
+        )
+    lg = figures.get("bench_script_log.py")
+    if lg:
+        stored = lg["store_seconds"]
+        add(
+            f"store {lg['lines'] / 1e6:g} M empty output lines (vs writing the same bytes)",
+            stored["ours"]["median"], stored["write"]["median"], "s", "lower", "{:.3f}",
+        )
+        page = lg["last_page_seconds"]
+        add(
+            f"last page of a {lg['lines'] / 1e6:g} M-line log after a restart (vs tail of the file)",
+            page["ours"]["median"] * 1e3, page["tail"]["median"] * 1e3, "ms", "lower", "{:.2f}",
+        )
+        add(
+            "the same with no saved index (vs counting the file's newlines)",
+            page["ours-no-index"]["median"] * 1e3, page["count"]["median"] * 1e3, "ms", "lower",
         )
     return out
 

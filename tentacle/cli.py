@@ -25,6 +25,7 @@ from tentacle.config import (
     ConfigFile,
     TentacleConfig,
     check_listen_address,
+    check_output_limit,
     check_port,
     check_timeout,
     resolve_home,
@@ -97,6 +98,15 @@ def _size_argument(value: str) -> int:
     if size < 1024:
         raise argparse.ArgumentTypeError(f"expected a number of bytes of at least 1024, not {value!r}")
     return size
+
+
+def _output_limit_argument(value: str) -> int | None:
+    if value == "none":
+        return None
+    try:
+        return check_output_limit(int(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'none')") from None
 
 
 def _seconds_argument(value: str) -> float:
@@ -184,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen on this IP address only, or 'any' for every interface",
     )
     configure.add_argument("--app", metavar="DIR", help="where deployed applications go")
+    configure.add_argument(
+        "--script-output-limit", type=_output_limit_argument, default=False, metavar="BYTES",
+        help="store at most this much of each script's output, then only its last lines ('none': no limit)",
+    )
 
     show_config = commands.add_parser(
         "show-configuration",
@@ -286,11 +300,13 @@ class _Command:
         changes = (
             args.trust or args.remove_trust or args.reset_trust
             or args.port is not None or args.listen_ip is not None or args.app is not None
+            or args.script_output_limit is not False
         )
         if not changes:
             raise UsageError(
                 "tentacle configure: nothing to change; give --trust, --remove-trust, "
-                "--reset-trust, --port, --listen-ip or --app (see 'tentacle configure --help')"
+                "--reset-trust, --port, --listen-ip, --app or --script-output-limit "
+                "(see 'tentacle configure --help')"
             )
         config = self.config_file.load()
         if args.reset_trust:
@@ -312,6 +328,13 @@ class _Command:
         if args.app is not None:
             config = _evolve(config, application_directory=Path(args.app).expanduser().absolute())
             self.out.write(f"Application directory set to {config.applications}\n")
+        if args.script_output_limit is not False:
+            config = _evolve(config, script_output_limit=args.script_output_limit)
+            limit = args.script_output_limit
+            self.out.write(
+                f"Script output limit set to {'none' if limit is None else f'{limit} bytes'} "
+                "(takes effect on restart)\n"
+            )
         self.config_file.save(config)
         return 0
 
@@ -346,7 +369,7 @@ class _Command:
             os.environ[logs.FILE_VARIABLE] = os.path.abspath(args.log_file)
         privileges = self._drop_to(args.user) if args.user else []
         sys.argv = [
-            "twistd", "--nodaemon", "--pidfile=", "--logger", "tentacle.logs.observer", *privileges,
+            "twistd", "--nodaemon", "--pidfile=", "--umask=0077", "--logger", "tentacle.logs.observer", *privileges,
             "tentacle", "--home", str(self.home),
         ]
         twistd.run()

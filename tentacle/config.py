@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 
-from tentacle.fsutil import atomic_write
+from tentacle.fsutil import atomic_write, private_folder
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.identity import normalize_thumbprint
 from tentacle.systemd import check_instance
@@ -33,6 +33,8 @@ MAX_POLLING_CONNECTIONS = 512
 POLLING_CONNECTIONS_ENVIRONMENT_VARIABLE = "TentaclePollingConnectionCount"
 #: Tentacle's alphabet for subscription ids: no 0/O or 1/I to misread.
 _SUBSCRIPTION_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+#: The smallest script-output-limit: room for the marker lines and more.
+MIN_SCRIPT_OUTPUT_LIMIT = 64 * 1024
 CONFIG_FILE = "tentacle.json"
 HOME_ENVIRONMENT_VARIABLE = "TENTACLE_HOME"
 
@@ -294,6 +296,9 @@ class TentacleConfig:
     @ivar instance_name: the name scripts see as C{TentacleInstanceName}
         (as C{tentacle service --instance} names the unit).
     @ivar proxy: this machine's proxy, told to scripts.
+    @ivar script_output_limit: a script's stored output (its C{Output.log})
+        stops growing at this many bytes; its last lines are kept (None:
+        no limit).
     """
 
     home: Path
@@ -313,6 +318,7 @@ class TentacleConfig:
     polling_servers: tuple[PolledServer, ...] = ()
     instance_name: str = DEFAULT_INSTANCE
     proxy: ProxySetting = ProxySetting()
+    script_output_limit: int | None = None
 
     @property
     def trusted(self) -> tuple[str, ...]:
@@ -427,6 +433,7 @@ class TentacleConfig:
             "polling-servers": [p.to_json() for p in self.polling_servers],
             "instance-name": self.instance_name,
             "proxy": self.proxy.to_json(),
+            "script-output-limit": self.script_output_limit,
         }
 
     @classmethod
@@ -473,6 +480,10 @@ def _instance_name(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a name, not {value!r}")
     return check_instance(value)
+def check_output_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_SCRIPT_OUTPUT_LIMIT:
+        raise ValueError(f"expected a number of bytes of at least {MIN_SCRIPT_OUTPUT_LIMIT}, not {value!r}")
+    return value
 
 
 def _optional(value: object, check: Any) -> Any:
@@ -508,6 +519,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "polling-servers": ("polling_servers", _polling_servers),
     "instance-name": ("instance_name", lambda v: _instance_name(v)),
     "proxy": ("proxy", ProxySetting.parse),
+    "script-output-limit": ("script_output_limit", lambda v: _optional(v, check_output_limit)),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 
@@ -544,10 +556,9 @@ class ConfigFile:
             raise ConfigError(f"{self.path}: {e}") from None
 
     def save(self, config: TentacleConfig) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_folder(self.home)
         text = json.dumps(config.to_json(), indent=2) + "\n"
-        # A proxy password makes the file a secret.
-        atomic_write(self.path, text.encode("utf-8"), mode=0o600 if config.proxy.password else 0o644)
+        atomic_write(self.path, text.encode("utf-8"), mode=0o600)
 
     def signature(self) -> tuple[int, int, int] | None:
         """

@@ -31,6 +31,10 @@ UPLOAD_ABANDONED = "upload_abandoned"
 UPLOAD_REFUSED = "upload_refused"
 DOWNLOAD_STARTED = "download_started"
 
+# --- start-up -----------------------------------------------------------------
+#: Root with no allowed-roots: a trusted server may touch any file.
+RUNNING_AS_ROOT = "running_as_root"
+
 # --- trust --------------------------------------------------------------------
 TRUST_ADDED = "trust_added"
 TRUST_REMOVED = "trust_removed"
@@ -58,6 +62,7 @@ __all__ = [
     "POLLING_REFUSED",
     "PROTOCOL_ERROR",
     "REQUEST_SERVED",
+    "RUNNING_AS_ROOT",
     "SCRIPT_FINISHED",
     "TRUST_ADDED",
     "TRUST_REMOVED",

@@ -4,12 +4,14 @@ Durable file writes: nothing partial is ever visible where a complete file is ex
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """
     Replace C{path} with C{data}: write a temp file beside it (created with
     C{mode}, so a key is never readable by others even for a moment), fsync
@@ -49,3 +51,65 @@ def fsync_directory(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_folder(folder: Path) -> None:
+    """
+    Make C{folder}, and whichever of its parents are missing, readable by
+    their owner only (0700) whatever the umask; folders that exist are left
+    as they are.
+    """
+    if folder.is_dir():
+        return
+    if not folder.parent.is_dir() and folder.parent != folder:
+        private_folder(folder.parent)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        if folder.is_dir():  # made by someone else meanwhile
+            return
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(folder)) from None
+    os.chmod(folder, 0o700)  # mkdir's mode is only ever narrowed by the umask
+
+
+def tighten_folder(folder: Path) -> bool:
+    """
+    Make an existing folder of ours private (0700) if others may enter it:
+    folders an older agent made 0755.  A folder owned by someone else is
+    left alone.  Whether it was changed.
+    """
+    try:
+        status = os.lstat(folder)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() or not status.st_mode & 0o077:
+        return False
+    os.chmod(folder, stat.S_IMODE(status.st_mode) & 0o700 | 0o700)
+    return True
+
+
+def sync_tree(folder: Path) -> int:
+    """
+    fsync every file and folder under C{folder}, and C{folder} itself,
+    deepest first; symlinks are not followed.  Before a tree is made live,
+    so a power cut cannot leave it with empty files.  How many were synced.
+    """
+    synced = 0
+    for dirpath, dirnames, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    continue  # a symlink: its target is synced where it lies
+                raise
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
+                    synced += 1
+            finally:
+                os.close(fd)
+        fsync_directory(Path(dirpath))
+        synced += 1
+    return synced

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from tentacle.fsutil import atomic_write
+from tentacle.fsutil import atomic_write, private_folder
 
 #: What Octopus Tentacle puts in its own certificates; servers do not check it,
 #: but keeping it makes our agent look familiar in Octopus's UI and logs.
@@ -230,9 +230,10 @@ class IdentityStore:
     def save(self, identity: Identity) -> None:
         """
         Write the key first, readable by the owner only (0600), then the
-        certificate; each atomically, so a crash never leaves half a key.
+        certificate (0600 too, as every file of the agent); each atomically,
+        so a crash never leaves half a key.
         """
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_folder(self.home)
         atomic_write(self.private_key_path, identity.private_key_pem(), mode=0o600)
-        atomic_write(self.certificate_path, identity.certificate_pem(), mode=0o644)
+        atomic_write(self.certificate_path, identity.certificate_pem(), mode=0o600)
 

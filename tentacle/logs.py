@@ -37,7 +37,9 @@ def make_observer(log_format: str, path: str | None, max_size: int) -> ILogObser
     out: IO[str]
     if path:
         directory, name = os.path.split(os.path.abspath(path))
-        out = LogFile(name, directory, rotateLength=max_size, maxRotatedFiles=KEEP)  # type: ignore[assignment]
+        out = LogFile(  # type: ignore[assignment]
+            name, directory, rotateLength=max_size, maxRotatedFiles=KEEP, defaultMode=0o600
+        )
     else:
         out = sys.stdout
     observer = jsonFileLogObserver(out) if log_format == "json" else textFileLogObserver(out)

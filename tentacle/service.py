@@ -14,6 +14,7 @@ embedding in any Twisted application::
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, ProcessState, tentacle_registry
-from tentacle.fsutil import atomic_write
+from tentacle.fsutil import atomic_write, private_folder, tighten_folder
 from tentacle.metrics import Metrics
 from tentacle import events
 from tentacle.observe import AgentObserver, AuditLog, ObservedHandler
@@ -63,6 +64,10 @@ LISTEN_BACKLOG = 1024
 HEARTBEAT_INTERVAL = 10.0
 HEARTBEAT_FILE = "Logs/heartbeat"
 METRICS_FILE = "Logs/metrics.prom"
+#: Folders of the home that the agent fills, made private (0700) at start
+#: when an older agent left them open: script workspaces, its logs, and
+#: the package cache uploads go to.
+PRIVATE_FOLDERS = ("Work", "Logs", "Packages")
 
 
 class _AcceptCounter(WrappingFactory):
@@ -219,6 +224,7 @@ class TentacleService(MultiService):
                 home=config.home, applications=config.applications, instance_name=config.instance_name,
                 signature_algorithm=signature_algorithm_name(self.identity.certificate), proxy=config.proxy,
             ),
+            output_limit=config.script_output_limit,
         )
         dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
         dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
@@ -284,6 +290,7 @@ class TentacleService(MultiService):
     def startService(self) -> None:
         if not self._privileged_started:
             self.privilegedStartService()
+        self._make_private()
         self._start_observing()
         super().startService()
         if self.port is not None:
@@ -302,6 +309,13 @@ class TentacleService(MultiService):
                 "No server is trusted yet, so every message exchange will be "
                 "refused: run 'tentacle configure --trust <server thumbprint>'"
             )
+        if os.geteuid() == 0 and not self.config.allowed_roots:
+            self.log.warn(
+                "The agent runs as root with no allowed-roots: a trusted server may read and "
+                "write any file on this machine. For production, run it as its own user "
+                "('tentacle run --user NAME') and confine file transfers with allowed-roots.",
+                event=events.RUNNING_AS_ROOT,
+            )
         if self._handle_sighup:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
 
@@ -319,6 +333,18 @@ class TentacleService(MultiService):
                 connection.transport.loseConnection()
         return d
 
+    def _make_private(self) -> None:
+        """
+        Tighten the folders an older agent made 0755 (as whoever the agent
+        runs as by now: after twistd dropped privileges).
+        """
+        for name in PRIVATE_FOLDERS:
+            try:
+                if tighten_folder(self.config.home / name):
+                    self.log.info("Made {folder} private (0700)", folder=str(self.config.home / name))
+            except OSError as e:
+                self.log.warn("Could not make {folder} private: {error}", folder=name, error=str(e))
+
     # --- watching the agent ----------------------------------------------------
 
     def _start_observing(self) -> None:
@@ -326,7 +352,7 @@ class TentacleService(MultiService):
             return
         if self.config.audit_log:
             logs = self.config.home / "Logs"
-            logs.mkdir(parents=True, exist_ok=True)
+            private_folder(logs)
             self._audit = AuditLog(str(logs / "audit.log"))
         self._observer = AgentObserver(self.metrics, self._audit)
         self.events.addObserver(self._observer)
@@ -361,7 +387,7 @@ class TentacleService(MultiService):
         """
         home = self.config.home
         try:
-            (home / "Logs").mkdir(parents=True, exist_ok=True)
+            private_folder(home / "Logs")
             atomic_write(home / METRICS_FILE, self.metrics.render().encode(), durable=False)
             atomic_write(home / HEARTBEAT_FILE, self._heartbeat().encode(), durable=False)
         except OSError as e:

@@ -41,13 +41,51 @@ def unit_name(instance: str) -> str:
     return "tentacle.service" if instance == "default" else f"tentacle-{instance}.service"
 
 
+#: What systemd itself accepts as a user name (or a numeric uid).
+_SAFE_USER = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,30}[$]?|[0-9]{1,10})$")
+
+
+def check_user(name: str) -> str:
+    """
+    @raise ServiceError: not a name systemd takes as C{User=}: it could
+        otherwise add lines or specifiers to the unit.
+    """
+    if not _SAFE_USER.match(name):
+        raise ServiceError(
+            f"{name!r} cannot be a service user: use letters, digits, '_', '.' and '-' "
+            "(starting with a letter or '_', at most 32), or a numeric uid"
+        )
+    return name
+
+
+def check_unit_path(path: str) -> str:
+    """
+    @raise ServiceError: the path holds a control character (a newline
+        would end the unit's line and start another), which no escaping
+        of a unit file can carry safely everywhere.
+    """
+    if re.search(r"[\x00-\x1f\x7f]", path):
+        raise ServiceError(f"{path!r} holds a control character (a newline?); a service cannot use it")
+    return path
+
+
 def _quote(argument: str) -> str:
     """
-    systemd's own quoting for ExecStart arguments.
+    An ExecStart argument as systemd reads it back: C-style quoted when it
+    is not plain, C{$} doubled (no variable is expanded) and C{%} doubled
+    (no specifier is).
     """
-    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", argument):
-        return argument
-    return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if not re.fullmatch(r"[A-Za-z0-9_@+=:,./-]+", argument):
+        argument = '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return argument.replace("$", "$$").replace("%", "%%")
+
+
+def _environment_value(value: str) -> str:
+    """
+    A value for C{Environment=}: quoted, C{%} doubled (C{$} is not
+    expanded there).
+    """
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
 @attrs.frozen
@@ -66,8 +104,16 @@ class Unit:
         return unit_name(self.instance)
 
     def render(self) -> str:
-        command = " ".join(_quote(a) for a in [self.python, "-m", "tentacle", "--home", str(self.home), "run"])
-        user = f"User={self.user}\n" if self.user else ""
+        """
+        The unit's text.
+
+        @raise ServiceError: the user or a path cannot be written into a
+            unit safely (see L{check_user}, L{check_unit_path}).
+        """
+        home = check_unit_path(str(self.home))
+        python = check_unit_path(self.python)
+        command = " ".join(_quote(a) for a in [python, "-m", "tentacle", "--home", home, "run"])
+        user = f"User={check_user(self.user)}\n" if self.user else ""
         return (
             "[Unit]\n"
             f"Description=Tentacle deployment agent ({self.instance})\n"
@@ -77,7 +123,7 @@ class Unit:
             "[Service]\n"
             "Type=simple\n"
             f"{user}"
-            f"Environment=TENTACLE_HOME={_quote(str(self.home))}\n"
+            f"Environment={_environment_value('TENTACLE_HOME=' + home)}\n"
             f"ExecStart={command}\n"
             "Restart=always\n"
             "RestartSec=5\n"

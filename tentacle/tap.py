@@ -4,6 +4,7 @@ The twistd plugin's options and service: C{twistd -n tentacle [--home H] [--port
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -63,6 +64,7 @@ def ensure_identity(store: IdentityStore) -> Identity:
         return store.load()
     identity = Identity.generate()
     store.save(identity)
+    _give_to_home_owner(store)
     log.info(
         "Created a new certificate for this agent in {home}; its thumbprint is "
         "{thumbprint}. Trust it on your server, and trust your server here "
@@ -73,7 +75,25 @@ def ensure_identity(store: IdentityStore) -> Identity:
     return identity
 
 
+def _give_to_home_owner(store: IdentityStore) -> None:
+    """
+    Started as root to run as another user (C{tentacle run --user}), the
+    agent makes its identity before it drops privileges: the files go to
+    the home's owner, who can then start the agent directly.
+    """
+    if os.geteuid() != 0:
+        return
+    owner = store.home.stat()
+    if owner.st_uid == 0:
+        return
+    for path in (store.private_key_path, store.certificate_path):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
+    # Every file and folder the agent and its scripts create is private
+    # unless made otherwise (the agent's own are so whatever the umask).
+    os.umask(0o077)
     home = resolve_home(options["home"])
     config_file = ConfigFile(home)
     try:

@@ -53,7 +53,7 @@ class ProxySettingTests(SynchronousTestCase):
         file.save(config)
         loaded = file.load()
         self.assertEqual((loaded.instance_name, loaded.proxy), ("web-1", ProxySetting(False, "h", 3)))
-        self.assertEqual(stat.S_IMODE(file.path.stat().st_mode), 0o644)
+        self.assertEqual(stat.S_IMODE(file.path.stat().st_mode), 0o600, "the agent's files are private")
         data = json.loads(file.path.read_text())
         self.assertEqual((data["instance-name"], data["proxy"]), ("web-1", "http://h:3"))
 

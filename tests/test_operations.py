@@ -40,7 +40,7 @@ class UnitTests(CLI):
         self.assertIn("User=deploy\n", text)
         self.assertIn("Restart=always\n", text)
         self.assertIn("WantedBy=multi-user.target\n", text)
-        self.assertIn('Environment=TENTACLE_HOME="/srv/tentacle web"\n', text)
+        self.assertIn('Environment="TENTACLE_HOME=/srv/tentacle web"\n', text)
         for breaking in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "ProtectHome"):
             self.assertNotIn(breaking, text)
 

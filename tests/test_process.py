@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from tentacle.contracts import ProcessOutputSource
 from tentacle.workers.process import (
+    COOKIE_VARIABLE,
     MAX_LINE,
     ProcessResult,
     ScriptProcess,
@@ -212,11 +213,26 @@ class GroupSignals:
         self.sent.append((pgid, sig))
 
 
+@attrs.define
+class MarkedSignals:
+    """
+    Stands in for L{tentacle.workers.process.signal_marked}: records the
+    cookie and signal, and signals nothing.
+    """
+
+    sent: list[tuple[str, str, int]] = attrs.Factory(list)
+
+    def __call__(self, variable: str, value: str, sig: int) -> int:
+        self.sent.append((variable, value, sig))
+        return 0
+
+
 class FakeReactorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeProcessReactor()
         self.output = Output()
         self.group = GroupSignals()
+        self.marked = MarkedSignals()
         self.ticks = 0
 
     def now(self) -> datetime:
@@ -233,6 +249,7 @@ class FakeReactorTests(SynchronousTestCase):
             self.output,
             now=self.now,
             signal_group=self.group,
+            signal_marked=self.marked,
             **kwargs,
         )
 
@@ -249,6 +266,8 @@ class FakeReactorTests(SynchronousTestCase):
         process, d, child = self.started()
         spawn = self.reactor.spawns[0]
         self.assertEqual(spawn.args[-3:], [resolve_executable("sh", ENV, "."), "-c", "true"])
+        cookie = spawn.env.pop(COOKIE_VARIABLE)
+        self.assertRegex(cookie, "^[0-9a-f]{32}$")
         self.assertEqual(spawn.env, ENV)
         # The child changes folder itself, so Twisted may posix_spawn it.
         self.assertIsNone(spawn.path)
@@ -364,6 +383,13 @@ class FakeReactorTests(SynchronousTestCase):
         child.exit(None, signal.SIGKILL)
         self.assertEqual(self.successResultOf(d), ProcessResult(None, signal.SIGKILL, True, False))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+        # Each signal also went to whatever carries the script's cookie.
+        cookie = self.reactor.spawns[0].env[COOKIE_VARIABLE]
+        self.assertEqual(
+            self.marked.sent,
+            [(COOKIE_VARIABLE, cookie, signal.SIGTERM), (COOKIE_VARIABLE, cookie, signal.SIGKILL),
+             (COOKIE_VARIABLE, cookie, signal.SIGKILL)],
+        )
 
     def test_backstop(self) -> None:
         """
@@ -728,11 +754,12 @@ class RealProcessTests(TestCase):
 
     async def test_escaped_grandchild_does_not_stall(self) -> None:
         """
-        A grandchild in a session of its own is out of reach of the group
-        signals; closing the pipes after KILL still lets the result come.
+        A grandchild in a session of its own, with an environment rebuilt
+        from nothing, is out of reach of the group signals and of the
+        cookie; closing the pipes after KILL still lets the result come.
         """
         process, d, output = self.run_script(
-            "setsid sh -c 'echo escaped $$; exec sleep 600' & sleep 600", kill_grace=0.5
+            "setsid env -i sh -c 'echo escaped $$; exec sleep 600' & sleep 600", kill_grace=0.5
         )
         await output.wait_until(lambda line: line.startswith("escaped "))
         escaped_pid = int(output.text(OUT)[0].split()[1])

@@ -4,6 +4,9 @@ The twistd plugin and the service it makes, on a memory reactor and fake clock.
 
 from __future__ import annotations
 
+import os
+import stat
+
 from pathlib import Path
 
 from twisted.application.service import IServiceMaker
@@ -47,6 +50,8 @@ class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.home = Path(self.mktemp()).absolute()
         self.logs = LogCapture.install(self)
+        # makeService sets the process's umask, as a daemon's; not the suite's.
+        self.addCleanup(os.umask, os.umask(0o022))
 
     def make(self, *argv: str) -> TentacleService:
         options = Options()
@@ -61,6 +66,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(service.identity.thumbprint, stored.thumbprint)
         [event] = [e for e in self.logs.events if e.get("thumbprint") == stored.thumbprint]
         self.assertIn("tentacle configure --trust", event["log_format"])
+
+    def test_umask_077_and_a_private_home(self) -> None:
+        self.make()
+        self.assertEqual(os.umask(0o077), 0o077)
+        self.assertEqual(stat.S_IMODE(self.home.stat().st_mode), 0o700)
+        for path in self.home.iterdir():
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600, path)
 
     def test_existing_identity_is_kept(self) -> None:
         IdentityStore(self.home).save(identity("agent"))

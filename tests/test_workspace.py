@@ -14,6 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tentacle.contracts import ProcessOutputSource, ProcessState
 from tentacle.workspace import (
+    INDEX_EVERY_BYTES,
+    INDEX_EVERY_LINES,
+    TAIL_LINES,
     ScriptLog,
     ScriptState,
     WorkspaceError,
@@ -90,6 +93,136 @@ class LogTests(SynchronousTestCase):
         log.flush()
         [line] = self.path.read_bytes().splitlines()
         self.assertEqual(json.loads(line), ["debug", 'quote " and \n newline', WHEN.isoformat()])
+
+
+class SparseIndexTests(SynchronousTestCase):
+    """
+    The log's memory does not grow with its lines: an offset is kept for
+    one line in 4096 (or per MiB), and a page costs a seek and a bounded
+    skip.
+    """
+
+    LINES = 100_000
+
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        self.path = folder / "Output.log"
+        self.addCleanup(self.path.unlink, missing_ok=True)
+        self.addCleanup(self.path.with_suffix(".idx").unlink, missing_ok=True)
+
+    def fill(self, log: ScriptLog, count: int, text: str = "line {}", batch: int = 997) -> None:
+        for start in range(0, count, batch):
+            log.append_lines(
+                ProcessOutputSource.StdOut,
+                [text.format(i) for i in range(start, min(count, start + batch))],
+                WHEN,
+            )
+        log.flush()
+
+    def check_pages(self, log: ScriptLog, count: int, max_skip: int) -> None:
+        for after in (0, 1, 4095, 4096, 4097, count // 2, count - 4097, count - 1):
+            page = log.read_page(after, 5, 10**6)
+            self.assertEqual(
+                [e.text for e in page.entries], [f"line {i}" for i in range(after, min(after + 5, count))]
+            )
+            self.assertEqual(page.next_sequence, min(after + 5, count))
+            page_bytes = sum(len(e.text) + 60 for e in page.entries)
+            self.assertLess(page.bytes_read, max_skip + page_bytes, after)
+
+    def test_one_offset_per_4096_lines(self) -> None:
+        log = ScriptLog(self.path)
+        self.fill(log, self.LINES)
+        self.assertEqual(len(log), self.LINES)
+        self.assertEqual(log.index_size, -(-self.LINES // INDEX_EVERY_LINES))
+        # A page skips at most 4095 lines of under 60 bytes.
+        self.check_pages(log, self.LINES, INDEX_EVERY_LINES * 60)
+
+    def test_long_lines_one_offset_per_mib(self) -> None:
+        log = ScriptLog(self.path)
+        line = 100_000
+        self.fill(log, 200, "line {} " + "x" * line, batch=7)
+        size = self.path.stat().st_size
+        self.assertLessEqual(log.index_size, size // INDEX_EVERY_BYTES + 2)
+        page = log.read_page(150, 1, 10**6)
+        self.assertTrue(page.entries[0].text.startswith("line 150 "))
+        self.assertLess(page.bytes_read, INDEX_EVERY_BYTES + 2 * line)
+
+    def test_saved_index_read_after_a_restart(self) -> None:
+        """
+        The index is saved as it grows: a restarted agent reads it and
+        scans only the log's tail.
+        """
+        log = ScriptLog(self.path)
+        self.fill(log, self.LINES)
+        log.close()
+        reopened = ScriptLog(self.path)
+        self.assertFalse(reopened.indexed)
+        reopened.index_existing()
+        self.assertEqual(len(reopened), self.LINES)
+        self.assertLessEqual(reopened.index_size, log.index_size + 1)
+        self.check_pages(reopened, self.LINES, INDEX_EVERY_LINES * 60)
+        reopened.index_existing()
+        self.assertEqual(len(reopened.scans), 1, "scanned once")
+        # And it goes on where it stopped.
+        reopened.append(ProcessOutputSource.StdOut, f"line {self.LINES}", WHEN)
+        reopened.close()
+        again = ScriptLog(self.path)
+        self.check_pages(again, self.LINES + 1, INDEX_EVERY_LINES * 60)
+
+    def test_rebuilt_without_a_saved_index(self) -> None:
+        """
+        With no saved index (or a damaged one), the whole log is scanned,
+        keeping one entry per MiB.
+        """
+        log = ScriptLog(self.path)
+        self.fill(log, self.LINES)
+        log.close()
+        index = log.index_path.read_bytes()
+        for damaged in (None, b"", index[:-5], b"\xff" * len(index), index[:16] + index[32:]):
+            if damaged is None:
+                log.index_path.unlink()
+            else:
+                log.index_path.write_bytes(damaged)
+            reopened = ScriptLog(self.path)
+            reopened.index_existing()
+            self.assertEqual(len(reopened), self.LINES)
+            self.assertLessEqual(reopened.index_size, log.index_size + 1)
+            # At worst one entry per MiB: a page skips at most two MiB.
+            self.check_pages(reopened, self.LINES, 2 * INDEX_EVERY_BYTES)
+
+    def test_saved_index_past_the_lines_on_disk(self) -> None:
+        """
+        An agent killed before its last lines reached the disk: index
+        entries beyond them are ignored.
+        """
+        log = ScriptLog(self.path)
+        self.fill(log, self.LINES)
+        log.close()
+        cut = self.path.stat().st_size // 2
+        with self.path.open("r+b") as f:
+            f.truncate(cut)
+        reopened = ScriptLog(self.path)
+        reopened.index_existing()
+        kept = len(reopened)
+        self.assertEqual(self.path.read_bytes()[:cut].count(b"\n"), kept)
+        self.check_pages(reopened, kept, INDEX_EVERY_LINES * 60)
+
+    def test_output_limit_keeps_the_last_lines(self) -> None:
+        limit = 64 * 1024
+        log = ScriptLog(self.path, limit)
+        self.fill(log, self.LINES)
+        self.assertLessEqual(self.path.stat().st_size, limit + 300, "nothing stored past the limit but the marker")
+        log.finish(WHEN)
+        log.flush()
+        entries, _ = log.read(0, 10**6, 10**9)
+        texts = [e.text for e in entries]
+        stored = texts.index(next(t for t in texts if "passed the script-output-limit of 65536 bytes" in t))
+        self.assertEqual(texts[:stored], [f"line {i}" for i in range(stored)])
+        marker = texts[stored + 1]
+        self.assertIn(f"{self.LINES - stored - TAIL_LINES} lines of output were not stored", marker)
+        self.assertEqual(texts[stored + 2 :], [f"line {i}" for i in range(self.LINES - TAIL_LINES, self.LINES)])
+        self.assertLess(self.path.stat().st_size, limit + TAIL_LINES * 60 + 600)
 
 
 class StateTests(SynchronousTestCase):

@@ -28,6 +28,10 @@ MODULES = [
     "tests.e2e.test_network_faults",
     "tests.e2e.test_crashes",
     "tests.e2e.test_hostile_input",
+    "tests.e2e.test_hostile_output",
+    "tests.e2e.test_hostile_local",
+    "tests.e2e.test_hostile_transfers",
+    "tests.test_hostile_packages",
     "tests.e2e.test_tls_policy",
     "tests.test_fuzz",
 ]
@@ -77,6 +81,30 @@ DEFECTS = [
     ("The identity-line limit (1 KiB) held when the line came in pieces but not when it "
      "came in one read (found by atheris)", "checked on the whole line either way",
      "`IdentityReaderTests`, seed `tests/fuzz_corpus/identity/crash-line-over-limit-in-one-read`"),
+    ("A script's log kept 8 bytes of memory per line for ever (5 M empty lines: +38.8 MB, 68 s of "
+     "CPU), and after a restart every GetStatus re-read the whole log on the reactor thread",
+     "a sparse index (one offset per 4,096 lines or MiB) saved beside the log, lines stored a read "
+     "at a time, big pages and the rebuild in a thread; optional `script-output-limit`",
+     "`test_five_million_lines_in_flat_memory`, `test_big_log_after_a_restart_is_indexed_once_off_the_reactor_thread`"),
+    ("Home, `Work/` and workspaces were 0755, scripts, `Output.log` and the deploy variables file "
+     "0644: another local user read a deployment's password", "folders 0700 and files 0600 "
+     "whatever the umask; umask 077 for `tentacle run`", "`test_another_local_user_cannot_read_a_deployments_secrets`"),
+    ("A zip symlink entry was read whole: a 1 MB package took 7.36 GB of memory; and nothing "
+     "limited what a package expands to", "at most 4 KiB of a link; limits on bytes, entries and "
+     "ratio checked before data is written", "`test_zip_symlink_entry_of_a_gigabyte_reads_at_most_4_kib`, "
+     "`test_two_megabyte_zip_expanding_to_two_gigabytes_is_refused_before_writing`"),
+    ("Links planted in `<apps>/<id>/` were followed: the lock file was created through one, and "
+     "removing a leftover that was a link changed the modes of the folder it pointed to",
+     "`O_NOFOLLOW` and `lstat` checks; a link is unlinked, never entered", "`PlantedSymlinkTests`"),
+    ("A download could follow a symlink swapped in after the allowed-roots check (56 of 3,000 "
+     "flips leaked the file outside), and a link changing while it was resolved raised an "
+     "unexpected error", "opened with `O_NOFOLLOW`; a resolution error is a clear refusal",
+     "`test_download_of_a_name_swapped_for_a_symlink_never_leaves_the_roots`"),
+    ("A `/sys` file (size 4096, holding a few bytes) broke the connection mid-stream",
+     "files up to 64 KiB are read whole and sent as they read", "`test_sys_and_proc_files_do_not_abort_the_connection`"),
+    ("Cancel missed processes that left the script's process group (`setsid`, a double fork)",
+     "every script's processes carry an environment cookie, and a cancel signals them too",
+     "`test_cancel_reaches_a_setsid_grandchild`, `test_cancel_reaches_a_double_forked_daemon`"),
 ]
 
 

@@ -27,7 +27,7 @@ from tentacle.deploy.deployment import (
     parse_variables,
     rollback,
 )
-from tentacle.deploy.packages import PackageError, check_id, file_hashes, parse_package_name
+from tentacle.deploy.packages import PackageError, PackageLimits, check_id, file_hashes, parse_package_name
 from tentacle.deploy.releases import ReleaseError, ReleaseStore
 from tentacle.encryption import PASSWORD_VARIABLE, DecryptionError, decrypt, is_encrypted
 
@@ -45,6 +45,13 @@ class _Stopped(BaseException):
 
 def _stop(signum: int, frame: Any) -> NoReturn:
     raise _Stopped(signum)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1")
+    return value
 
 
 def _keep(text: str) -> int:
@@ -72,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--variables-file", metavar="FILE", help="variables as a JSON object of strings")
     d.add_argument("--substitute", action="append", default=[], metavar="GLOB",
                    help="substitute #{Name} placeholders in these files of the release; repeatable")
+    limits = PackageLimits()
+    d.add_argument("--max-extracted-bytes", type=_positive, default=limits.max_bytes, metavar="BYTES",
+                   help=f"refuse a package that extracts to more (default {limits.max_bytes:,})")
+    d.add_argument("--max-entries", type=_positive, default=limits.max_entries, metavar="N",
+                   help=f"refuse a package of more files, folders and links (default {limits.max_entries:,})")
+    d.add_argument("--max-ratio", type=_positive, default=limits.max_ratio, metavar="N",
+                   help=f"refuse a package that expands over N times its size, past "
+                        f"{limits.ratio_floor // (1 << 20)} MiB (default {limits.max_ratio})")
 
     r = commands.add_parser("rollback", help="re-activate the previous release and run its PostDeploy.sh")
     r.add_argument("--id", dest="package_id", required=True)
@@ -171,6 +186,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             request = DeployRequest(
                 package=package, name=name, applications=_apps(args), keep=args.keep,
                 sha1=args.sha1, sha256=args.sha256, variables=variables, substitute=tuple(args.substitute),
+                limits=PackageLimits(args.max_extracted_bytes, args.max_entries, args.max_ratio),
             )
             return deploy(request)
         if args.command == "rollback":

@@ -4,7 +4,8 @@ A deployment and a rollback, step by step.
 Deploy, under the package's lock:
 
   1. check the package's hashes;
-  2. extract it into a temp folder beside the releases, then rename that to
+  2. extract it into a temp folder beside the releases (within the
+     package limits), fsync every file and folder of it, then rename it to
      C{<id>/<version>} (skipped when that exact package is already there);
   3. C{PreDeploy.sh}; substitute variables; C{Deploy.sh};
   4. activate: switch C{current} to the new release;
@@ -40,9 +41,10 @@ from tentacle.deploy.conventions import (
     say,
     warn,
 )
-from tentacle.deploy.packages import PackageError, PackageName, extract, verify_hashes
+from tentacle.deploy.packages import PackageError, PackageLimits, PackageName, extract, verify_hashes
 from tentacle.deploy.releases import ReleaseError, ReleaseStore, remove_tree
 from tentacle.deploy.substitution import SubstitutionError, files_to_substitute, substitute_file
+from tentacle.fsutil import sync_tree
 
 DEFAULT_KEEP = 3
 #: Names we give scripts ourselves; a deployment's own variables may not use
@@ -93,6 +95,7 @@ class DeployRequest:
     sha256: str | None = None
     variables: Mapping[str, str] = attrs.field(factory=dict)
     substitute: tuple[str, ...] = ()
+    limits: PackageLimits = PackageLimits()
 
 
 def _facts(store: ReleaseStore, version: str, previous: str | None) -> dict[str, str]:
@@ -166,7 +169,8 @@ def deploy(request: DeployRequest) -> int:
                 say(f"Extracting {request.package.name} to {store.root / name.version}")
                 temp = store.new_extract_folder()
                 try:
-                    extract(request.package, name.kind, temp)
+                    extract(request.package, name.kind, temp, request.limits)
+                    sync_tree(temp)  # on disk before it can become current
                     if existing is not None:
                         store.remove(name.version)
                     folder = store.install(temp, name.version)

@@ -10,6 +10,12 @@ Releases of one package on disk, and which of them is live.
         .lock                 held (flock) by whoever changes any of this
         .extract-<random>/    an extraction in progress (or left by a crash)
 
+Nothing here follows a symlink planted in C{<id>/} (by a package's own
+script, say): the lock is opened with C{O_NOFOLLOW}, the journal read
+likewise, a release or leftover that is a link is unlinked rather than
+entered, and C{current} may only point at a real release folder.  The
+folder is private (0700): releases may hold substituted secrets.
+
 Activation makes a new symlink beside C{current} and renames it over
 C{current}: C{rename(2)} is atomic, so a reader sees the old release or the
 new one, never neither.  The journal orders releases by when they were last
@@ -20,6 +26,7 @@ counts as the oldest.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -34,7 +41,7 @@ from typing import Any, Callable, Iterator
 import attrs
 
 from tentacle.deploy.packages import PackageError, check_id, check_version
-from tentacle.fsutil import atomic_write, fsync_directory
+from tentacle.fsutil import atomic_write, fsync_directory, private_folder
 
 CURRENT = "current"
 JOURNAL = ".releases.json"
@@ -68,9 +75,14 @@ class Release:
 def remove_tree(path: Path) -> None:
     """
     Delete a folder even where a package made parts of it read-only;
-    symlinks inside are removed, never followed.
+    symlinks, inside it or in its place, are removed, never followed.
     """
-    if not path.exists() and not path.is_symlink():
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(status.st_mode):
+        os.unlink(path)  # a link (or a file) planted where a folder was expected
         return
     for dirpath, dirnames, _ in os.walk(path):
         for name in dirnames:
@@ -79,6 +91,39 @@ def remove_tree(path: Path) -> None:
                 os.chmod(child, stat.S_IRWXU)
     os.chmod(path, stat.S_IRWXU)
     shutil.rmtree(path)
+
+
+def _is_real_folder(path: Path) -> bool:
+    """
+    A folder itself, not a link to one.
+    """
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _not_a_link(path: Path) -> None:
+    if path.is_symlink():
+        raise ReleaseError(f"{path} is a symlink; the releases of a package must be in a folder of their own")
+
+
+def _read_regular(path: Path) -> str:
+    """
+    A small file's text, never through a link nor from a FIFO or device.
+
+    @raise ReleaseError: it is not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ReleaseError(f"{path} is a symlink; remove it") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ReleaseError(f"{path} is not a regular file; remove it")
+        return f.read().decode("utf-8")
 
 
 def _now() -> str:
@@ -103,9 +148,18 @@ class ReleaseStore:
         """
         Hold this package's lock: two deployments of one id never interleave,
         whoever started them.  C{on_wait} is called if someone else holds it.
+
+        @raise ReleaseError: the package's folder, or its lock file, is a
+            symlink (nothing in it is followed).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        private_folder(self.root)
+        _not_a_link(self.root)
+        try:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ReleaseError(f"{self.root / LOCK} is a symlink; remove it") from None
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,7 +172,7 @@ class ReleaseStore:
 
     def new_extract_folder(self) -> Path:
         folder = self.root / f"{EXTRACT_PREFIX}{secrets.token_hex(8)}"
-        folder.mkdir(mode=0o755)
+        folder.mkdir(mode=0o700)  # fails on anything already there, a link too
         return folder
 
     def clean_leftovers(self) -> list[Path]:
@@ -140,7 +194,7 @@ class ReleaseStore:
 
     def _journal(self) -> list[dict[str, Any]]:
         try:
-            data = json.loads((self.root / JOURNAL).read_text())
+            data = json.loads(_read_regular(self.root / JOURNAL))
         except FileNotFoundError:
             return []
         except ValueError as e:
@@ -165,7 +219,7 @@ class ReleaseStore:
         version = os.path.basename(os.path.normpath(target))
         if os.path.dirname(os.path.normpath(os.path.join(self.root, target))) != str(self.root):
             return None
-        return version if (self.root / version).is_dir() else None
+        return version if _is_real_folder(self.root / version) else None
 
     def _versions_on_disk(self) -> list[str]:
         if not self.root.is_dir():
@@ -217,6 +271,8 @@ class ReleaseStore:
         Move a finished extraction into place as C{<version>}.
         """
         destination = self.root / check_version(version)
+        if destination.is_symlink():
+            raise ReleaseError(f"{destination} is a symlink; remove it to deploy {version}")
         os.rename(extracted, destination)
         fsync_directory(self.root)
         return destination
@@ -233,7 +289,7 @@ class ReleaseStore:
         """
         Point C{current} at C{version}, atomically.
         """
-        if not (self.root / check_version(version)).is_dir():
+        if not _is_real_folder(self.root / check_version(version)):
             raise ReleaseError(f"there is no release {version} of {self.package_id}")
         self.current_version()  # refuses when current is a real folder
         temp = self.root / f"{_LINK_PREFIX}{secrets.token_hex(8)}"

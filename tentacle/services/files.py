@@ -13,12 +13,26 @@ failed upload leaves nothing at the destination (an agent killed mid-upload
 leaves a recognisable temp file, which the next upload to that destination
 sweeps away).  When C{allowed-roots} is configured, uploads and downloads
 outside those folders are refused.
+
+Modes: a new file is stored 0600 and a folder made for it 0700, readable by
+the agent's user only, since packages and the files servers send often hold
+secrets; a file that replaces an existing one keeps that file's permission
+bits, so a file deliberately shared stays shared.  A path ending in C{/}
+names a folder and is refused.
+
+Downloads open the file with C{O_NOFOLLOW | O_NOCTTY | O_NONBLOCK}, so a
+FIFO, a terminal or a symlink swapped in after the path was checked cannot
+hold or trick the agent, and send only regular files.  A file of at most
+L{READ_AHEAD} bytes is read whole before the answer, so a C{/proc} or
+C{/sys} file, whose size is not what it holds, is sent as it reads, and a
+read error is the call's answer rather than a broken connection.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import stat
 import time
@@ -34,7 +48,7 @@ from twisted.logger import Logger
 from tentacle.contracts import DataStream, UploadResult
 from tentacle import events
 from tentacle.dispatch import CallContext, RequestError
-from tentacle.fsutil import fsync_directory
+from tentacle.fsutil import fsync_directory, private_folder
 from tentacle.halibut.streams import ExpectedStream
 
 __all__ = [
@@ -101,7 +115,10 @@ def resolve_remote_path(
     if "\0" in remote_path:
         raise FileTransferError(f"The path {remote_path!r} contains a NUL character")
     full = os.path.abspath(os.path.join(home, remote_path.replace("\\", "/")))
-    real = os.path.realpath(full)
+    try:
+        real = os.path.realpath(full)
+    except OSError as e:  # a link changing under us as it is resolved
+        raise FileTransferError(f"Could not resolve {full}: {_describe(e)}") from None
     if allowed_roots and not any(_inside(real, root) for root in allowed_roots):
         roots = ", ".join(str(r) for r in allowed_roots)
         shown = full if real == full else f"{full} (which resolves to {real})"
@@ -117,6 +134,17 @@ def _inside(path: str, root: Path) -> bool:
     return path.startswith(prefix)
 
 
+def _mode_for(destination: str) -> int:
+    """
+    An upload's permission bits: those of the file it replaces, else 0600.
+    """
+    try:
+        status = os.stat(destination)
+    except OSError:
+        return 0o600
+    return status.st_mode & 0o777 if stat.S_ISREG(status.st_mode) else 0o600
+
+
 def _describe(error: OSError) -> str:
     reason = error.strerror or str(error)
     if error.errno == errno.EFBIG:
@@ -127,6 +155,8 @@ def _describe(error: OSError) -> str:
 #: Payload is written in batches of this size rather than as the TLS layer
 #: delivers it (16 KiB records): 64 times fewer system calls.
 WRITE_BATCH = 1024 * 1024
+#: Files up to this size are read whole before a download is answered.
+READ_AHEAD = 64 * 1024
 
 
 @attrs.define(eq=False)
@@ -326,13 +356,17 @@ class FileTransferService:
 
     def _open_upload(self, remote_path: str | None, length: int) -> UploadSink:
         target = self.resolve(remote_path)
+        if remote_path and remote_path.replace("\\", "/").endswith("/"):
+            raise FileTransferError(
+                f"{remote_path!r} ends with a '/', so it names a folder: give the file's name too"
+            )
         destination = target.real_path
         if os.path.isdir(destination):
             raise FileTransferError(f"{target.full_path} is a folder, not a file")
         folder = os.path.dirname(destination)
         self._check_free_space(folder, length, target)
         try:
-            os.makedirs(folder, exist_ok=True)
+            private_folder(Path(folder))
         except OSError as e:
             raise FileTransferError(
                 f"Could not create the folder for {target.full_path}: {_describe(e)}"
@@ -341,7 +375,8 @@ class FileTransferService:
         self._remove_stale_temp_files(folder, name)
         temp = os.path.join(folder, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}.tmp")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, _mode_for(destination))
         except OSError as e:
             raise FileTransferError(f"Could not write {target.full_path}: {_describe(e)}") from None
         self.log.info(
@@ -419,13 +454,18 @@ class FileTransferService:
         drains); C{None} when there is no such file, as Tentacle answers.
         """
         target = self.resolve(remote_path)
+        # Non-blocking, so a FIFO cannot hold the reactor up in open(); not
+        # following a link swapped in since the path was resolved; never
+        # becoming the agent's controlling terminal.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            # Non-blocking, so a FIFO cannot hold the reactor up in open().
-            fd = os.open(target.real_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(target.real_path, flags)
         except (FileNotFoundError, NotADirectoryError):
             self.log.info("Download of missing {path}", path=target.full_path)
             return None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FileTransferError(f"{target.full_path} changed into a symbolic link while it was opened") from None
             raise FileTransferError(f"Could not read {target.full_path}: {_describe(e)}") from None
         try:
             status = os.fstat(fd)
@@ -433,16 +473,53 @@ class FileTransferService:
                 raise FileTransferError(f"{target.full_path} is a folder, not a file")
             if not stat.S_ISREG(status.st_mode):
                 raise FileTransferError(f"{target.full_path} is not a regular file")
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if status.st_size <= READ_AHEAD:
+                content = _read_small(fd, target)
+            else:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except BaseException:
             os.close(fd)
             raise
-        source: IO[bytes] = os.fdopen(fd, "rb")
+        if status.st_size <= READ_AHEAD:
+            os.close(fd)
+            length = len(content)
+            opener: Callable[[], IO[bytes]] = lambda: io.BytesIO(content)
+        else:
+            source: IO[bytes] = os.fdopen(fd, "rb")
+            length = status.st_size
+            opener = lambda: source
         self.log.info(
             "Sending {path} ({length} bytes)",
             path=target.full_path,
-            length=status.st_size,
+            length=length,
             event=events.DOWNLOAD_STARTED,
         )
         # Opened now, so the length declared is that of the file being sent.
-        return context.send(status.st_size, lambda: source)
+        return context.send(length, opener)
+
+
+def _read_small(fd: int, target: Target) -> bytes:
+    """
+    A small file whole: its real content, whatever its size said (files in
+    C{/proc} say 0, in C{/sys} 4096).
+
+    @raise FileTransferError: it cannot be read (a write-only C{/sys}
+        attribute answers EIO), or it holds more than L{READ_AHEAD} bytes
+        though it said it held fewer.
+    """
+    chunks = []
+    size = 0
+    try:
+        while size <= READ_AHEAD and (chunk := os.read(fd, READ_AHEAD + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except BlockingIOError:
+        raise FileTransferError(f"{target.full_path} has no data to read yet") from None
+    except OSError as e:
+        raise FileTransferError(f"Could not read {target.full_path}: {_describe(e)}") from None
+    if size > READ_AHEAD:
+        raise FileTransferError(
+            f"{target.full_path} holds more than its size says (a /proc or /sys file?), "
+            f"and more than {READ_AHEAD} bytes: it cannot be sent"
+        )
+    return b"".join(chunks)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, cast
+from typing import IO, Any, Callable, Mapping, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from tentacle.contracts import (
@@ -45,11 +48,19 @@ from tentacle.contracts import (
 from tentacle import events
 from tentacle.dispatch import CallContext
 from tentacle.encryption import EncryptingReader
+from tentacle.fsutil import atomic_write
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.services.script_environment import script_variables
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
 from tentacle.workers.process import ProcessResult, ScriptProcess
-from tentacle.workspace import ScriptState, ScriptWorkspace, WorkspaceStore, safe_file_name
+from tentacle.workspace import (
+    LogPage,
+    ScriptLog,
+    ScriptState,
+    ScriptWorkspace,
+    WorkspaceStore,
+    safe_file_name,
+)
 
 #: Tentacle's name for the isolation mutex when a command names none.
 DEFAULT_MUTEX_NAME = "RunningScript"
@@ -57,6 +68,15 @@ DEFAULT_MUTEX_NAME = "RunningScript"
 #: message limits; the client asks again from NextLogSequence.
 MAX_LOG_ENTRIES = 5000
 MAX_LOG_BYTES = 1024 * 1024
+#: A page whose read may touch more of the log than this is read in a
+#: thread; smaller ones (a client following a running script) are read at
+#: once on the reactor thread.
+SMALL_READ = 64 * 1024
+#: Logs of scripts this agent did not start (they ran before a restart)
+#: whose indexes are kept, so each GetStatus does not scan the file again.
+DISK_LOGS_KEPT = 16
+
+_T = TypeVar("_T")
 
 
 def _now() -> datetime:
@@ -138,6 +158,9 @@ class ScriptRunner:
         stay Pending (C{None}: no limit, as Tentacle).
     @param script_timeout: an agent-wide limit on a script's run time, in
         seconds (C{None}: none, as Tentacle); expiry ends it with -44.
+    @param output_limit: the script-output-limit: a script's log stops
+        growing at this many bytes, keeping only its last lines (C{None}:
+        no limit).
     """
 
     log = Logger()
@@ -155,6 +178,7 @@ class ScriptRunner:
         variables: Mapping[str, str] | None = None,
         pwsh: str | None = None,
         log: Logger | None = None,
+        output_limit: int | None = None,
     ) -> None:
         """
         @param environment: what scripts inherit (the agent's own by default).
@@ -170,7 +194,7 @@ class ScriptRunner:
         # Scripts run in their workspaces: every path they see must be absolute.
         self._home = home = home.absolute()
         self._applications = applications.absolute()
-        self._store = WorkspaceStore(home)
+        self._store = WorkspaceStore(home, output_limit)
         self._mutexes = IsolationMutexes(reactor)
         self._slots = DeferredSemaphore(max_concurrent) if max_concurrent else None
         self._script_timeout = script_timeout
@@ -183,6 +207,7 @@ class ScriptRunner:
         self._scripts: dict[str, RunningScript] = {}
         self._flush_call: IDelayedCall | None = None
         self._unflushed: set[RunningScript] = set()
+        self._disk_workspaces: OrderedDict[str, ScriptWorkspace] = OrderedDict()
 
     @property
     def store(self) -> WorkspaceStore:
@@ -277,6 +302,7 @@ class ScriptRunner:
                 self._environment(),
                 str(script.workspace.root),
                 lambda source, text, occurred: self._append(script, source, text, occurred),
+                on_lines=lambda source, lines, occurred: self._append_lines(script, source, lines, occurred),
                 kill_grace=self._kill_grace,
                 max_time=self._script_timeout,
             )
@@ -328,7 +354,8 @@ class ScriptRunner:
             bootstrap = workspace.write_bootstrap(body)
             return "/bin/bash", [str(bootstrap), *launch.arguments]
         path = workspace.root / "Bootstrap.ps1"
-        path.write_text(launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n"), encoding="utf-8-sig")
+        text = launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n")
+        atomic_write(path, text.encode("utf-8-sig"), mode=0o600, durable=False)
         if not self._pwsh:
             return None, []
         quoted = " ".join("'" + a.replace("'", "''") + "'" for a in launch.arguments)
@@ -369,7 +396,12 @@ class ScriptRunner:
         text: str,
         occurred: datetime | None = None,
     ) -> None:
-        script.workspace.log.append(source, text, occurred or _now())
+        self._append_lines(script, source, [text], occurred or _now())
+
+    def _append_lines(
+        self, script: RunningScript, source: ProcessOutputSource, lines: list[str], occurred: datetime
+    ) -> None:
+        script.workspace.log.append_lines(source, lines, occurred)
         self._unflushed.add(script)
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
@@ -389,6 +421,7 @@ class ScriptRunner:
         script.state.exit_code = exit_code
         script.state.completed = _now()
         script.state.ran_to_completion = True
+        script.workspace.log.finish(_now())
         script.workspace.log.flush()
         if script.workspace.exists():
             script.workspace.save_state(script.state)
@@ -407,26 +440,34 @@ class ScriptRunner:
     def find(self, ticket: ScriptTicket) -> RunningScript | None:
         return self._scripts.get(ticket.task_id.lower())
 
-    def status(self, ticket: ScriptTicket, after: int, unknown_exit_code: int) -> Status:
+    async def status(self, ticket: ScriptTicket, after: int, unknown_exit_code: int) -> Status:
         """
         The status of a script, from memory or, after a restart, from disk.
+
+        A page that may need more than L{SMALL_READ} bytes of the log, and
+        the scan that indexes a log this agent did not write, run in a
+        thread: a log of millions of lines never stalls the reactor.
 
         @param unknown_exit_code: what a ticket with no workspace at all
             reports (-45 for V2; V1 reports 0, as Tentacle does).
         """
         script = self.find(ticket)
         if script is not None:
-            logs, next_sequence = script.workspace.log.read(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES)
+            log = script.workspace.log
+            page = await self.read_log(log, after)
             state = script.state.state
-            if state is ProcessState.Complete and next_sequence < len(script.workspace.log):
+            if state is ProcessState.Complete and page.next_sequence < len(log):
                 # More log to come: a client stops asking once it sees Complete.
                 state = ProcessState.Running
             exit_code = script.state.exit_code if script.complete else 0
-            return Status(state, exit_code or 0, tuple(logs), next_sequence)
-        workspace = self._store.workspace(ticket.task_id)
-        if not workspace.exists():
+            return Status(state, exit_code or 0, tuple(page.entries), page.next_sequence)
+        workspace = self._disk_workspace(ticket)
+        if workspace is None:
             return Status(ProcessState.Complete, unknown_exit_code, (), after)
-        logs, next_sequence = workspace.log.read(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES)
+        log = workspace.log
+        if not log.indexed:
+            await self._in_thread(log.index_existing)
+        page = await self.read_log(log, after)
         saved = workspace.load_state()
         if saved is not None and saved.state is ProcessState.Complete and saved.exit_code is not None:
             exit_code = saved.exit_code
@@ -435,9 +476,49 @@ class ScriptRunner:
         else:
             exit_code = 0
         state = ProcessState.Complete
-        if next_sequence < len(workspace.log):
+        if page.next_sequence < len(log):
             state = ProcessState.Running
-        return Status(state, exit_code, tuple(logs), next_sequence)
+        return Status(state, exit_code, tuple(page.entries), page.next_sequence)
+
+    def _disk_workspace(self, ticket: ScriptTicket) -> ScriptWorkspace | None:
+        """
+        The workspace of a script this agent did not start, if it is on
+        disk; the last few are kept with their logs' indexes.
+        """
+        key = ticket.task_id.lower()
+        workspace = self._disk_workspaces.pop(key, None)
+        if workspace is None:
+            workspace = self._store.workspace(ticket.task_id)
+        if not workspace.exists():
+            return None
+        self._disk_workspaces[key] = workspace
+        while len(self._disk_workspaces) > DISK_LOGS_KEPT:
+            self._disk_workspaces.popitem(last=False)
+        return workspace
+
+    async def read_log(self, log: ScriptLog, after: int) -> LogPage:
+        """
+        One status answer's page of an indexed log from C{after}: on this
+        thread when it reads at most L{SMALL_READ} bytes, else in a thread.
+        """
+        if log.span(after) <= SMALL_READ:
+            return log.read_page(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES)
+        log.flush()  # here, on the thread that writes it
+        try:
+            return await self._in_thread(
+                lambda: log.read_page(after, MAX_LOG_ENTRIES, MAX_LOG_BYTES, flush=False)
+            )
+        except FileNotFoundError:  # completed (and deleted) meanwhile
+            return LogPage([], after, 0)
+
+    def _in_thread(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """
+        Run blocking file work in the reactor's thread pool (at once when
+        the reactor has none, as fakes in tests).
+        """
+        if IReactorThreads.providedBy(self._reactor):
+            return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work)
+        return succeed(work())
 
     def cancel(self, ticket: ScriptTicket) -> None:
         """
@@ -460,8 +541,8 @@ class ScriptRunner:
         """
         script = self.find(ticket)
         if script is None:
-            workspace = self._store.workspace(ticket.task_id)
-            workspace.delete()
+            workspace = self._disk_workspaces.pop(ticket.task_id.lower(), None)
+            (workspace or self._store.workspace(ticket.task_id)).delete()
             return
         if script.complete:
             self._forget(script)
@@ -534,8 +615,8 @@ class ScriptServiceV2:
     def __init__(self, runner: ScriptRunner) -> None:
         self._runner = runner
 
-    def _response(self, ticket: ScriptTicket, after: int) -> ScriptStatusResponseV2:
-        s = self._runner.status(ticket, after, ScriptExitCodes.UNKNOWN_SCRIPT)
+    async def _response(self, ticket: ScriptTicket, after: int) -> ScriptStatusResponseV2:
+        s = await self._runner.status(ticket, after, ScriptExitCodes.UNKNOWN_SCRIPT)
         return ScriptStatusResponseV2(
             ticket=ticket, logs=s.logs, next_log_sequence=s.next_log_sequence,
             state=s.state, exit_code=s.exit_code,
@@ -547,19 +628,19 @@ class ScriptServiceV2:
         ticket = command.script_ticket
         if self._runner.find(ticket) is None and self._runner.store.workspace(ticket.task_id).exists():
             # Started before a restart: report it, never run it twice.
-            return self._response(ticket, 0)
+            return await self._response(ticket, 0)
         script = self._runner.start(_launch(command, ticket), context)
         wait = _seconds(command.duration_to_wait_for_script_to_finish)
         if wait:
             await self._runner.wait(script, wait)
-        return self._response(ticket, 0)
+        return await self._response(ticket, 0)
 
-    def get_status(self, request: ScriptStatusRequestV2) -> ScriptStatusResponseV2:
-        return self._response(request.ticket, request.last_log_sequence)
+    async def get_status(self, request: ScriptStatusRequestV2) -> ScriptStatusResponseV2:
+        return await self._response(request.ticket, request.last_log_sequence)
 
-    def cancel_script(self, command: CancelScriptCommandV2) -> ScriptStatusResponseV2:
+    async def cancel_script(self, command: CancelScriptCommandV2) -> ScriptStatusResponseV2:
         self._runner.cancel(command.ticket)
-        return self._response(command.ticket, command.last_log_sequence)
+        return await self._response(command.ticket, command.last_log_sequence)
 
     def complete_script(self, command: CompleteScriptCommandV2) -> None:
         self._runner.complete(command.ticket)
@@ -581,8 +662,8 @@ class ScriptService:
         task = "".join(c for c in task if c.isalnum() or c in "-_") or "0"
         return ScriptTicket(f"{self._now():%Y%m%d%H%M%S}-{task}-{next(self._counter)}")
 
-    def _response(self, ticket: ScriptTicket, after: int) -> ScriptStatusResponse:
-        s = self._runner.status(ticket, after, 0)
+    async def _response(self, ticket: ScriptTicket, after: int) -> ScriptStatusResponse:
+        s = await self._runner.status(ticket, after, 0)
         return ScriptStatusResponse(
             ticket=ticket, logs=s.logs, next_log_sequence=s.next_log_sequence,
             state=s.state, exit_code=s.exit_code,
@@ -593,14 +674,14 @@ class ScriptService:
         self._runner.start(_launch(command, ticket), context)
         return ticket
 
-    def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:
-        return self._response(request.ticket, request.last_log_sequence)
+    async def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:
+        return await self._response(request.ticket, request.last_log_sequence)
 
-    def cancel_script(self, command: CancelScriptCommand) -> ScriptStatusResponse:
+    async def cancel_script(self, command: CancelScriptCommand) -> ScriptStatusResponse:
         self._runner.cancel(command.ticket)
-        return self._response(command.ticket, command.last_log_sequence)
+        return await self._response(command.ticket, command.last_log_sequence)
 
-    def complete_script(self, command: CompleteScriptCommand) -> ScriptStatusResponse:
-        response = self._response(command.ticket, command.last_log_sequence)
+    async def complete_script(self, command: CompleteScriptCommand) -> ScriptStatusResponse:
+        response = await self._response(command.ticket, command.last_log_sequence)
         self._runner.complete(command.ticket)
         return response

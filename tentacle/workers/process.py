@@ -22,6 +22,15 @@ order:
 
 If the script ends before the grace period is over, whatever it left in its
 group is killed at once.
+
+A process group does not hold everything a script starts: a process that
+calls C{setsid} (or daemonises with a double fork and C{setsid}) leaves it.
+So every script also gets a random cookie in its environment,
+C{TENTACLE_SCRIPT_COOKIE}, which its children inherit (as Jenkins'
+ProcessTreeKiller marks builds), and each signal of a stop also goes to
+every process whose environment carries it, found in C{/proc}.  Only a
+process that rebuilds its environment from nothing (C{env -i}) escapes
+both.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import codecs
 import functools
 import os
+import secrets
 import shutil
 import subprocess
 import signal as signals
@@ -66,8 +76,54 @@ except OSError as e:
 """
 
 OutputCallback = Callable[[ProcessOutputSource, str, datetime], None]
+#: Called with all the lines that one read of a stream completed.
+LinesCallback = Callable[[ProcessOutputSource, list[str], datetime], None]
 
 _SOURCES = {1: ProcessOutputSource.StdOut, 2: ProcessOutputSource.StdErr}
+
+
+#: The environment variable that marks every process of one script.
+COOKIE_VARIABLE = "TENTACLE_SCRIPT_COOKIE"
+
+
+def signal_marked(variable: str, value: str, signal: int) -> int:
+    """
+    Send C{signal} to every process (but this one) whose environment holds
+    C{variable=value}; how many were signalled.  Each is opened as a pidfd
+    before its environment is read and signalled through it, so a pid
+    reused in between is never hit.  Processes we may not inspect (other
+    users', when not root) are skipped.
+    """
+    marker = b"\0" + f"{variable}={value}".encode() + b"\0"
+    me = os.getpid()
+    sent = 0
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return 0
+    for name in entries:
+        pid = int(name)
+        if pid == me:
+            continue
+        pidfd = None
+        try:
+            if hasattr(os, "pidfd_open"):
+                pidfd = os.pidfd_open(pid)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            if marker not in b"\0" + environ + b"\0":
+                continue
+            if pidfd is not None:
+                signals.pidfd_send_signal(pidfd, signal)
+            else:
+                os.kill(pid, signal)
+            sent += 1
+        except OSError:
+            continue
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+    return sent
 
 
 def utc_now() -> datetime:
@@ -159,13 +215,14 @@ def env_with_chdir() -> str | None:
 @attrs.define
 class _Lines:
     """
-    One output stream: bytes in, lines out.  Decoding is incremental, so a
-    character split between two reads survives; bytes that are not UTF-8
-    become U+FFFD.
+    One output stream: bytes in, lines out, all the lines of one read in
+    one call (a script printing millions of short lines must not cost a
+    chain of calls each).  Decoding is incremental, so a character split
+    between two reads survives; bytes that are not UTF-8 become U+FFFD.
     """
 
     source: ProcessOutputSource
-    emit: Callable[[ProcessOutputSource, str, datetime], None]
+    emit: LinesCallback
     _decoder: codecs.IncrementalDecoder = attrs.field(
         init=False, factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
@@ -189,22 +246,26 @@ class _Lines:
         self._text(self._decoder.decode(b"", final=True), occurred)
         self._done = True
         if self._pending:
-            self._line("".join(self._pending), occurred)
+            line = "".join(self._pending)
             self._pending.clear()
             self._pending_size = 0
+            self._emit(_lines_of([line]), occurred)
 
     def _text(self, text: str, occurred: datetime) -> None:
         if not text:
             return
         *complete, rest = text.split("\n")
-        for piece in complete:
-            self._pending.append(piece)
-            line = "".join(self._pending)
-            self._pending.clear()
-            self._pending_size = 0
-            if not (line == "" and self._capped):
-                self._line(line, occurred)
+        lines: list[str] = []
+        if complete:
+            if self._pending:
+                self._pending.append(complete[0])
+                complete[0] = "".join(self._pending)
+                self._pending.clear()
+                self._pending_size = 0
+            if self._capped and complete[0] == "":
+                del complete[0]
             self._capped = False
+            lines = _lines_of(complete)
         if rest:
             self._capped = False
             self._pending.append(rest)
@@ -212,20 +273,30 @@ class _Lines:
             if self._pending_size >= MAX_LINE:
                 held = "".join(self._pending)
                 cut = len(held) - len(held) % MAX_LINE
-                for start in range(0, cut, MAX_LINE):
-                    self.emit(self.source, held[start : start + MAX_LINE], occurred)
+                lines.extend(held[start : start + MAX_LINE] for start in range(0, cut, MAX_LINE))
                 self._pending = [held[cut:]] if cut < len(held) else []
                 self._pending_size = len(held) - cut
                 self._capped = cut == len(held)
+        self._emit(lines, occurred)
 
-    def _line(self, line: str, occurred: datetime) -> None:
-        if line.endswith("\r"):
-            line = line[:-1]
-        if len(line) <= MAX_LINE:
-            self.emit(self.source, line, occurred)
-            return
-        for start in range(0, len(line), MAX_LINE):
-            self.emit(self.source, line[start : start + MAX_LINE], occurred)
+    def _emit(self, lines: list[str], occurred: datetime) -> None:
+        if lines:
+            self.emit(self.source, lines, occurred)
+
+
+def _lines_of(pieces: list[str]) -> list[str]:
+    """
+    Complete lines as reported: a trailing CR dropped, and a line over
+    L{MAX_LINE} characters cut into pieces of that size.
+    """
+    lines = [p[:-1] if p.endswith("\r") else p for p in pieces]
+    if lines and max(map(len, lines)) > MAX_LINE:
+        lines = [
+            line[start : start + MAX_LINE]
+            for line in lines
+            for start in range(0, max(len(line), 1), MAX_LINE)
+        ]
+    return lines
 
 
 class _ScriptProtocol(ProcessProtocol):
@@ -274,12 +345,17 @@ class ScriptProcess:
     @param path: the working directory.
     @param on_output: called with each line of stdout or stderr, in the order
         received on that stream, stamped with the time it arrived.
+    @param on_lines: when given, called instead of C{on_output} with all
+        the lines one read completed, in order: much cheaper for scripts
+        that print millions of lines.
     @param kill_grace: seconds between C{SIGTERM} and C{SIGKILL} on a stop.
     @param backstop: seconds after C{SIGKILL} before giving up on the reap.
     @param max_time: stop the script, as a timeout, after this many seconds.
     @param now: the clock for output timestamps (aware, UTC).
     @param signal_group: sends a signal to a process group (C{os.killpg});
         tests with a fake reactor replace it so no real process is signalled.
+    @param signal_marked: sends a signal to every process carrying the
+        script's cookie (L{signal_marked}); replaceable likewise.
     @param use_setsid: start through the C{setsid} program when it exists;
         C{False} forces the Python shim.
     """
@@ -297,6 +373,8 @@ class ScriptProcess:
     _max_time: float | None = attrs.field(default=None, kw_only=True)
     _now: Callable[[], datetime] = attrs.field(default=utc_now, kw_only=True)
     _signal_group: Callable[[int, int], None] = attrs.field(default=os.killpg, kw_only=True)
+    _signal_marked: Callable[[str, str, int], int] = attrs.field(default=signal_marked, kw_only=True)
+    _on_lines: LinesCallback | None = attrs.field(default=None, kw_only=True)
     _use_setsid: bool = attrs.field(default=True, kw_only=True)
 
     _started: bool = attrs.field(init=False, default=False)
@@ -309,6 +387,8 @@ class ScriptProcess:
     _timers: dict[str, IDelayedCall] = attrs.field(init=False, factory=dict)
     _streams: dict[int, _Lines] = attrs.field(init=False, factory=dict)
     _finished: bool = attrs.field(init=False, default=False)
+    #: Marks this script's processes, wherever they go (see the module).
+    _cookie: str = attrs.field(init=False, factory=lambda: secrets.token_hex(16))
 
     @property
     def pid(self) -> int | None:
@@ -353,12 +433,14 @@ class ScriptProcess:
             self._streams = {
                 fd: _Lines(source, self._report) for fd, source in _SOURCES.items()
             }
+            env = dict(self._env)
+            env[COOKIE_VARIABLE] = self._cookie
             self._result = Deferred(lambda d: self.cancel())
             self._transport = self._reactor.spawnProcess(
                 _ScriptProtocol(self),
                 program,
                 argv,
-                env=dict(self._env),
+                env=env,
                 path=None,  # see session_command
                 usePTY=False,
             )
@@ -431,9 +513,33 @@ class ScriptProcess:
 
     def _send(self, signal: int) -> None:
         """
-        Signal the script's whole group.  Just after the spawn the child may
-        not have made its session yet, and then there is no such group: the
-        script itself is signalled instead.
+        Signal the script's whole group, and its processes that left it.
+        """
+        self._send_group(signal)
+        self._send_marked(signal)
+
+    def _send_marked(self, signal: int) -> None:
+        """
+        Signal whatever carries the script's cookie, in its group or not.
+        """
+        try:
+            sent = self._signal_marked(COOKIE_VARIABLE, self._cookie, signal)
+        except Exception:
+            self.log.failure("Could not look for process {pid}'s escaped processes", pid=self._pid)
+            return
+        if sent:
+            self.log.info(
+                "Sent {signal} to {count} process(es) of script {pid} by its cookie",
+                signal=signals.Signals(signal).name,
+                count=sent,
+                pid=self._pid,
+            )
+
+    def _send_group(self, signal: int) -> None:
+        """
+        Just after the spawn the child may not have made its session yet,
+        and then there is no such group: the script itself is signalled
+        instead.
         """
         assert self._pid is not None and self._transport is not None
         name = signals.Signals(signal).name
@@ -463,11 +569,18 @@ class ScriptProcess:
         else:
             self.log.info("Sent {signal} to process group {pgid}", signal=name, pgid=self._pid)
 
-    def _report(self, source: ProcessOutputSource, text: str, occurred: datetime) -> None:
-        try:
-            self._on_output(source, text, occurred)
-        except Exception:
-            self.log.failure("Output callback failed for process {pid}", pid=self._pid)
+    def _report(self, source: ProcessOutputSource, lines: list[str], occurred: datetime) -> None:
+        if self._on_lines is not None:
+            try:
+                self._on_lines(source, lines, occurred)
+            except Exception:
+                self.log.failure("Output callback failed for process {pid}", pid=self._pid)
+            return
+        for text in lines:
+            try:
+                self._on_output(source, text, occurred)
+            except Exception:
+                self.log.failure("Output callback failed for process {pid}", pid=self._pid)
 
     def _output(self, fd: int, data: bytes) -> None:
         stream = self._streams.get(fd)
@@ -502,6 +615,7 @@ class ScriptProcess:
                     signal="SIGKILL",
                     pgid=self._pid,
                 )
+            self._send_marked(signals.SIGKILL)
         self._finish()
 
     def _cancel_timer(self, name: str) -> None:
