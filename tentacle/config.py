@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import quote, unquote, urlsplit
@@ -17,6 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 
 from tentacle.fsutil import atomic_write, private_folder
+from tentacle.halibut.handshake import normalize_subscription
 from tentacle.identity import normalize_thumbprint
 from tentacle.systemd import check_instance
 
@@ -25,6 +27,12 @@ DEFAULT_INSTANCE = "default"
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_WORKSPACE_MAX_AGE = 86400.0
 DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_POLLING_PORT = 10943
+MAX_POLLING_CONNECTIONS = 512
+#: Overrides every polling server's connection count, as in Tentacle.
+POLLING_CONNECTIONS_ENVIRONMENT_VARIABLE = "TentaclePollingConnectionCount"
+#: Tentacle's alphabet for subscription ids: no 0/O or 1/I to misread.
+_SUBSCRIPTION_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 #: The smallest script-output-limit: room for the marker lines and more.
 MIN_SCRIPT_OUTPUT_LIMIT = 64 * 1024
 CONFIG_FILE = "tentacle.json"
@@ -146,6 +154,118 @@ def _thumbprints(values: object) -> tuple[str, ...]:
     return tuple(unique)
 
 
+def new_subscription_id() -> str:
+    """
+    A fresh polling subscription, as Tentacle makes them: C{poll://} and 20
+    random characters, lower case.
+    """
+    return "poll://" + "".join(secrets.choice(_SUBSCRIPTION_ALPHABET) for _ in range(20)).lower() + "/"
+
+
+def check_subscription_id(value: object) -> str:
+    """
+    C{poll://ID/}, normalised to lower case with the trailing slash.
+    """
+    if not isinstance(value, str) or not value.lower().startswith("poll://"):
+        raise ValueError(f"a subscription id is poll://ID/, not {value!r}")
+    return normalize_subscription(value)
+
+
+def check_polling_connections(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_POLLING_CONNECTIONS:
+        raise ValueError(
+            f"the polling connection count must be a whole number from 1 to {MAX_POLLING_CONNECTIONS}, not {value!r}"
+        )
+    return value
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """
+    C{host}, C{host:port}, C{[v6]:port} or a bare IPv6 address.
+
+    @raise ValueError: for an empty host or a bad port.
+    """
+    text = value.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{value!r} has an unclosed [")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{value!r} is not host:port")
+            port = _parse_port(rest[1:], value)
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+        port = _parse_port(number, value)
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        raise ValueError(f"{value!r} is not host[:port]")
+    return host, port
+
+
+def _parse_port(text: str, whole: str) -> int:
+    try:
+        return check_port(int(text))
+    except ValueError:
+        raise ValueError(f"{whole!r}: the port must be a whole number from 1 to 65535") from None
+
+
+@attrs.frozen
+class PolledServer:
+    """
+    A server this agent polls: it dials C{host:port} (through C{proxy}, an
+    C{http://[user:password@]host:port} URL, when set), expects the
+    certificate C{thumbprint}, and asks for the work queued for
+    C{subscription_id}, over C{connections} connections at once.
+    """
+
+    host: str
+    thumbprint: str = attrs.field(converter=normalize_thumbprint)
+    subscription_id: str = attrs.field(converter=check_subscription_id)
+    port: int = attrs.field(default=DEFAULT_POLLING_PORT, validator=lambda _i, _a, v: check_port(v))
+    connections: int = attrs.field(default=1, validator=lambda _i, _a, v: check_polling_connections(v))
+    proxy: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "thumbprint": self.thumbprint,
+            "subscription-id": self.subscription_id,
+            "connections": self.connections,
+            "proxy": self.proxy,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> PolledServer:
+        if not isinstance(data, dict):
+            raise ValueError("each polling server must be a JSON object")
+        unknown = set(data) - {"address", "thumbprint", "subscription-id", "connections", "proxy"}
+        if unknown:
+            raise ValueError(f"unknown polling server setting(s): {', '.join(sorted(unknown))}")
+        for key in ("address", "thumbprint", "subscription-id"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"a polling server needs {key!r}")
+        host, port = split_host_port(data["address"], DEFAULT_POLLING_PORT)
+        proxy = data.get("proxy")
+        if proxy is not None and not isinstance(proxy, str):
+            raise ValueError("a polling server's proxy is a URL or null")
+        return cls(
+            host=host, port=port, thumbprint=data["thumbprint"], subscription_id=data["subscription-id"],
+            connections=data.get("connections", 1), proxy=proxy,
+        )
+
+
+def _polling_servers(values: object) -> tuple[PolledServer, ...]:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError("expected a list of polling servers")
+    return tuple(PolledServer.from_json(v) for v in values)
+
+
 @attrs.frozen
 class TentacleConfig:
     """
@@ -169,6 +289,10 @@ class TentacleConfig:
         refused before TLS (None: no limit).
     @ivar audit_log: keep C{<home>/Logs/audit.log}.
     @ivar metrics_port: serve Prometheus metrics on this loopback port.
+    @ivar listen: accept connections on C{port}; off for an agent that
+        only polls.
+    @ivar polling_servers: the servers this agent dials for work; each one's
+        thumbprint is trusted for listening too, as Tentacle trusts it.
     @ivar instance_name: the name scripts see as C{TentacleInstanceName}
         (as C{tentacle service --instance} names the unit).
     @ivar proxy: this machine's proxy, told to scripts.
@@ -190,9 +314,80 @@ class TentacleConfig:
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
     audit_log: bool = True
     metrics_port: int | None = None
+    listen: bool = True
+    polling_servers: tuple[PolledServer, ...] = ()
     instance_name: str = DEFAULT_INSTANCE
     proxy: ProxySetting = ProxySetting()
     script_output_limit: int | None = None
+
+    @property
+    def trusted(self) -> tuple[str, ...]:
+        """
+        Every thumbprint a connection may present: the trust list and the
+        polling servers'.
+        """
+        unique = dict.fromkeys(self.trusted_thumbprints + tuple(p.thumbprint for p in self.polling_servers))
+        return tuple(unique)
+
+    def add_polling_server(
+        self,
+        host: str,
+        port: int,
+        thumbprint: str,
+        subscription_id: str | None = None,
+        connections: int = 1,
+        proxy: str | None = None,
+    ) -> tuple[TentacleConfig, PolledServer]:
+        """
+        Poll one more server (or replace the entry for the same address).
+        Without a subscription id, the one already used with this
+        thumbprint is reused, as Tentacle's C{poll-server} does for another
+        node of the same server, else a new one is made.
+        """
+        t = normalize_thumbprint(thumbprint)
+        if subscription_id is None:
+            same = [p.subscription_id for p in self.polling_servers if p.thumbprint == t]
+            subscription_id = same[0] if same else new_subscription_id()
+        entry = PolledServer(host, t, subscription_id, port, connections, proxy)
+        others = tuple(p for p in self.polling_servers if (p.host.lower(), p.port) != (host.lower(), port))
+        return attrs.evolve(self, polling_servers=others + (entry,)), entry
+
+    def remove_polling_server(self, address: str) -> TentacleConfig:
+        """
+        @param address: C{host[:port]} as configured, or a thumbprint
+            (every server with it).
+        @raise ConfigError: nothing matched, so a typo does not pass silently.
+        """
+        try:
+            t: str | None = normalize_thumbprint(address)
+        except ValueError:
+            t = None
+        try:
+            host, port = split_host_port(address, DEFAULT_POLLING_PORT)
+        except ValueError:
+            host, port = "", 0
+        kept = tuple(
+            p for p in self.polling_servers
+            if p.thumbprint != t and (p.host.lower(), p.port) != (host.lower(), port)
+        )
+        if len(kept) == len(self.polling_servers):
+            raise ConfigError(f"no polling server {address!r} is configured")
+        return attrs.evolve(self, polling_servers=kept)
+
+    def polling_connections(self, server: PolledServer, environ: Mapping[str, str] = os.environ) -> int:
+        """
+        How many connections to keep to C{server}: its setting, or
+        C{$TentaclePollingConnectionCount} for every server.
+
+        @raise ConfigError: the variable is not a count from 1 to 512.
+        """
+        override = environ.get(POLLING_CONNECTIONS_ENVIRONMENT_VARIABLE)
+        if override is None:
+            return server.connections
+        try:
+            return check_polling_connections(int(override))
+        except ValueError as e:
+            raise ConfigError(f"${POLLING_CONNECTIONS_ENVIRONMENT_VARIABLE}: {e}") from None
 
     @property
     def applications(self) -> Path:
@@ -234,6 +429,8 @@ class TentacleConfig:
             "max-connections": self.max_connections,
             "audit-log": self.audit_log,
             "metrics-port": self.metrics_port,
+            "listen": self.listen,
+            "polling-servers": [p.to_json() for p in self.polling_servers],
             "instance-name": self.instance_name,
             "proxy": self.proxy.to_json(),
             "script-output-limit": self.script_output_limit,
@@ -318,6 +515,8 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "max-connections": ("max_connections", lambda v: _optional(v, _count)),
     "audit-log": ("audit_log", lambda v: _boolean(v)),
     "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
+    "listen": ("listen", lambda v: _boolean(v)),
+    "polling-servers": ("polling_servers", _polling_servers),
     "instance-name": ("instance_name", lambda v: _instance_name(v)),
     "proxy": ("proxy", ProxySetting.parse),
     "script-output-limit": ("script_output_limit", lambda v: _optional(v, check_output_limit)),

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -55,6 +55,18 @@ class ConnectionFailed(DialError):
     """
     The peer could not be reached, or the connection broke before a request
     was sent: safe to try again.
+    """
+
+
+class ConnectionRefused(ConnectionFailed):
+    """
+    Nothing listens at the address: trying again in a second will not help.
+    """
+
+
+class HostNotFound(ConnectionFailed):
+    """
+    The peer's name does not resolve: trying again in a second will not help.
     """
 
 
@@ -306,10 +318,14 @@ async def dial(
     else:
         tcp = HostnameEndpoint(reactor, host, port, timeout=timeout)
     endpoint = wrapClientTLS(tls, tcp)
+    factory = Factory.forProtocol(lambda: connection)
+    factory.noisy = False
     try:
-        await endpoint.connect(Factory.forProtocol(lambda: connection))
+        await endpoint.connect(factory)
     except DNSLookupError as e:
-        raise ConnectionFailed(f"cannot resolve {host}: {e}") from None
+        raise HostNotFound(f"cannot resolve {host}: {e}") from None
+    except ConnectionRefusedError as e:
+        raise ConnectionRefused(f"cannot connect to {host}:{port}: {e}") from None
     except ConnectError as e:
         raise ConnectionFailed(f"cannot connect to {host}:{port}: {e}") from None
     return await connection.pinned

@@ -39,6 +39,13 @@ RUNNING_AS_ROOT = "running_as_root"
 TRUST_ADDED = "trust_added"
 TRUST_REMOVED = "trust_removed"
 
+# --- polling (agent) ----------------------------------------------------------
+#: A polling connection identified with its server.
+POLLING_CONNECTED = "polling_connected"
+POLLING_DISCONNECTED = "polling_disconnected"
+#: The server presented the wrong certificate, or closed on our identity.
+POLLING_REFUSED = "polling_refused"
+
 # --- client -------------------------------------------------------------------
 CALL_RETRIED = "call_retried"
 
@@ -50,6 +57,9 @@ __all__ = [
     "CONNECTION_REFUSED",
     "CONNECTION_TIMED_OUT",
     "DOWNLOAD_STARTED",
+    "POLLING_CONNECTED",
+    "POLLING_DISCONNECTED",
+    "POLLING_REFUSED",
     "PROTOCOL_ERROR",
     "REQUEST_SERVED",
     "RUNNING_AS_ROOT",

@@ -48,7 +48,7 @@ from tentacle.halibut.handshake import (
     RemoteIdentity,
 )
 from tentacle.halibut.connection import ExchangeSettings, HalibutConnection
-from tentacle.halibut.roles import ListeningService, PollingServer
+from tentacle.halibut.roles import ListeningService, ServerOfSubscriber
 from tentacle.halibut.rpc import IRequestHandler, IRequestSource
 from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
@@ -415,13 +415,14 @@ def halibut_sessions(
     registry: TypeRegistry,
     settings: ExchangeSettings,
     *,
-    handler_for: Callable[[Accepted], IRequestHandler] | None = None,
+    handler_for: Callable[[Accepted], IRequestHandler | None] | None = None,
     source_for: Callable[[Accepted], IRequestSource | None] | None = None,
     log: Logger | None = None,
 ) -> SessionFactory:
     """
     The session factory of a Halibut listener: a listening client gets the
-    listening-service role over C{handler_for(accepted)}; a polling
+    listening-service role over C{handler_for(accepted)} (which may refuse
+    it with C{None}); a polling
     subscriber gets the polling-server role over C{source_for(accepted)},
     which may refuse it with C{None}.  Whatever has no role here is refused.
     """
@@ -430,12 +431,15 @@ def halibut_sessions(
         identity = accepted.identity
         role: Any
         if identity.kind is IdentityKind.CLIENT and handler_for is not None:
-            role = ListeningService(handler_for(accepted))
+            handler = handler_for(accepted)
+            if handler is None:
+                return None
+            role = ListeningService(handler)
         elif identity.kind is IdentityKind.SUBSCRIBER and source_for is not None:
             source = source_for(accepted)
             if source is None or identity.subscription is None:
                 return None
-            role = PollingServer(source, identity.subscription)
+            role = ServerOfSubscriber(source, identity.subscription)
         else:
             return None
         return HalibutConnection(

@@ -9,7 +9,7 @@ path knows about metrics.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 #: Request latency buckets, in seconds: most calls are milliseconds, a
 #: StartScript that waits for its script can take minutes.
@@ -34,7 +34,15 @@ class Metrics:
         counts (scripts running and pending).
     """
 
-    def __init__(self, gauges: Callable[[], Mapping[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        gauges: Callable[[], Mapping[str, float]] | None = None,
+        polling: Callable[[], Iterable[tuple[Any, int, int]]] | None = None,
+    ) -> None:
+        """
+        @param polling: each polling server (with C{address} and
+            C{subscription_id}), its connections up and configured.
+        """
         self.connections_accepted = 0
         self.connections_refused: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str, str]] = Counter()
@@ -45,6 +53,7 @@ class Metrics:
         self._latency_sum = 0.0
         self._latency_count = 0
         self._gauges = gauges
+        self._polling = polling
 
     def observe_latency(self, seconds: float) -> None:
         for i, bound in enumerate(LATENCY_BUCKETS):
@@ -91,4 +100,12 @@ class Metrics:
                [({}, self.bytes_uploaded)])
         metric("tentacle_downloaded_bytes_total", "counter", "Bytes sent by downloads.",
                [({}, self.bytes_downloaded)])
+        if self._polling is not None:
+            servers = list(self._polling())
+            metric("tentacle_polling_connections", "gauge",
+                   "Polling connections identified with their server now.",
+                   [({"server": s.address, "subscription": s.subscription_id}, up) for s, up, _ in servers])
+            metric("tentacle_polling_connections_configured", "gauge",
+                   "Polling connections configured per server.",
+                   [({"server": s.address, "subscription": s.subscription_id}, n) for s, _, n in servers])
         return "\n".join(lines) + "\n"

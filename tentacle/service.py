@@ -19,6 +19,7 @@ import signal
 from types import FrameType
 from typing import Any, Callable
 
+import attrs
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -37,10 +38,11 @@ from tentacle import events
 from tentacle.observe import AgentObserver, AuditLog, ObservedHandler
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.connection import ExchangeSettings
-from tentacle.config import ConfigError, ConfigFile, TentacleConfig
+from tentacle.config import ConfigError, ConfigFile, PolledServer, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
 from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut_sessions
+from tentacle.polling import PollingService
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
 from tentacle.services.script_environment import script_variables, signature_algorithm_name
@@ -159,14 +161,22 @@ class TentacleService(MultiService):
                 handler_for=self._observed, log=self._logger("tentacle.halibut"),
             )
         self.config = config
-        self.trust = TrustList(config.trusted_thumbprints)
+        self.trust = TrustList(config.trusted)
         self.listener_factory = ListenerFactory(
             self.trust, self.reactor, config.handshake_timeout, session_factory,
             max_connections=config.max_connections, log=self._logger("tentacle.listener"),
         )
         self.port: IListeningPort | None = None
+        self._privileged_started = False
         self._accepting = _AcceptCounter(self.listener_factory, self._logger("tentacle.listener"))
-        self.metrics = Metrics(gauges=self._script_gauges)
+        #: The servers this agent polls (none unless configured).
+        self.polling = PollingService(
+            self.identity, self._polling_handler, self.reactor, tentacle_registry(), exchange_settings,
+            self._logger("tentacle.polling"), config.polling_connections,
+        )
+        self.polling.apply(config.polling_servers)
+        self.polling.setServiceParent(self)
+        self.metrics = Metrics(gauges=self._script_gauges, polling=self.polling.status)
         self._audit: AuditLog | None = None
         self._observer: AgentObserver | None = None
         self._metrics_port: IListeningPort | None = None
@@ -190,6 +200,12 @@ class TentacleService(MultiService):
             self.dispatcher, self.reactor, self._logger("tentacle.requests"),
             address=accepted.address, thumbprint=accepted.peer.thumbprint,
             summarize=Dispatcher.summarize,
+        )
+
+    def _polling_handler(self, server: PolledServer, address: str) -> ObservedHandler:
+        return ObservedHandler(
+            self.dispatcher, self.reactor, self._logger("tentacle.requests"),
+            address=address, thumbprint=server.thumbprint, summarize=Dispatcher.summarize,
         )
 
     def _offer_tentacle_services(self, dispatcher: Dispatcher, config: TentacleConfig) -> ScriptRunner:
@@ -248,6 +264,12 @@ class TentacleService(MultiService):
         Bind before privileges are dropped, and fail loudly: an agent that
         cannot listen must not look as if it started.
         """
+        if self.config.listen and self.port is None:
+            self._listen()
+        self._privileged_started = True
+        super().privilegedStartService()
+
+    def _listen(self) -> None:
         tls = TLSMemoryBIOFactory(
             AgentTLSOptions(self.identity), False, self.listener_factory, clock=self.reactor
         )
@@ -264,21 +286,24 @@ class TentacleService(MultiService):
                 break
         if self.port is None:
             raise errors[-1]
-        super().privilegedStartService()
 
     def startService(self) -> None:
-        if self.port is None:
+        if not self._privileged_started:
             self.privilegedStartService()
         self._make_private()
         self._start_observing()
         super().startService()
-        host = self.port.getHost() if self.port else None
-        self.log.info(
-            "Tentacle listening on port {port} as {thumbprint}; trusting {count} server(s)",
-            port=getattr(host, "port", None),
-            thumbprint=self.identity.thumbprint,
-            count=len(self.trust.thumbprints),
-        )
+        if self.port is not None:
+            self.log.info(
+                "Tentacle listening on port {port} as {thumbprint}; trusting {count} server(s)",
+                port=self.port.getHost().port,  # type: ignore[attr-defined]
+                thumbprint=self.identity.thumbprint,
+                count=len(self.trust.thumbprints),
+            )
+        else:
+            self.log.info(
+                "Tentacle not listening (polling only) as {thumbprint}", thumbprint=self.identity.thumbprint
+            )
         if not self.trust.thumbprints:
             self.log.warn(
                 "No server is trusted yet, so every message exchange will be "
@@ -364,9 +389,19 @@ class TentacleService(MultiService):
         try:
             private_folder(home / "Logs")
             atomic_write(home / METRICS_FILE, self.metrics.render().encode(), durable=False)
-            atomic_write(home / HEARTBEAT_FILE, f"{self.reactor.seconds():.0f}\n".encode(), durable=False)
+            atomic_write(home / HEARTBEAT_FILE, self._heartbeat().encode(), durable=False)
         except OSError as e:
             self.log.error("Could not write the heartbeat: {error}", error=str(e))
+
+    def _heartbeat(self) -> str:
+        """
+        The time, then one line per polling server: C{polling ADDRESS
+        SUBSCRIPTION CONNECTED/CONFIGURED}, for C{tentacle livez}.
+        """
+        lines = [f"{self.reactor.seconds():.0f}"]
+        for server, connected, configured in self.polling.status():
+            lines.append(f"polling {server.address} {server.subscription_id} {connected}/{configured}")
+        return "\n".join(lines) + "\n"
 
     def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
         self.reactor.callFromThread(self.reload)
@@ -390,7 +425,13 @@ class TentacleService(MultiService):
         except ConfigError as e:
             self.log.error("Configuration not reloaded: {error}", error=str(e))
             return
-        self.apply_trust(config.trusted_thumbprints)
+        self.apply_trust(config.trusted)
+        self.polling.apply(config.polling_servers)
+        if config.listen != self.config.listen or config.port != self.config.port:
+            self.log.warn("listen and listen-port changed in the configuration; restart the agent to apply")
+        self.config = attrs.evolve(
+            self.config, trusted_thumbprints=config.trusted_thumbprints, polling_servers=config.polling_servers
+        )
 
     def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
         added, removed = self.trust.replace(thumbprints)

@@ -111,7 +111,7 @@ def start_agent(
         config, reactor, identity=identity("agent"), **(service_options or {})
     )
     service.startService()
-    case.addCleanup(service.stopService)
+    case.addCleanup(lambda: service.stopService() if service.running else None)
     return service
 
 
@@ -220,3 +220,52 @@ class Recorder(Protocol):
 
 def der(identity: Identity) -> bytes:
     return identity.certificate.public_bytes(serialization.Encoding.DER)
+
+
+#: The subscription the polling tests' agent uses.
+SUBSCRIPTION = "poll://testagentsubscription/"
+
+
+def start_polling_server(
+    case: TestCase,
+    trusted: tuple[str, ...] | None = None,
+    **options: Any,
+) -> Any:
+    """
+    A polling port (the server's side of polling mode) on a free loopback
+    port, as C{identity("hub")}, trusting the test agent by default;
+    stopped when the test ends.
+    """
+    from tentacle.hub.polling_server import PollingServer
+
+    server = PollingServer(
+        identity("hub"),
+        trusted if trusted is not None else (identity("agent").thumbprint,),
+        reactor,
+        port=0,
+        interface="127.0.0.1",
+        **options,
+    )
+    server.startService()
+    case.addCleanup(server.stopService)
+    return server
+
+
+def polled(server: Any, thumbprint: str | None = None, subscription: str = SUBSCRIPTION, **changes: Any) -> Any:
+    """
+    The configuration entry for an agent to poll C{server}.
+    """
+    from tentacle.config import PolledServer
+
+    return PolledServer(
+        "127.0.0.1", thumbprint or identity("hub").thumbprint, subscription, server.listening_port, **changes
+    )
+
+
+def start_polling_agent(case: TestCase, server: Any, home: Path | None = None, **config_changes: Any) -> TentacleService:
+    """
+    A running agent that polls C{server} and does not listen.
+    """
+    config_changes.setdefault("polling_servers", (polled(server),))
+    config_changes.setdefault("listen", False)
+    return start_agent(case, home=home, **config_changes)

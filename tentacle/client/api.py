@@ -23,10 +23,10 @@ import os
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Mapping, Protocol as TypingProtocol
 
 import attrs
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
@@ -62,7 +62,10 @@ from tentacle.contracts import (
 from tentacle.encryption import new_password, password_prelude
 from tentacle.halibut.rpc import PayloadOpener
 from tentacle.halibut.dotnet import TimeSpan
-from tentacle.halibut.serializer import DataStream, RequestMessage, ServerError
+from tentacle.halibut.connection import ConnectionClosed
+from tentacle.halibut.errors import CodecError, ProtocolError
+from tentacle.halibut.handshake import normalize_subscription
+from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMessage, ServerError
 from tentacle.halibut.streams import ReceivedStream
 from tentacle.identity import Identity
 from tentacle.fsutil import fsync_directory
@@ -84,11 +87,12 @@ class TransferError(ClientError):
     """
 
 
-def build_request(service: str, method: str, *params: Any) -> RequestMessage:
+def build_request(service: str, method: str, *params: Any, endpoint: Any = None) -> RequestMessage:
     """
     A request as Octopus Server words it: an id naming the call, a fresh
     activity id.  (Octopus also sends its ServiceEndPoint; agents never
-    read it, so we send null.)
+    read it, so we send null, except to a hub, which forwards by its
+    C{BaseUri}.)
     """
     call_id = uuid.uuid4()
     return RequestMessage(
@@ -97,21 +101,56 @@ def build_request(service: str, method: str, *params: Any) -> RequestMessage:
         service=service,
         method=method,
         params=params,
+        endpoint=endpoint,
     )
+
+
+def endpoint_for(target: Target) -> dict[str, Any] | None:
+    """
+    The C{ServiceEndPoint} a hub reads to forward a request: the agent's
+    subscription and, when pinned, its thumbprint.
+    """
+    if target.subscription is None or not target.host:
+        return None
+    return {
+        "BaseUri": target.subscription,
+        "RemoteThumbprint": target.agent_pin.thumbprint if target.agent_pin else None,
+    }
+
+
+def _subscription(value: str | None) -> str | None:
+    return None if value is None else normalize_subscription(value)
 
 
 @attrs.frozen
 class Target:
     """
-    Where an agent listens, and the certificate it must present.
+    Where an agent is, and the certificate it must present.
+
+    A listening agent is reached at C{host:port}.  A polling agent is
+    reached through a polling server, by its C{subscription} (C{poll://ID/}):
+    either one in this process (C{TentacleClient(..., hub=server)}), or a
+    hub at C{host:port} (then C{pin} is the hub's certificate and
+    C{agent_pin} the agent's, which the hub checks).
     """
 
     host: str
     port: int = 10933
     pin: Pin | None = None
     proxy: Proxy | None = None
+    subscription: str | None = attrs.field(default=None, converter=_subscription)
+    agent_pin: Pin | None = None
+
+    @classmethod
+    def polling(cls, subscription: str, pin: Pin | None = None) -> Target:
+        """
+        A polling agent, reached through a polling server in this process.
+        """
+        return cls("", 0, pin, subscription=subscription)
 
     def __str__(self) -> str:
+        if self.subscription is not None:
+            return self.subscription if not self.host else f"{self.subscription} via {self.host}:{self.port}"
         return f"{self.host}:{self.port}"
 
 
@@ -150,12 +189,29 @@ class _CountingReader:
         self._f.close()
 
 
+class Hub(TypingProtocol):
+    """
+    A polling server in this process that can carry requests to its
+    agents (L{tentacle.hub.polling_server.PollingServer}).
+    """
+
+    def send(
+        self,
+        subscription: str,
+        request: RequestMessage,
+        payloads: Mapping[Any, PayloadOpener] | None = None,
+        pin: Callable[[Any], bool] | None = None,
+    ) -> Deferred[tuple[ResponseMessage, list[ReceivedStream]]]: ...
+
+
 class TentacleClient:
     """
     A client of one agent.
 
-    @param identity: the certificate we present; the agent must trust its
-        thumbprint.
+    @param identity: the certificate we present; the agent (or the hub)
+        must trust its thumbprint.
+    @param hub: the polling server in this process through which a polling
+        target (L{Target.polling}) is reached.
     """
 
     log = Logger()
@@ -166,6 +222,7 @@ class TentacleClient:
         identity: Identity,
         reactor: Any = None,
         *,
+        hub: Hub | None = None,
         retry: RetryPolicy = RetryPolicy(),
         max_idle: int = 5,
         idle_expiry: float = 540.0,
@@ -177,7 +234,11 @@ class TentacleClient:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
+        if target.subscription is not None and not target.host and hub is None:
+            raise ValueError(f"{target.subscription} is a polling agent: give the polling server (hub=...)")
         self.target = target
+        self._hub = hub if not target.host else None
+        self._endpoint = endpoint_for(target)
         self._reactor = reactor
         self._retry = retry
         self._max_idle = max_idle
@@ -287,19 +348,37 @@ class TentacleClient:
         @raise RemoteError: the agent answered with an error.
         @raise ClientError: the connection failed.
         """
-        request = build_request(service, method, *params)
-        connection = await self.connect()
-        try:
-            response, streams = await connection.call(request, payloads)
-        except CancelledError:
-            connection.end()  # the answer would arrive on a connection nobody reads
-            raise
-        self._release(connection)
+        request = build_request(service, method, *params, endpoint=self._endpoint)
+        if self._hub is not None:
+            response, streams = await self._via_hub(request, payloads)
+        else:
+            connection = await self.connect()
+            try:
+                response, streams = await connection.call(request, payloads)
+            except CancelledError:
+                connection.end()  # the answer would arrive on a connection nobody reads
+                raise
+            self._release(connection)
         if response.error is not None:
             for stream in streams:
                 stream.sink.discard()
             raise RemoteError(response.error)
         return response.result, streams
+
+    async def _via_hub(
+        self, request: RequestMessage, payloads: Mapping[uuid.UUID, PayloadOpener] | None
+    ) -> tuple[ResponseMessage, list[ReceivedStream]]:
+        """
+        Queue the request for the polling agent; a broken exchange after it
+        was collected is L{RequestFailed} (the agent may have acted on it).
+        """
+        assert self._hub is not None and self.target.subscription is not None
+        pin = self.target.pin
+        accepts = (lambda peer: peer is not None and pin.matches(peer)) if pin is not None else None
+        try:
+            return await self._hub.send(self.target.subscription, request, payloads, accepts)
+        except (ConnectionClosed, ProtocolError, CodecError) as e:
+            raise RequestFailed(f"the polling connection failed while {request.method} was on it: {e}") from None
 
     async def call_idempotent(
         self,

@@ -4,14 +4,14 @@ Halibut's four roles, each a short loop over a L{HalibutConnection}.
 They differ only in who dialled, which identity was sent, which side asks
 and which side says C{NEXT}::
 
-    role                  identity it sends   then                          says NEXT
-    listening service     MX-SERVER           answers requests              the client
-    listening client      MX-CLIENT           sends requests                itself
-    polling subscriber    MX-SUBSCRIBER id    answers requests (NULL: none)  itself
-    polling server        MX-SERVER           sends queued requests / NULL  the subscriber
+    role                            identity it sends   then                            says NEXT
+    listening service               MX-SERVER           answers requests                the client
+    listening client                MX-CLIENT           sends requests                  itself
+    polling subscriber              MX-SUBSCRIBER id    answers requests (NULL: none)   itself
+    polling server (of subscriber)  MX-SERVER           sends queued requests or NULL   the subscriber
 
 The two that answer hand each request to an L{IRequestHandler} (the
-agent's dispatcher); the polling server takes its requests from an
+agent's dispatcher); the server of a subscriber takes its requests from an
 L{IRequestSource} (a hub's queues); the listening client is driven by
 calls.  An accepting side reads the preamble and identity itself (its
 security checks sit between them) and starts the role after C{MX-SERVER}.
@@ -257,7 +257,7 @@ class ListeningClient:
         connection.close()
 
 
-class PollingServer:
+class ServerOfSubscriber:
     """
     The server's side of a connection a polling agent dialled (after
     C{MX-SUBSCRIBER}): send the oldest queued request for its subscription
@@ -298,4 +298,4 @@ class PollingServer:
             pending.outcome.callback(outcome)
 
 
-__all__ = ["ListeningClient", "ListeningService", "PollingServer", "PollingSubscriber"]
+__all__ = ["ListeningClient", "ListeningService", "ServerOfSubscriber", "PollingSubscriber"]

@@ -117,6 +117,8 @@ class PendingRequest:
     request: RequestMessage
     payloads: Mapping[uuid.UUID, PayloadOpener] = attrs.field(factory=dict)
     outcome: Deferred[tuple[ResponseMessage, list[ReceivedStream]]] = attrs.field(factory=Deferred)
+    #: Whether a connection's peer may take it (a pin); C{None}: any.
+    accepts: Callable[[Any], bool] | None = None
     #: The connection that took it (a cancel drops that connection).
     connection: Any = None
 

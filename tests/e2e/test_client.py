@@ -19,18 +19,37 @@ from tentacle.client.api import RemoteError, RetryPolicy, Target, TentacleClient
 from tentacle.client.connection import AgentRefused, ConnectionFailed, Pin, UnexpectedCertificate
 from tentacle.contracts import SCRIPT_SERVICE, ProcessOutputSource
 from tentacle.dispatch import Dispatcher
+from tentacle.hub.queues import NotCollected, WrongAgent
 from tentacle.services.scripts import ScriptRunner, ScriptService
 from tests.e2e.test_scripts import _processes_with
-from tests.support import LogCapture, agent_port, identity, start_agent
+from tests.support import (
+    SUBSCRIPTION,
+    LogCapture,
+    agent_port,
+    identity,
+    start_agent,
+    start_polling_agent,
+    start_polling_server,
+)
 
 
 class ClientTests(TestCase):
-    def setUp(self) -> None:
+    """
+    The client against a listening agent; L{PollingClientTests} runs the
+    same tests against a polling one.
+    """
+
+    async def setUp(self) -> None:
         self.logs = LogCapture.install(self)
         self.home = Path(self.mktemp()).absolute()
         self.home.mkdir()
-        self.agent = start_agent(self, home=self.home, trusted=(identity("server").thumbprint,))
+        self.agent = await self.start(self.home)
         self.addCleanup(self._stop_scripts)
+
+    async def start(self, home: Path, **service_options: Any) -> Any:
+        return start_agent(
+            self, home=home, trusted=(identity("server").thumbprint,), service_options=service_options
+        )
 
     def _stop_scripts(self) -> Any:
         from twisted.internet.defer import gatherResults
@@ -87,10 +106,7 @@ class ClientTests(TestCase):
         from tentacle.services.capabilities import CapabilitiesService
 
         dispatcher.register(CAPABILITIES_SERVICE_V2, CapabilitiesService(dispatcher))
-        self.agent = start_agent(
-            self, home=self.home, trusted=(identity("server").thumbprint,),
-            service_options={"dispatcher": dispatcher},
-        )
+        self.agent = await self.start(self.home, dispatcher=dispatcher)
         client = self.client()
         self.assertEqual(await client.capabilities(), ["IScriptService"])
         lines: list[str] = []
@@ -170,3 +186,71 @@ class ClientTests(TestCase):
         self.assertIn("after 3 tries", str(caught.exception))
         retries = [e for e in self.logs.events if "trying again" in e.get("log_format", "")]
         self.assertEqual(len(retries), 2)
+
+
+class PollingClientTests(ClientTests):
+    """
+    The same client calls, to an agent that polls a polling server in this
+    process: the client reaches it through the server's queue.
+    """
+
+    async def start(self, home: Path, **service_options: Any) -> Any:
+        if not hasattr(self, "polling_server"):
+            self.polling_server = start_polling_server(self)
+        previous = getattr(self, "agent", None)
+        if previous is not None:
+            await previous.stopService()  # one agent per subscription
+        agent = start_polling_agent(self, self.polling_server, home=home, service_options=service_options)
+        while not any(up for _, up, _ in agent.polling.status()):
+            await self.logs.wait_for(event="polling_connected")
+            self.logs.events = [e for e in self.logs.events if e.get("event") != "polling_connected"]
+        return agent
+
+    def client(self, pin: str | None = None, who: str = "server", **kwargs: Any) -> TentacleClient:
+        target = Target.polling(SUBSCRIPTION, Pin(pin or identity("agent").thumbprint))
+        client = TentacleClient(target, identity(who), reactor, hub=self.polling_server, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    async def test_connections_are_reused(self) -> None:
+        """
+        Polling: the agent's one connection carries every call.
+        """
+        client = self.client()
+        for _ in range(5):
+            await client.call("ICapabilitiesServiceV2", "GetCapabilities")
+        self.assertEqual(len(self.logs.matching(event="polling_subscribed")), 1)
+        self.assertEqual(len(self.logs.matching(event="request_served")), 5)
+
+    async def test_wrong_pin(self) -> None:
+        """
+        Polling: the request is not handed to an agent with another certificate.
+        """
+        client = self.client(pin="AB" * 20, retry=RetryPolicy(attempts=5, interval=0.01))
+        with self.assertRaises(WrongAgent) as caught:
+            await client.capabilities()
+        self.assertIn(identity("agent").thumbprint, str(caught.exception))
+        self.assertEqual(self.logs.matching(event="request_served"), [], "nothing was sent")
+
+    async def test_untrusted_client(self) -> None:
+        """
+        Polling: the agent, not the client, must be trusted by the server;
+        an untrusted agent never takes work.
+        """
+        server = start_polling_server(self, trusted=())
+        start_polling_agent(self, server, home=Path(self.mktemp()).absolute())
+        await self.logs.wait_for(event="client_denied", thumbprint=identity("agent").thumbprint)
+        self.assertEqual(server.connections(), 0)
+
+    async def test_agent_down_is_retried_then_reported(self) -> None:
+        """
+        Polling: with no agent connected, a request is not collected in time.
+        """
+        server = start_polling_server(self, collect_timeout=0.05)
+        client = TentacleClient(
+            Target.polling(SUBSCRIPTION), identity("server"), reactor, hub=server,
+            retry=RetryPolicy(attempts=3, interval=0.05),
+        )
+        with self.assertRaises(NotCollected) as caught:
+            await client.capabilities()
+        self.assertIn("did not collect the request", str(caught.exception))

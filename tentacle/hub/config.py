@@ -1,0 +1,165 @@
+"""
+A hub's configuration: its home (identity, C{hub.json}, logs), the polling
+port, whom it trusts (polling agents, and the CLI users who reach them
+through it) and which agent may claim which subscription.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+from tentacle.config import ConfigError, check_listen_address, check_port, check_timeout
+from tentacle.fsutil import atomic_write
+from tentacle.halibut.handshake import normalize_subscription
+from tentacle.identity import normalize_thumbprint
+
+DEFAULT_HUB_PORT = 10943
+DEFAULT_COLLECT_TIMEOUT = 120.0
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+HUB_CONFIG_FILE = "hub.json"
+HUB_HOME_ENVIRONMENT_VARIABLE = "TENTACLE_HUB_HOME"
+
+
+def resolve_hub_home(explicit: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """
+    The hub's home: C{--home}, else C{$TENTACLE_HUB_HOME}, else C{~/.tentacle-hub}.
+    """
+    chosen = explicit or environ.get(HUB_HOME_ENVIRONMENT_VARIABLE) or "~/.tentacle-hub"
+    return Path(chosen).expanduser().absolute()
+
+
+def _thumbprints(values: object) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise ValueError("expected a list of thumbprints")
+    return tuple(dict.fromkeys(normalize_thumbprint(v) for v in values))
+
+
+def _bindings(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(value, dict):
+        raise ValueError("expected an object of poll://ID/ -> [thumbprints]")
+    return tuple((normalize_subscription(k), _thumbprints(v)) for k, v in value.items())
+
+
+@attrs.frozen
+class HubConfig:
+    """
+    @ivar trusted_thumbprints: agents that may poll, and CLI users who may
+        send requests through the hub.
+    @ivar bindings: subscription -> the only thumbprints that may claim it.
+    @ivar collect_timeout: seconds a request waits for its agent to collect
+        it before it fails (Halibut's 2 minutes).
+    """
+
+    home: Path
+    port: int = DEFAULT_HUB_PORT
+    listen_address: str | None = None
+    trusted_thumbprints: tuple[str, ...] = ()
+    bindings: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    collect_timeout: float = DEFAULT_COLLECT_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+    def trust(self, thumbprint: str) -> HubConfig:
+        t = normalize_thumbprint(thumbprint)
+        if t in self.trusted_thumbprints:
+            return self
+        return attrs.evolve(self, trusted_thumbprints=self.trusted_thumbprints + (t,))
+
+    def distrust(self, thumbprint: str) -> HubConfig:
+        t = normalize_thumbprint(thumbprint)
+        if t not in self.trusted_thumbprints:
+            raise ConfigError(f"{t} is not in the trust list")
+        return attrs.evolve(self, trusted_thumbprints=tuple(x for x in self.trusted_thumbprints if x != t))
+
+    def bind(self, subscription: str, thumbprint: str) -> HubConfig:
+        """
+        Let C{thumbprint} claim C{subscription} (and, once bound, only the
+        thumbprints bound to it).
+        """
+        sub, t = normalize_subscription(subscription), normalize_thumbprint(thumbprint)
+        current = dict(self.bindings)
+        current[sub] = tuple(dict.fromkeys(current.get(sub, ()) + (t,)))
+        return attrs.evolve(self, bindings=tuple(current.items()))
+
+    def unbind(self, subscription: str) -> HubConfig:
+        sub = normalize_subscription(subscription)
+        current = dict(self.bindings)
+        if current.pop(sub, None) is None:
+            raise ConfigError(f"{sub} is not bound")
+        return attrs.evolve(self, bindings=tuple(current.items()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "listen-port": self.port,
+            "listen-address": self.listen_address,
+            "trusted-thumbprints": list(self.trusted_thumbprints),
+            "bindings": {sub: list(thumbprints) for sub, thumbprints in self.bindings},
+            "collect-timeout": self.collect_timeout,
+            "handshake-timeout": self.handshake_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, home: Path, data: object) -> HubConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("the configuration must be a JSON object")
+        unknown = set(data) - set(_SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for key, (name, check) in _SETTINGS.items():
+            if key in data:
+                try:
+                    values[name] = check(data[key])
+                except ValueError as e:
+                    raise ConfigError(f"{key}: {e}") from None
+        return cls(home=home, **values)
+
+
+_SETTINGS: dict[str, tuple[str, Any]] = {
+    "listen-port": ("port", check_port),
+    "listen-address": ("listen_address", check_listen_address),
+    "trusted-thumbprints": ("trusted_thumbprints", _thumbprints),
+    "bindings": ("bindings", _bindings),
+    "collect-timeout": ("collect_timeout", check_timeout),
+    "handshake-timeout": ("handshake_timeout", check_timeout),
+}
+
+
+@attrs.frozen
+class HubConfigFile:
+    """
+    The hub's C{hub.json}: JSON, indented for humans, replaced atomically.
+    """
+
+    home: Path
+
+    @property
+    def path(self) -> Path:
+        return self.home / HUB_CONFIG_FILE
+
+    def load(self) -> HubConfig:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return HubConfig(home=self.home)
+        except OSError as e:
+            raise ConfigError(f"cannot read {self.path}: {e.strerror}") from None
+        try:
+            return HubConfig.from_json(self.home, json.loads(text))
+        except (ValueError, ConfigError) as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+
+    def save(self, config: HubConfig) -> None:
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.path, (json.dumps(config.to_json(), indent=2) + "\n").encode("utf-8"), mode=0o600)
+
+    def signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -1,0 +1,247 @@
+"""
+A polling port: the server's side of polling mode.
+
+    server = PollingServer(identity, trusted=[agent_thumbprint], reactor=reactor)
+    server.startService()
+    client = TentacleClient(Target.polling("poll://abc.../", Pin(agent)), identity, reactor, hub=server)
+    await client.run_script("echo hello")
+
+Agents dial in (port 10943 by default) and take the requests queued for
+their subscription (L{tentacle.hub.queues}).  Beyond Halibut, a subscription
+may be bound to the thumbprints allowed to claim it; a bound subscription
+refuses any other trusted agent.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Iterable, Mapping
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from tentacle.contracts import tentacle_registry
+from tentacle.halibut.connection import ExchangeSettings, HalibutConnection
+from tentacle.halibut.handshake import normalize_subscription
+from tentacle.halibut.rpc import IRequestHandler, IRequestSource, PayloadOpener, PendingRequest
+from tentacle.halibut.serializer import RequestMessage, ResponseMessage
+from tentacle.halibut.streams import ReceivedStream
+from tentacle.hub.queues import DEFAULT_COLLECT_TIMEOUT, PollingQueues
+from tentacle.identity import Identity, normalize_thumbprint
+from tentacle.listener import Accepted, ListenerFactory, halibut_sessions
+from tentacle.tls import AgentTLSOptions
+from tentacle.trust import PeerIdentity, TrustList
+
+DEFAULT_POLLING_PORT = 10943
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+
+POLLING_SUBSCRIBED = "polling_subscribed"
+POLLING_UNSUBSCRIBED = "polling_unsubscribed"
+POLLING_CLAIM_REFUSED = "polling_claim_refused"
+
+
+@implementer(IRequestSource)
+class _ForPeer:
+    """
+    The queues as one connection sees them: takes name the connection's peer.
+    """
+
+    def __init__(self, queues: PollingQueues, peer: PeerIdentity) -> None:
+        self._queues = queues
+        self._peer = peer
+
+    def next_request(self, subscription: str, wait: float) -> Deferred[PendingRequest | None]:
+        return self._queues.next_request(subscription, wait, self._peer)
+
+
+class PollingServer(Service):
+    """
+    A polling port: listens (10943 by default) with our certificate, asks
+    every peer for a client certificate without requiring one, serves the
+    friendly page to anything that is not Halibut, closes untrusted or
+    absent certificates silently, and gives each subscriber the requests
+    queued for its subscription.
+
+    @param trusted: the thumbprints of the agents (and, on a hub, of the
+        CLI users) allowed in.
+    @param bindings: subscription -> the thumbprints allowed to claim it.
+    @param on_collected: told each request's wait in the queue (metrics).
+    @ivar handler: serves MX-CLIENT connections (a hub forwards them to
+        the queues); while C{None}, only subscribers are served.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        identity: Identity,
+        trusted: Iterable[str] | TrustList,
+        reactor: Any = None,
+        *,
+        port: int = DEFAULT_POLLING_PORT,
+        interface: str = "",
+        bindings: Mapping[str, Iterable[str]] | None = None,
+        collect_timeout: float = DEFAULT_COLLECT_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        settings: ExchangeSettings = ExchangeSettings(),
+        on_collected: Callable[[float], None] | None = None,
+        log: Logger | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        if log is not None:
+            self.log = log
+        self.identity = identity
+        self.reactor = reactor
+        self.trust = trusted if isinstance(trusted, TrustList) else TrustList(
+            normalize_thumbprint(t) for t in trusted
+        )
+        self.queues = PollingQueues(reactor, collect_timeout, on_collected)
+        self.bindings = {
+            sub: frozenset(normalize_thumbprint(t) for t in thumbprints)
+            for sub, thumbprints in (bindings or {}).items()
+        }
+        self._port_number = port
+        self._interface = interface
+        self._settings = settings
+        self.handler: Callable[[Accepted], IRequestHandler | None] | None = None
+        self._connected: collections.Counter[str] = collections.Counter()
+        sessions = halibut_sessions(
+            reactor, tentacle_registry(), settings,
+            handler_for=lambda accepted: self.handler(accepted) if self.handler is not None else None,
+            source_for=self._source_for,
+            log=self.log,
+        )
+        self.factory = ListenerFactory(
+            self.trust, reactor, handshake_timeout, self._track(sessions), log=self.log
+        )
+        self.port: IListeningPort | None = None
+
+    # --- who may subscribe ---------------------------------------------------------
+
+    def bind(self, subscription: str, *thumbprints: str) -> None:
+        """
+        Only these thumbprints may claim C{subscription} from now on.
+        """
+        self.bindings[normalize_subscription(subscription)] = frozenset(
+            normalize_thumbprint(t) for t in thumbprints
+        )
+
+    def _source_for(self, accepted: Accepted) -> IRequestSource | None:
+        subscription = accepted.identity.subscription
+        assert subscription is not None
+        allowed = self.bindings.get(subscription)
+        peer = accepted.peer
+        if allowed is not None and peer.thumbprint not in allowed and peer.sha256 not in allowed:
+            self.log.warn(
+                "Refused {thumbprint} at {peer}: {subscription} is bound to other agents",
+                thumbprint=peer.thumbprint, peer=accepted.address, subscription=subscription,
+                event=POLLING_CLAIM_REFUSED,
+            )
+            return None
+        return _ForPeer(self.queues, peer)
+
+    def _track(self, sessions: Callable[[Accepted], Any]) -> Callable[[Accepted], Any]:
+        def build(accepted: Accepted) -> HalibutConnection | None:
+            connection = sessions(accepted)
+            subscription = accepted.identity.subscription
+            if isinstance(connection, HalibutConnection) and subscription is not None:
+                self._connected[subscription] += 1
+                self.log.info(
+                    "{thumbprint} at {peer} polls as {subscription}",
+                    thumbprint=accepted.peer.thumbprint, peer=accepted.address,
+                    subscription=subscription, event=POLLING_SUBSCRIBED,
+                )
+                connection.closed.addCallback(lambda _: self._gone(subscription, accepted))
+            return connection
+
+        return build
+
+    def _gone(self, subscription: str, accepted: Accepted) -> None:
+        self._connected[subscription] -= 1
+        if self._connected[subscription] <= 0:
+            del self._connected[subscription]
+        self.log.info(
+            "{thumbprint} at {peer} stopped polling as {subscription}",
+            thumbprint=accepted.peer.thumbprint, peer=accepted.address,
+            subscription=subscription, event=POLLING_UNSUBSCRIBED,
+        )
+
+    def connections(self, subscription: str | None = None) -> int:
+        """
+        Subscriber connections up now (for one subscription, or all).
+        """
+        if subscription is None:
+            return sum(self._connected.values())
+        return self._connected.get(subscription, 0)
+
+    def subscriptions(self) -> dict[str, int]:
+        return dict(self._connected)
+
+    # --- sending -------------------------------------------------------------------
+
+    def send(
+        self,
+        subscription: str,
+        request: RequestMessage,
+        payloads: Mapping[Any, PayloadOpener] | None = None,
+        pin: Callable[[Any], bool] | None = None,
+    ) -> Deferred[tuple[ResponseMessage, list[ReceivedStream]]]:
+        """
+        Queue C{request} for C{subscription}; fires with the response and
+        the streams that came with it (the caller discards their sinks).
+        """
+        pending = self.queues.queue(normalize_subscription(subscription)).put(request, payloads, pin)
+        return pending.outcome
+
+    # --- the port ------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        if self.port is None:
+            tls = TLSMemoryBIOFactory(AgentTLSOptions(self.identity), False, self.factory, clock=self.reactor)
+            tls.noisy = False
+            self.port = self.reactor.listenTCP(self._port_number, tls, backlog=1024, interface=self._interface)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        self.factory.doStart()
+        super().startService()
+        self.log.info(
+            "Polling port {port} open as {thumbprint}; trusting {count} thumbprint(s)",
+            port=self.listening_port, thumbprint=self.identity.thumbprint, count=len(self.trust.thumbprints),
+        )
+
+    @property
+    def listening_port(self) -> int | None:
+        if self.port is None:
+            return None
+        return int(self.port.getHost().port)  # type: ignore[attr-defined]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        for connection in self.factory.authenticated_connections:
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+        self.factory.doStop()
+        if port is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred.fromCoroutine(_stop(port))
+        return d
+
+
+async def _stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+__all__ = ["DEFAULT_POLLING_PORT", "PollingServer"]
