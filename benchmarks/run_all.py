@@ -38,6 +38,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_transfer.py", [], ["--rounds", "3", "--mib", "256"]),
     ("bench_scripts.py", ["--scripts", "100"], ["--rounds", "3", "--count", "20"]),
     ("bench_script_log.py", [], ["--rounds", "3", "--samples", "10"]),
+    ("bench_polling.py", [], ["--rounds", "2", "--count", "200", "--idle", "100", "--mib", "256"]),
 ]
 
 
@@ -218,6 +219,23 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, float, str]]:
         add(
             "the same with no saved index (vs counting the file's newlines)",
             page["ours-no-index"]["median"] * 1e3, page["count"]["median"] * 1e3, "ms", "lower",
+        )
+    pl = figures.get("bench_polling.py")
+    if pl:
+        rt = pl["round_trip"]
+        add(
+            "polling request round trip p50 via TentacleClient (vs the same agent listening)",
+            rt["polling_p50_us"], rt["listening_p50_us"], "µs", "lower", "{:.0f}",
+        )
+        mem = pl["memory"]
+        add(
+            f"hub RSS per idle subscription, {mem['subscriptions']} held (vs bare TLS per idle connection)",
+            mem["hub_kib_per_subscription"], mem["bare_kib_per_connection"], "KiB", "lower",
+        )
+        up = pl["upload"]
+        add(
+            "upload through the hub via TentacleClient (vs direct to the agent)",
+            up["hub_mib_s"], up["direct_mib_s"], "MiB/s", "higher", "{:.0f}",
         )
     return out
 
