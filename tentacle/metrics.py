@@ -49,6 +49,9 @@ class Metrics:
         self.scripts_finished: Counter[int] = Counter()
         self.bytes_uploaded = 0
         self.bytes_downloaded = 0
+        #: Polling connections that identified, and refusals, by server address.
+        self.polling_sessions: Counter[str] = Counter()
+        self.polling_refused: Counter[str] = Counter()
         self._latency_buckets = [0] * len(LATENCY_BUCKETS)
         self._latency_sum = 0.0
         self._latency_count = 0
@@ -108,4 +111,10 @@ class Metrics:
             metric("tentacle_polling_connections_configured", "gauge",
                    "Polling connections configured per server.",
                    [({"server": s.address, "subscription": s.subscription_id}, n) for s, _, n in servers])
+            metric("tentacle_polling_sessions_total", "counter",
+                   "Polling connections that identified with their server, by server.",
+                   [({"server": s}, n) for s, n in sorted(self.polling_sessions.items())])
+            metric("tentacle_polling_refused_total", "counter",
+                   "Polling connections refused (wrong certificate, or not trusted by the server).",
+                   [({"server": s}, n) for s, n in sorted(self.polling_refused.items())])
         return "\n".join(lines) + "\n"

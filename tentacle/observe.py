@@ -31,10 +31,14 @@ _AUDITED = {
     events.CLIENT_DENIED: "refused",
     events.CONNECTION_REFUSED: "refused",
     events.REQUEST_SERVED: "request",
+    events.POLLING_CONNECTED: "polling-connected",
+    events.POLLING_DISCONNECTED: "polling-disconnected",
+    events.POLLING_REFUSED: "polling-refused",
 }
 _AUDIT_FIELDS = (
     "peer", "thumbprint", "sha256", "service", "method", "ticket", "outcome", "error",
     "duration", "script_body_length", "script_body_sha256", "reason",
+    "server", "subscription", "connection", "expected", "presented", "served",
 )
 
 
@@ -98,6 +102,10 @@ class AgentObserver:
             m.bytes_uploaded += int(event.get("length", 0))
         elif kind == events.DOWNLOAD_STARTED:
             m.bytes_downloaded += int(event.get("length", 0))
+        elif kind == events.POLLING_CONNECTED:
+            m.polling_sessions[str(event.get("server"))] += 1
+        elif kind == events.POLLING_REFUSED:
+            m.polling_refused[str(event.get("server"))] += 1
         if self.audit is not None and kind in _AUDITED:
             self.audit.record(_AUDITED[kind], event)
 

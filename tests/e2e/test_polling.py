@@ -10,6 +10,7 @@ trust removal, subscription binding and the collect timeout.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,29 @@ class PollingTests(TestCase):
         with self.assertRaises(CancelledError):
             await d
         self.assertEqual(_processes_with(tag), [])
+
+    async def test_audit_and_metrics_count_polling_connections(self) -> None:
+        server = start_polling_server(self)
+        agent = start_polling_agent(self, server)
+        await self.connected(agent)
+        self.assertEqual(await self.client(server).run_script("exit 0"), 0)
+        entries = [json.loads(line) for line in (agent.config.home / "Logs" / "audit.log").read_text().splitlines()]
+        kinds = [e["kind"] for e in entries]
+        self.assertIn("polling-connected", kinds)
+        [connected] = [e for e in entries if e["kind"] == "polling-connected"]
+        self.assertEqual(
+            (connected["server"], connected["subscription"]), (f"127.0.0.1:{server.listening_port}", SUBSCRIPTION)
+        )
+        requests = [e for e in entries if e["kind"] == "request"]
+        self.assertTrue(requests)
+        self.assertTrue(all(e["thumbprint"] == identity("hub").thumbprint for e in requests))
+        labels = f'{{server="127.0.0.1:{server.listening_port}",subscription="{SUBSCRIPTION}"}}'
+        rendered = agent.metrics.render()
+        self.assertIn(f"tentacle_polling_connections{labels} 1\n", rendered)
+        self.assertIn(f"tentacle_polling_connections_configured{labels} 1\n", rendered)
+        self.assertIn(f'tentacle_polling_sessions_total{{server="127.0.0.1:{server.listening_port}"}} 1\n', rendered)
+        heartbeat = agent._heartbeat().splitlines()
+        self.assertEqual(heartbeat[1], f"polling 127.0.0.1:{server.listening_port} {SUBSCRIPTION} 1/1")
 
     async def test_agent_errors_come_back(self) -> None:
         server = start_polling_server(self)
