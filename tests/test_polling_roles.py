@@ -324,6 +324,28 @@ class QueueTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(taker), other)
 
 
+class QueueSetTests(SynchronousTestCase):
+    def test_queues_nobody_uses_are_dropped(self) -> None:
+        """
+        Any name may be asked for (a hub user may name any subscription):
+        a queue that holds nothing and has nobody waiting is forgotten.
+        """
+        clock = Clock()
+        queues = PollingQueues(clock, collect_timeout=1)
+        for n in range(100):
+            queues.queue(f"poll://nobody{n}/").put(request("IThingService", "Echo", "x")).outcome.addErrback(
+                lambda f: None
+            )
+        self.assertEqual(len(queues.queues()), 100)
+        clock.advance(1)
+        self.assertEqual(queues.queues(), {})
+        taker = queues.next_request(SUBSCRIPTION, 30)
+        self.assertEqual(list(queues.queues()), [SUBSCRIPTION], "a waiting connection keeps its queue")
+        clock.advance(30)
+        self.assertIsNone(self.successResultOf(taker))
+        self.assertEqual(queues.queues(), {})
+
+
 class ReconnectDelayTests(SynchronousTestCase):
     """
     Halibut's RetryPolicy: clamp(outage x (1 + r), 5 s, 2 min), r per connection.

@@ -57,15 +57,19 @@ class PendingRequestQueue:
         clock: IReactorTime,
         collect_timeout: float,
         on_collected: Callable[[float], None] | None = None,
+        on_idle: Callable[[PendingRequestQueue], None] | None = None,
     ) -> None:
         """
         @param on_collected: told each request's wait from queueing to
             collection, in seconds (for metrics).
+        @param on_idle: told when the queue holds nothing and nobody waits
+            on it, so it can be dropped (any name may be asked for).
         """
         self.subscription = subscription
         self._clock = clock
         self._collect_timeout = collect_timeout
         self._on_collected = on_collected
+        self._on_idle = on_idle
         self._pending: collections.deque[tuple[PendingRequest, IDelayedCall, float]] = collections.deque()
         self._takers: collections.deque[tuple[Deferred[PendingRequest | None], Any]] = collections.deque()
 
@@ -125,6 +129,11 @@ class PendingRequestQueue:
             if self._on_collected is not None:
                 self._on_collected(waited)
             taker.callback(pending)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._pending and not self._takers and self._on_idle is not None:
+            self._on_idle(self)
 
     def _keep_alive(self, taker: Deferred[PendingRequest | None]) -> None:
         if self._forget(taker):
@@ -137,6 +146,7 @@ class PendingRequestQueue:
         for entry in self._takers:
             if entry[0] is taker:
                 self._takers.remove(entry)
+                self._check_idle()
                 return True
         return False
 
@@ -145,6 +155,7 @@ class PendingRequestQueue:
             if entry[0] is pending:
                 self._pending.remove(entry)
                 break
+        self._check_idle()
         pending.outcome.errback(
             NotCollected(
                 "A request was sent to a polling endpoint, but the polling endpoint did not collect "
@@ -158,6 +169,7 @@ class PendingRequestQueue:
             if entry[0] is pending:
                 self._pending.remove(entry)
                 entry[1].cancel()
+                self._check_idle()
                 return
         if pending.connection is not None:
             # In flight: there is no cancel on the wire; dropping the
@@ -192,9 +204,13 @@ class PollingQueues:
         queue = self._queues.get(subscription)
         if queue is None:
             queue = self._queues[subscription] = PendingRequestQueue(
-                subscription, self._clock, self._collect_timeout, self._on_collected
+                subscription, self._clock, self._collect_timeout, self._on_collected, self._drop
             )
         return queue
+
+    def _drop(self, queue: PendingRequestQueue) -> None:
+        if self._queues.get(queue.subscription) is queue:
+            del self._queues[queue.subscription]
 
     def queues(self) -> dict[str, PendingRequestQueue]:
         return dict(self._queues)
