@@ -1,11 +1,12 @@
 """
-Polling mode in memory: the subscriber's and the polling server's exact
-control sequences, their timeouts, the pending-request queue, and the
-reconnect pacing; bytes in, bytes out, fake clock.
+The roles that dial or poll, in memory: the subscriber's, the polling
+server's and the listening client's exact control sequences, their
+timeouts, the pending-request queue, and the reconnect pacing; bytes in,
+bytes out, fake clock.  (The listening service is in C{test_roles.py}.)
 
-Mirrors Halibut's ProtocolFixture (ShouldExchangeAsSubscriber,
-ShouldExchangeAsServerOfSubscriberAsync), PollingQueueTimeouts,
-PendingRequestQueueFixture and RetryPolicy tests.
+Mirrors Halibut's ProtocolFixture (ShouldExchangeAsClient,
+ShouldExchangeAsSubscriber, ShouldExchangeAsServerOfSubscriberAsync),
+PollingQueueTimeouts, PendingRequestQueueFixture and RetryPolicy tests.
 """
 
 from __future__ import annotations
@@ -387,3 +388,46 @@ class ReconnectDelayTests(SynchronousTestCase):
         waits = {round(d.failed(), 3) for d in delays}
         self.assertGreater(len(waits), 40, "agents that lost their server together reconnect apart")
         self.assertTrue(all(30.0 <= w < 60.0 for w in waits))
+
+
+class ListeningClientTests(SynchronousTestCase):
+    """
+    The dialling side of listening mode, byte for byte (Halibut's
+    ShouldExchangeAsClient).
+    """
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+        self.clock = Clock()
+        self.wire = Wire(None, self.clock)
+        from tentacle.halibut.roles import ListeningClient
+
+        self.client = ListeningClient(self.wire.connection)
+
+    def test_exchange_as_client(self) -> None:
+        opened = Deferred.fromCoroutine(self.client.open())
+        self.assertEqual(self.wire.take(), b"MX\r\n\r\nMX-CLIENT 1.0\r\n\r\n")
+        self.wire.send(b"MX-SERVER 1.0\r\n\r\n")
+        self.assertEqual(self.successResultOf(opened).kind.value, "MX-SERVER")
+        asked = request("IThingService", "Echo", "x")
+        answer = Deferred.fromCoroutine(self.client.call(asked))
+        [sent], rest = messages(self.wire.take(), RequestMessage)
+        self.assertEqual((sent.id, rest), (asked.id, b""))
+        self.wire.send(envelope(ResponseMessage(asked.id, None, "y")))
+        self.assertEqual(self.successResultOf(answer)[0].result, "y")
+        checked = Deferred.fromCoroutine(self.client.next())
+        self.assertEqual(self.wire.take(), b"NEXT\r\n")
+        self.wire.send(b"\r\nPROCEED\r\n")
+        self.successResultOf(checked)
+        self.client.end()
+        self.assertEqual(self.wire.take(), b"END\r\n")
+        self.assertTrue(self.wire.closed)
+
+    def test_response_timeout_counts_from_the_end_of_the_request(self) -> None:
+        Deferred.fromCoroutine(self.client.open())
+        self.wire.send(b"MX-SERVER 1.0\r\n\r\n")
+        answer = Deferred.fromCoroutine(self.client.call(request("IThingService", "Echo", "x")))
+        self.clock.advance(299)
+        self.assertNoResult(answer)
+        self.clock.advance(1)
+        self.failureResultOf(answer, TimedOut)
