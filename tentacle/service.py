@@ -18,6 +18,8 @@ import signal
 from types import FrameType
 from typing import Any, Callable
 
+import attrs
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -36,12 +38,13 @@ from tentacle.metrics import Metrics
 from tentacle.observe import AgentObserver, AuditLog, owned_by
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.exchange import ExchangeSettings, exchange_factory
-from tentacle.config import ConfigError, ConfigFile, TentacleConfig
+from tentacle.config import LIVE_SETTINGS, ConfigError, ConfigFile, TentacleConfig, changed_settings
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
 from tentacle.listener import ListenerFactory, SessionFactory
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
+from tentacle.services.files import FileTransferService
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
 from tentacle.trust import TrustList
 from tentacle.workspace import remove_stale_workspaces
@@ -162,6 +165,14 @@ class TentacleService(MultiService):
         heartbeat.setServiceParent(self)
         self._config_file = config_file
         self._config_signature = config_file.signature() if config_file else None
+        #: The settings as last read from the file: a reload reports what
+        #: changed in the file, not where command-line overrides differ.
+        self._loaded = config
+        if config_file is not None:
+            try:
+                self._loaded = config_file.load()
+            except ConfigError:
+                pass
         self._handle_sighup = handle_sighup
         self._previous_sighup: Callable[..., Any] | int | None = None
         if config_file is not None:
@@ -305,6 +316,7 @@ class TentacleService(MultiService):
         if self._metrics_port is not None:
             self._metrics_port.stopListening()
             self._metrics_port = None
+        self._publish_metrics()  # the last counts, for whoever reads them after the stop
         (self.config.home / HEARTBEAT_FILE).unlink(missing_ok=True)
 
     def _script_gauges(self) -> dict[str, float]:
@@ -319,36 +331,92 @@ class TentacleService(MultiService):
         C{livez} and C{metrics} commands of a running agent.
         """
         home = self.config.home
+        if self._publish_metrics():
+            try:
+                atomic_write(home / HEARTBEAT_FILE, f"{self.reactor.seconds():.0f}\n".encode(), durable=False)
+            except OSError as e:
+                self.log.error("Could not write the heartbeat: {error}", error=str(e))
+
+    def _publish_metrics(self) -> bool:
         try:
-            (home / "Logs").mkdir(parents=True, exist_ok=True)
-            atomic_write(home / METRICS_FILE, self.metrics.render().encode(), durable=False)
-            atomic_write(home / HEARTBEAT_FILE, f"{self.reactor.seconds():.0f}\n".encode(), durable=False)
+            (self.config.home / "Logs").mkdir(parents=True, exist_ok=True)
+            atomic_write(self.config.home / METRICS_FILE, self.metrics.render().encode(), durable=False)
         except OSError as e:
-            self.log.error("Could not write the heartbeat: {error}", error=str(e))
+            self.log.error("Could not write the metrics: {error}", error=str(e))
+            return False
+        return True
 
     def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self.reload, "SIGHUP")
 
     def _poll_config(self) -> None:
         assert self._config_file is not None
         signature = self._config_file.signature()
         if signature != self._config_signature:
             self._config_signature = signature
-            self.reload()
+            self.reload("the file changed")
 
-    def reload(self) -> None:
+    def reload(self, trigger: str = "a reload was asked for") -> None:
         """
-        Re-read the trust list from the configuration file; servers no longer
-        trusted are disconnected at once.  A broken file changes nothing.
+        Re-read the configuration file and apply what a running agent can:
+        trust (servers no longer trusted are disconnected at once), script
+        timeout and concurrency, allowed roots, handshake timeout, the
+        connection cap and the workspace age.  Other changes are logged as
+        needing a restart.  A broken file changes nothing.
         """
         if self._config_file is None:
             return
+        self.log.info(
+            "Reloading the configuration from {path} ({trigger})",
+            path=str(self._config_file.path), trigger=trigger, event="config_reload",
+        )
         try:
             config = self._config_file.load()
         except ConfigError as e:
-            self.log.error("Configuration not reloaded: {error}", error=str(e))
+            self.log.error("Configuration not reloaded: {error}", error=str(e), event="config_reload_failed")
             return
+        self.apply_settings(config)
+
+    def apply_settings(self, config: TentacleConfig) -> None:
+        """
+        Apply the live settings of C{config} (see L{reload}); log the
+        others that differ from the running ones.
+        """
+        live: dict[str, Any] = {}
+        previous, self._loaded = self._loaded, config
+        for key, old, new in changed_settings(previous, config):
+            if key not in LIVE_SETTINGS:
+                self.log.warn(
+                    "{setting} changed from {old} to {new}; restart the agent to apply it",
+                    setting=key, old=old, new=new, event="setting_needs_restart",
+                )
+                continue
+            if key != "trusted-thumbprints":
+                self.log.info(
+                    "{setting} changed from {old} to {new}; applied", setting=key, old=old, new=new,
+                    event="setting_applied",
+                )
+            live[key] = new
         self.apply_trust(config.trusted_thumbprints)
+        self.config = attrs.evolve(
+            self.config,
+            trusted_thumbprints=config.trusted_thumbprints,
+            allowed_roots=config.allowed_roots,
+            max_concurrent_scripts=config.max_concurrent_scripts,
+            script_timeout=config.script_timeout,
+            handshake_timeout=config.handshake_timeout,
+            max_connections=config.max_connections,
+            workspace_max_age=config.workspace_max_age,
+        )
+        if not live:
+            return
+        if self.scripts is not None:
+            self.scripts.set_limits(config.max_concurrent_scripts, config.script_timeout)
+        for implementation in self.dispatcher.implementations:
+            if isinstance(implementation, FileTransferService):
+                implementation.allowed_roots = config.allowed_roots
+        self.listener_factory.handshake_timeout = config.handshake_timeout
+        self.listener_factory.max_connections = config.max_connections
 
     def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
         added, removed = self.trust.replace(thumbprints)

@@ -108,6 +108,7 @@ class CertificateTests(CLITestCase):
         self.assertNotEqual(IdentityStore(self.home).load().thumbprint, before)
 
     def test_show_without_certificate(self) -> None:
+        self.home.mkdir()
         self.assertFails(1, "no certificate in", "show-thumbprint")
 
     def test_show_bad_format(self) -> None:

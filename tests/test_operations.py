@@ -26,10 +26,17 @@ from tentacle.systemd import Unit, unit_name
 class CLI(SynchronousTestCase):
     def setUp(self) -> None:
         self.home = Path(self.mktemp()).absolute()
+        self.home.mkdir()
+        self.registry = Path(self.mktemp()).absolute()
 
-    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+    def run_cli(self, *argv: str, home: bool = True) -> tuple[int, str, str]:
+        """
+        The command on this test's home (or, with C{home=False}, on the
+        instance it names), with a registry of its own.
+        """
         out, err = io.StringIO(), io.StringIO()
-        code = main(["--home", str(self.home), *argv], out, err, {})
+        prefix = ["--home", str(self.home)] if home else []
+        code = main([*prefix, *argv], out, err, {"TENTACLE_REGISTRY": str(self.registry)})
         return code, out.getvalue(), err.getvalue()
 
 
@@ -73,13 +80,21 @@ class InstallTests(CLI):
         self.systemctl.chmod(0o755)
 
     def service(self, *argv: str) -> tuple[int, str, str]:
-        return self.run_cli("service", *argv, "--unit-dir", str(self.units), "--systemctl", str(self.systemctl))
+        return self.run_cli(
+            "service", *argv, "--unit-dir", str(self.units), "--systemctl", str(self.systemctl),
+            home="--instance" not in argv,
+        )
+
+    def create(self, *names: str) -> None:
+        for name in names:
+            code, _, err = self.run_cli("create-instance", name, "--home", str(self.home / name), home=False)
+            self.assertEqual(code, 0, err)
 
     def test_install_and_uninstall(self) -> None:
-        code, out, err = self.service("--install", "--user", "deploy")
+        code, out, err = self.service("--install", "--user", "nobody")
         self.assertEqual(code, 0, err)
         unit = self.units / "tentacle.service"
-        self.assertIn("User=deploy", unit.read_text())
+        self.assertIn("User=nobody", unit.read_text())
         self.assertIn(f"--home {self.home} run", unit.read_text())
         self.assertEqual(self.calls.read_text().splitlines(), ["daemon-reload", "enable tentacle.service"])
         code, out, err = self.service("--uninstall")
@@ -90,11 +105,20 @@ class InstallTests(CLI):
         )
 
     def test_several_instances(self) -> None:
+        self.create("blue", "green")
         self.service("--install", "--instance", "blue")
-        self.service("--install", "--instance", "green")
+        self.service("--instance", "green", "--install")
         self.assertEqual(sorted(p.name for p in self.units.iterdir()), ["tentacle-blue.service", "tentacle-green.service"])
+        self.assertIn(f"--home {self.home / 'blue'} run", (self.units / "tentacle-blue.service").read_text())
+
+    def test_unknown_instance(self) -> None:
+        code, _, err = self.service("--install", "--instance", "blue")
+        self.assertEqual(code, 1)
+        self.assertIn("there is no instance named 'blue'", err)
+        self.assertFalse(self.units.exists())
 
     def test_control(self) -> None:
+        self.create("blue")
         for action in ("start", "stop", "restart"):
             code, _, err = self.service(f"--{action}", "--instance", "blue")
             self.assertEqual(code, 0, err)
@@ -162,13 +186,29 @@ class LivezTests(CLI):
         self.assertIn("no agent is running", err)
 
     def test_metrics_without_agent(self) -> None:
-        code, _, err = self.run_cli("metrics")
-        self.assertEqual(code, 1)
-        self.assertIn("no agent is running", err)
+        code, out, err = self.run_cli("metrics")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, f"tentacle: error: no agent is running for {self.home}\n")
 
-    def test_metrics(self) -> None:
+    def test_metrics_of_a_stopped_agent(self) -> None:
         path = self.home / METRICS_FILE
         path.parent.mkdir(parents=True)
+        path.write_text(Metrics().render())
+        code, out, err = self.run_cli("metrics")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"no agent is running for {self.home}; the counts it published when it last stopped are in {path}", err)
+
+    def test_unknown_home(self) -> None:
+        self.home = self.home / "typo"
+        for command in ("livez", "metrics", "show-configuration", "show-thumbprint"):
+            code, out, err = self.run_cli(command)
+            self.assertEqual((code, out), (1, ""))
+            self.assertIn(f"{self.home} is not a tentacle home (it does not exist)", err)
+            self.assertEqual(err.count("\n"), 1)
+
+    def test_metrics(self) -> None:
+        self.beat(1)
+        path = self.home / METRICS_FILE
         path.write_text(Metrics().render())
         code, out, _ = self.run_cli("metrics")
         self.assertEqual(code, 0)

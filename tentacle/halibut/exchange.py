@@ -369,7 +369,7 @@ class MessageExchange(Protocol):
         the metrics are made of.
         """
         error = response.error
-        self.log.info(
+        self.log.debug(
             "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s",
             event="request_served",
             peer=self._address,

@@ -344,7 +344,7 @@ class FileTransferService:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as e:
             raise FileTransferError(f"Could not write {target.full_path}: {_describe(e)}") from None
-        self.log.info(
+        self.log.debug(
             "Receiving {length} bytes for {path}", length=length, path=target.full_path
         )
         return UploadSink(target, temp, length, fd)
@@ -402,7 +402,7 @@ class FileTransferService:
         result: UploadResult = await deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), sink.commit
         )
-        self.log.info(
+        self.log.debug(
             "Stored {path} ({length} bytes, SHA-1 {hash})",
             path=result.full_path,
             length=result.length,
@@ -423,7 +423,7 @@ class FileTransferService:
             # Non-blocking, so a FIFO cannot hold the reactor up in open().
             fd = os.open(target.real_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
-            self.log.info("Download of missing {path}", path=target.full_path)
+            self.log.debug("Download of missing {path}", path=target.full_path)
             return None
         except OSError as e:
             raise FileTransferError(f"Could not read {target.full_path}: {_describe(e)}") from None
@@ -438,7 +438,7 @@ class FileTransferService:
             os.close(fd)
             raise
         source: IO[bytes] = os.fdopen(fd, "rb")
-        self.log.info(
+        self.log.debug(
             "Sending {path} ({length} bytes)",
             path=target.full_path,
             length=status.st_size,
