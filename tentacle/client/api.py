@@ -28,7 +28,14 @@ from typing import IO, Any, Callable, Mapping
 import attrs
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    NoRouteError,
+    TCPTimedOutError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
@@ -67,6 +74,22 @@ from tentacle.halibut.serializer import DataStream, RequestMessage, ServerError
 from tentacle.halibut.streams import ReceivedStream
 from tentacle.identity import Identity
 from tentacle.fsutil import fsync_directory
+
+
+def describe_connect_error(error: ConnectError) -> str:
+    """
+    Why a connection could not be made, as a sentence (not C{111: ...}).
+    """
+    if isinstance(error, ConnectionRefusedError):
+        return "the connection was refused: no agent listens on that port, or a firewall refuses it"
+    if isinstance(error, (TCPTimedOutError, TimeoutError)):
+        return "the connection timed out: the host may be down, or a firewall drops the packets"
+    if isinstance(error, NoRouteError):
+        return "there is no route to the host"
+    number = error.osError
+    if isinstance(number, int):
+        return os.strerror(number)[:1].lower() + os.strerror(number)[1:]
+    return (error.args[0] if error.args else "") or str(error)
 
 
 class RemoteError(ClientError):
@@ -214,7 +237,7 @@ class TentacleClient:
         except DNSLookupError as e:
             raise ConnectionFailed(f"cannot resolve {self.target.host}: {e}") from None
         except ConnectError as e:
-            raise ConnectionFailed(f"cannot connect to {self.target}: {e}") from None
+            raise ConnectionFailed(f"cannot connect to {self.target}: {describe_connect_error(e)}") from None
         await connection.ready
         return connection
 
