@@ -240,3 +240,73 @@ class LogOutputTests(SynchronousTestCase):
         log = self.log_to(make_observer("text", str(folder / "agent.log"), 10**6))
         log.info("hello {who}", who="world")
         self.assertIn("[t#info] hello world", (folder / "agent.log").read_text())
+
+
+class FlatJSONTests(SynchronousTestCase):
+    def lines(self, emit: object, level: str = "info") -> list[dict[str, object]]:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        observer = make_observer("json", str(folder / "agent.log"), 10**6, level)
+        log = Logger(namespace="tentacle.test", observer=LogPublisher(observer))
+        emit(log)  # type: ignore[operator]
+        return [json.loads(line) for line in (folder / "agent.log").read_text().splitlines()]
+
+    def test_one_flat_object_per_event(self) -> None:
+        [line] = self.lines(lambda log: log.info(
+            "{service}.{method} for {thumbprint}: {outcome}", event="request_served", peer="127.0.0.1:5000",
+            thumbprint="AB" * 20, service="IScriptServiceV2", method="StartScript", ticket="T-1",
+            outcome="ok", duration=0.25,
+        ))
+        time_text = line.pop("time")
+        self.assertRegex(str(time_text), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+        self.assertEqual(line, {
+            "level": "info", "logger": "tentacle.test",
+            "message": f"IScriptServiceV2.StartScript for {'AB' * 20}: ok",
+            "event": "request_served", "peer": "127.0.0.1:5000", "thumbprint": "AB" * 20,
+            "service": "IScriptServiceV2", "method": "StartScript", "ticket": "T-1", "outcome": "ok",
+            "duration": 0.25,
+        })
+
+    def test_values_json_cannot_hold_become_text(self) -> None:
+        [line] = self.lines(lambda log: log.warn("at {path}", path=Path("/x"), roots=(Path("/a"),), logger=3))
+        self.assertEqual((line["path"], line["roots"], line["field_logger"], line["level"]), ("/x", ["/a"], 3, "warn"))
+
+    def test_failures_carry_their_traceback(self) -> None:
+        def emit(log: Logger) -> None:
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                log.failure("Script {ticket} failed", ticket="T-2")
+
+        [line] = self.lines(emit)
+        self.assertEqual((line["level"], line["message"], line["ticket"]), ("critical", "Script T-2 failed", "T-2"))
+        self.assertIn("ZeroDivisionError", str(line["traceback"]))
+
+    def test_levels(self) -> None:
+        def emit(log: Logger) -> None:
+            log.debug("per request")
+            log.info("script finished")
+
+        self.assertEqual([line["message"] for line in self.lines(emit)], ["script finished"])
+        self.assertEqual([line["message"] for line in self.lines(emit, "debug")], ["per request", "script finished"])
+
+
+class MetricValueTests(SynchronousTestCase):
+    def test_exact_values(self) -> None:
+        from tentacle.metrics import format_value
+
+        self.assertEqual(
+            [format_value(v) for v in (314_572_800, 0, 3.0, 0.1, 1 / 3, 2.5e-07, float("inf"), float("nan"), True)],
+            ["314572800", "0", "3", "0.1", "0.3333333333333333", "2.5e-07", "+Inf", "NaN", "1"],
+        )
+
+    def test_rendered(self) -> None:
+        metrics = Metrics()
+        metrics.bytes_uploaded = 314_572_800
+        metrics.observe_latency(0.1)
+        metrics.observe_latency(0.2)
+        text = metrics.render()
+        self.assertIn("tentacle_uploaded_bytes_total 314572800\n", text)
+        self.assertIn(f"tentacle_request_duration_seconds_sum {0.1 + 0.2!r}\n", text)
+        self.assertIn('tentacle_request_duration_seconds_bucket{le="0.25"} 2\n', text)
+        self.assertNotIn("e+", text)
