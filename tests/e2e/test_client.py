@@ -21,11 +21,12 @@ from tentacle.contracts import SCRIPT_SERVICE, ProcessOutputSource
 from tentacle.dispatch import Dispatcher
 from tentacle.services.scripts import ScriptRunner, ScriptService
 from tests.e2e.test_scripts import _processes_with
-from tests.support import LogCapture, agent_port, identity, start_agent
+from tests.support import LogCapture, agent_port, identity, remove_big_files, start_agent
 
 
 class ClientTests(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
         self.home = Path(self.mktemp()).absolute()
         self.home.mkdir()

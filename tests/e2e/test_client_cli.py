@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from tentacle.identity import IdentityStore
 from tests.e2e.test_daemon import CHECKOUT
 from tests.e2e.test_scripts import _processes_with
-from tests.support import agent_port, identity, start_agent
+from tests.support import agent_port, identity, remove_big_files, start_agent
 
 
 class CLIProcess(ProcessProtocol):
@@ -46,6 +46,7 @@ class CLIProcess(ProcessProtocol):
 
 class ClientCLITests(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.home = Path(self.mktemp()).absolute()
         IdentityStore(self.home).save(identity("server"))
 
