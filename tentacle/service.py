@@ -10,6 +10,8 @@ embedding in any Twisted application::
     config_file = ConfigFile(home)
     agent = TentacleService(config_file.load(), reactor, config_file=config_file)
     agent.setServiceParent(my_multi_service)
+
+(docs/embedding.rst has complete C{.tac} files.)
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ class TentacleService(MultiService):
     @param config: what to listen on and whom to trust.
     @param reactor: provides TCP, time and threads; the global one by default.
     @param identity: our certificate and key; read from the home when omitted.
-    @param config_file: when given, trust is reloaded from it when it
-        changes (polled every L{CONFIG_POLL_INTERVAL} seconds) and on L{reload}.
+    @param config_file: when given, the settings are reloaded from it when
+        it changes (polled every L{CONFIG_POLL_INTERVAL} seconds) and on
+        L{reload}: see L{apply_settings}.
     @param handle_sighup: reload on SIGHUP too (for daemons; an embedding
         application usually owns its signals).
     @param dispatcher: the services offered to trusted servers; register
