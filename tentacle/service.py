@@ -256,6 +256,10 @@ class TentacleService(MultiService):
             self.privilegedStartService()
         self._start_observing()
         super().startService()
+        if self._handle_sighup:
+            # Before the line saying we listen: whoever waits for that line
+            # may send SIGHUP at once, which would otherwise end the process.
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         host = self.port.getHost() if self.port else None
         self.log.info(
             "Tentacle listening on port {port} as {thumbprint}; trusting {count} server(s)",
@@ -268,8 +272,6 @@ class TentacleService(MultiService):
                 "No server is trusted yet, so every message exchange will be "
                 "refused: run 'tentacle configure --trust <server thumbprint>'"
             )
-        if self._handle_sighup:
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def stopService(self) -> Any:
         self._stop_observing()

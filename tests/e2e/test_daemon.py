@@ -86,6 +86,9 @@ class AgentProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         if not self.listening.called:
             self.listening.errback(Exception(f"agent exited: {self.output!r}"))
+        for text, d in self._waiting:
+            d.errback(Exception(f"agent exited before saying {text!r}: {self.output!r}"))
+        self._waiting = []
         self.ended.callback(reason.value)
 
 
