@@ -47,14 +47,16 @@ class HelpTests(CLITestCase):
         self.assertEqual(code, 0)
         for command in [
             "new-certificate", "import-certificate", "show-thumbprint",
-            "configure", "show-configuration", "run",
+            "configure", "show-configuration", "run", "create-instance", "list-instances",
+            "delete-instance",
         ]:
             self.assertIn(command, out)
 
     def test_every_command_has_help(self) -> None:
         for command in [
             "new-certificate", "import-certificate", "show-thumbprint",
-            "configure", "show-configuration", "run",
+            "configure", "show-configuration", "run", "create-instance", "list-instances",
+            "delete-instance", "livez", "metrics", "service",
         ]:
             code, out, _ = self.run_cli(command, "--help")
             self.assertEqual(code, 0)
