@@ -370,15 +370,22 @@ _READERS = frozenset({"show_thumbprint", "show_configuration", "livez", "metrics
 _REGISTRY_COMMANDS = frozenset({"create_instance", "list_instances", "delete_instance"})
 
 
-def _describe(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "none"
+#: How the CLI words a setting's empty value.
+_NONE_WORDS = {
+    "listen-address": "any", "metrics-port": "off", "max-concurrent-scripts": "no limit",
+    "max-connections": "no limit", "allowed-roots": "none (any path)",
+}
+
+
+def _describe(value: Any, unit: str = "", key: str = "") -> str:
+    if value is None or value == []:
+        return _NONE_WORDS.get(key, "none")
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}{unit}"
     if isinstance(value, list):
-        return ", ".join(str(v) for v in value) or "none"
+        return ", ".join(str(v) for v in value)
     return f"{value}{unit}"
 
 
@@ -543,7 +550,7 @@ class _Command:
             if key == "trusted-thumbprints" or before[key] == after[key] and not _named(changed, key):
                 continue
             when = "a running agent applies it within seconds" if key in LIVE_SETTINGS else "takes effect on restart"
-            self.out.write(f"{_LABELS[key]} set to {_describe(after[key], _UNITS.get(key, ''))} ({when})\n")
+            self.out.write(f"{_LABELS[key]} set to {_describe(after[key], _UNITS.get(key, ''), key)} ({when})\n")
         self.config_file.save(updated)
         return 0
 

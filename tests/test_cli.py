@@ -363,7 +363,11 @@ class ConfigureEverySettingTests(CLITestCase):
         config = ConfigFile(self.home).load()
         self.assertEqual((config.script_timeout, config.max_concurrent_scripts, config.metrics_port, config.max_connections),
                          (None, None, None, None))
-        self.assertIn("Script timeout set to none", out)
+        self.assertIn("Script timeout set to none (a running agent applies it within seconds)\n", out)
+        self.assertIn("Metrics port set to off (takes effect on restart)\n", out)
+        self.assertIn("Max connections set to no limit", out)
+        code, out, _ = self.run_cli("configure", "--listen-ip", "any")
+        self.assertEqual(out, "Listen address set to any (takes effect on restart)\n")
         code, out, _ = self.run_cli("show-configuration")
         self.assertIn("none (scripts may run forever)", out)
 
