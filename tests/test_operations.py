@@ -153,6 +153,31 @@ class InstallTests(CLI):
         self.assertIn("cannot write", err)
         self.assertIn("[Service]", err, "the unit is printed for doing it by hand")
 
+    def test_warns_when_the_user_cannot_reach_the_interpreter(self) -> None:
+        import tempfile
+
+        private = Path(tempfile.mkdtemp(prefix="tentacle-private-"))
+        self.addCleanup(shutil.rmtree, private)
+        python = private / "bin" / "python3"
+        python.parent.mkdir()
+        python.write_text("")
+        python.chmod(0o755)
+        private.chmod(0o700)
+        code, out, err = self.run_cli("service", "--print", "--user", "nobody", "--python", str(python))
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"ExecStart={python} -m tentacle", out)
+        self.assertEqual(
+            err,
+            f"tentacle: warning: nobody cannot reach {python} ({private} is closed to it), so the service will "
+            "not start; install tentacle where every user can read it (docs/install.rst, 'A system-wide install "
+            "for a service') and give the home to the user\n",
+        )
+
+    def test_unknown_service_user(self) -> None:
+        code, out, err = self.run_cli("service", "--print", "--user", "no-such-user-here")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("there is no user 'no-such-user-here'", err)
+
     def test_bad_instance(self) -> None:
         code, _, err = self.service("--install", "--instance", "../evil")
         self.assertEqual(code, 2)
