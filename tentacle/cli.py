@@ -3,7 +3,8 @@ C{tentacle}: administer an agent instance (identity, trust, settings) and run it
 
 Thin by design: parse, call library code, print.  Errors are one line on
 stderr with a non-zero exit status: 2 for bad usage, 1 when the request was
-understood but could not be carried out.
+understood but could not be carried out.  The global options (C{--home},
+C{--instance}) may come before or after the command.
 """
 
 from __future__ import annotations
@@ -15,24 +16,40 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Mapping, NoReturn, Sequence
+from typing import IO, Any, Callable, Mapping, NoReturn, Sequence
 
 import attrs
 
 from tentacle import __version__, logs
 from tentacle.config import (
+    DEFAULT_POLLING_PORT,
+    LIVE_SETTINGS,
+    MAX_POLLING_CONNECTIONS,
+    MIN_SCRIPT_OUTPUT_LIMIT,
     ConfigError,
     ConfigFile,
+    ProxySetting,
     TentacleConfig,
     check_listen_address,
     check_output_limit,
+    check_polling_connections,
     check_port,
+    check_subscription_id,
     check_timeout,
     resolve_home,
+    split_host_port,
+)
+from tentacle.errors import describe_os_error
+from tentacle.identity import Identity, IdentityError, IdentityStore, normalize_thumbprint
+from tentacle.instances import (
+    Instance,
+    InstanceError,
+    InstanceRegistry,
+    default_instance_home,
+    default_registry,
 )
 from tentacle.service import HEARTBEAT_FILE, METRICS_FILE
-from tentacle.systemd import DEFAULT_UNIT_DIRECTORY, ServiceError, Systemd, Unit, check_instance
-from tentacle.identity import Identity, IdentityError, IdentityStore, normalize_thumbprint
+from tentacle.systemd import DEFAULT_UNIT_DIRECTORY, ServiceError, Systemd, Unit, check_instance, unit_name
 
 
 class CommandError(Exception):
@@ -67,60 +84,131 @@ _help_output: contextvars.ContextVar[IO[str] | None] = contextvars.ContextVar(
 )
 
 
-def _thumbprint_argument(value: str) -> str:
-    try:
-        return normalize_thumbprint(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _argument(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    An argparse type from a checker that raises C{ValueError} with a sentence.
+    """
+
+    def convert(value: str) -> Any:
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = check.__name__
+    return convert
 
 
-def _port_argument(value: str) -> int:
+def _port(value: str) -> int:
     try:
         return check_port(int(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a port number from 1 to 65535, not {value!r}"
-        ) from None
+        raise ValueError(f"expected a port number from 1 to 65535, not {value!r}") from None
 
 
-def _address_argument(value: str) -> str:
+def _seconds(value: str) -> float:
     try:
-        return check_listen_address(value) or "any"
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return check_timeout(float(value))
+    except ValueError:
+        raise ValueError(f"expected a positive number of seconds, not {value!r}") from None
 
 
-def _size_argument(value: str) -> int:
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"expected a whole number of at least 1, not {value!r}")
+    return number
+
+
+def _or_none(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    C{check}, or C{none} for no limit.
+    """
+
+    def convert(value: str) -> Any:
+        if value.lower() in ("none", "off", "unlimited"):
+            return None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise ValueError(f"{e} (or 'none')") from None
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _size(value: str) -> int:
     try:
         size = int(value)
     except ValueError:
         size = 0
     if size < 1024:
-        raise argparse.ArgumentTypeError(f"expected a number of bytes of at least 1024, not {value!r}")
+        raise ValueError(f"expected a number of bytes of at least 1024, not {value!r}")
     return size
 
 
-def _output_limit_argument(value: str) -> int | None:
-    if value == "none":
-        return None
+def _output_limit(value: str) -> int:
     try:
         return check_output_limit(int(value))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e} (or 'none')") from None
-
-
-def _seconds_argument(value: str) -> float:
-    try:
-        return check_timeout(float(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {value!r}") from None
+        raise ValueError(
+            f"expected a number of bytes of at least {MIN_SCRIPT_OUTPUT_LIMIT}, not {value!r}"
+        ) from None
 
 
-def _instance_argument(value: str) -> str:
+def _proxy_setting(value: str) -> ProxySetting:
+    return ProxySetting.parse(None if value == "default" else value)
+
+
+def _polling_count(value: str) -> int:
     try:
-        return check_instance(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return check_polling_connections(int(value))
+    except ValueError:
+        raise ValueError(f"expected a whole number from 1 to {MAX_POLLING_CONNECTIONS}, not {value!r}") from None
+
+
+def _proxy_url(value: str) -> str:
+    from tentacle.dialer import Proxy
+
+    Proxy.from_url(value)
+    return value
+
+
+def _address(value: str) -> str:
+    return check_listen_address(value) or "any"
+
+
+def _switch(value: str) -> bool:
+    if value.lower() in ("on", "true", "yes", "1"):
+        return True
+    if value.lower() in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"expected on or off, not {value!r}")
+
+
+#: The default of options whose value may be None ('none'), so that
+#: 'none' and 'not given' can be told apart.
+_NOT_GIVEN: Any = object()
+
+
+def _add_global_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """
+    The options every command takes, before or after its name.  After it,
+    they default to nothing at all, so they never undo the same option
+    given before the command.
+    """
+    default: Any = argparse.SUPPRESS if after_command else None
+    parser.add_argument(
+        "--home", default=default, metavar="DIR",
+        help="the agent's home (default: the instance's, else $TENTACLE_HOME, else ~/.tentacle)",
+    )
+    parser.add_argument(
+        "--instance", default=default, metavar="NAME", type=_argument(check_instance),
+        help="a named instance (see 'tentacle list-instances'); its home is used",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,14 +217,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Administer and run a Tentacle listening deployment agent.",
     )
     parser.add_argument("--version", action="version", version=f"tentacle {__version__}")
-    parser.add_argument(
-        "--home",
-        help="the instance home (default: $TENTACLE_HOME, else ~/.tentacle)",
-    )
+    _add_global_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    new = commands.add_parser(
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, **kw)
+        _add_global_options(command, after_command=True)
+        command.set_defaults(handler=name.replace("-", "_"))
+        return command
+
+    create = add(
+        "create-instance",
+        help="name a home, so '--instance NAME' finds it (and its service unit is its own)",
+        description=(
+            "Register a named instance and create its home (default: /var/lib/tentacle/NAME "
+            "as root, else ~/.local/share/tentacle/NAME; or --home)."
+        ),
+    )
+    create.add_argument("name", metavar="NAME", type=_argument(check_instance))
+    listing = add("list-instances", help="list the named instances", description="List the named instances.")
+    listing.add_argument("--format", choices=("text", "json"), default="text")
+    delete = add(
+        "delete-instance",
+        help="forget a named instance (its home is kept)",
+        description="Remove a named instance from the registry; its home and files are left as they are.",
+    )
+    delete.add_argument("name", metavar="NAME", type=_argument(check_instance))
+
+    new = add(
         "new-certificate",
         help="create this agent's certificate (self-signed RSA-2048, SHA-256, 100 years)",
         description="Create this agent's certificate and private key in its home.",
@@ -150,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing certificate (servers that pinned the old one will be refused)",
     )
 
-    imp = commands.add_parser(
+    imp = add(
         "import-certificate",
         help="use an existing certificate (PEM or PKCS#12) as this agent's identity",
         description="Import a certificate and its private key from a PEM or PKCS#12 file.",
@@ -162,99 +271,274 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--force", action="store_true", help="replace an existing certificate")
 
-    show = commands.add_parser(
+    show = add(
         "show-thumbprint",
         help="print this agent's certificate thumbprint",
         description="Print the SHA-1 thumbprint (what Octopus pins) and SHA-256 fingerprint.",
     )
     show.add_argument("--format", choices=("text", "json"), default="text")
 
-    configure = commands.add_parser(
+    configure = add(
         "configure",
-        help="change trusted servers, port, listen address or application folder",
+        help="change trusted servers, port, limits and every other setting",
         description=(
-            "Change the instance's settings. A running agent picks up trust "
-            "changes within a few seconds; port and address changes need a restart."
+            "Change the instance's settings. A running agent applies trust, limits and "
+            "allowed roots within a few seconds; port, address, application folder, "
+            "audit log and metrics port need a restart."
         ),
     )
+    thumbprint = _argument(normalize_thumbprint)
     configure.add_argument(
-        "--trust", action="append", default=[], type=_thumbprint_argument, metavar="THUMBPRINT",
+        "--trust", action="append", default=[], type=thumbprint, metavar="THUMBPRINT",
         help="trust a server's certificate (SHA-1 or SHA-256, hex); repeatable",
     )
     configure.add_argument(
-        "--remove-trust", action="append", default=[], type=_thumbprint_argument,
+        "--remove-trust", action="append", default=[], type=thumbprint,
         metavar="THUMBPRINT", help="stop trusting a server; repeatable",
     )
+    configure.add_argument("--reset-trust", action="store_true", help="remove every trusted server first")
+    configure.add_argument("--port", type=_argument(_port), help="the TCP port to listen on")
     configure.add_argument(
-        "--reset-trust", action="store_true", help="remove every trusted server first",
-    )
-    configure.add_argument("--port", type=_port_argument, help="the TCP port to listen on")
-    configure.add_argument(
-        "--listen-ip", type=_address_argument, metavar="ADDRESS",
+        "--listen-ip", "--listen-address", type=_argument(_address), metavar="ADDRESS",
         help="listen on this IP address only, or 'any' for every interface",
     )
-    configure.add_argument("--app", metavar="DIR", help="where deployed applications go")
+    configure.add_argument("--app", "--app-dir", metavar="DIR", help="where deployed applications go")
     configure.add_argument(
-        "--script-output-limit", type=_output_limit_argument, default=False, metavar="BYTES",
+        "--handshake-timeout", type=_argument(_seconds), metavar="SECONDS",
+        help="seconds a new connection has to finish TLS and send its first request",
+    )
+    configure.add_argument(
+        "--allowed-root", action="append", default=[], metavar="DIR",
+        help="confine file transfers to this folder (and the others given); repeatable",
+    )
+    configure.add_argument(
+        "--remove-allowed-root", action="append", default=[], metavar="DIR",
+        help="no longer allow this folder; repeatable",
+    )
+    configure.add_argument(
+        "--reset-allowed-roots", action="store_true",
+        help="remove every allowed root first (no roots: transfers may touch any path)",
+    )
+    configure.add_argument(
+        "--max-concurrent-scripts", type=_argument(_or_none(_count)), default=_NOT_GIVEN, metavar="N",
+        help="scripts beyond this many wait as Pending ('none': no limit)",
+    )
+    configure.add_argument(
+        "--script-timeout", type=_argument(_or_none(_seconds)), default=_NOT_GIVEN, metavar="SECONDS",
+        help="kill a script after this long, exit code -44 ('none': never)",
+    )
+    configure.add_argument(
+        "--workspace-max-age", type=_argument(_seconds), metavar="SECONDS",
+        help="remove finished script workspaces this old",
+    )
+    configure.add_argument(
+        "--max-connections", type=_argument(_or_none(_count)), default=_NOT_GIVEN, metavar="N",
+        help="refuse connections beyond this many open at once ('none': no limit)",
+    )
+    configure.add_argument(
+        "--audit-log", type=_argument(_switch), metavar="on|off", help="keep <home>/Logs/audit.log",
+    )
+    configure.add_argument(
+        "--metrics-port", type=_argument(_or_none(_port)), default=_NOT_GIVEN, metavar="PORT",
+        help="serve Prometheus metrics on this loopback port ('none': off)",
+    )
+    configure.add_argument(
+        "--script-output-limit", type=_argument(_or_none(_output_limit)), default=_NOT_GIVEN, metavar="BYTES",
         help="store at most this much of each script's output, then only its last lines ('none': no limit)",
     )
+    configure.add_argument(
+        "--instance-name", type=_argument(check_instance), metavar="NAME",
+        help="the name scripts see as TentacleInstanceName",
+    )
+    configure.add_argument(
+        "--proxy", type=_argument(_proxy_setting), metavar="URL|none|default",
+        help="the proxy scripts are told of: http://[user:password@]host[:port], 'none', or "
+        "'default' (the machine's own)",
+    )
+    listening = configure.add_mutually_exclusive_group()
+    listening.add_argument(
+        "--listen", dest="listen", action="store_const", const=True, default=None,
+        help="accept connections on the listening port (the default)",
+    )
+    listening.add_argument(
+        "--no-listen", dest="listen", action="store_const", const=False,
+        help="open no port: an agent that only polls (see 'tentacle poll-server')",
+    )
+    configure.add_argument(
+        "--remove-poll-server", action="append", default=[], metavar="ADDRESS",
+        help="stop polling this server (host[:port], or its thumbprint); repeatable",
+    )
 
-    show_config = commands.add_parser(
+    poll = add(
+        "poll-server",
+        help="poll a server: dial it for work instead of (or as well as) listening",
+        description=(
+            "Add a server for this agent to poll (Octopus's polling mode, 'TentacleActive'): the agent "
+            "dials it and takes its work over those connections. Prints the subscription id the server "
+            "must know this agent by. A running agent starts polling within a few seconds."
+        ),
+    )
+    poll.add_argument("--server-address", required=True, metavar="HOST[:PORT]",
+                      help="the server's polling address (port 10943 by default)")
+    poll.add_argument("--server-thumbprint", required=True, type=thumbprint, metavar="THUMBPRINT",
+                      help="the server's certificate thumbprint (SHA-1 or SHA-256); it is trusted for listening too")
+    poll.add_argument("--subscription-id", type=_argument(check_subscription_id), metavar="poll://ID/",
+                      help="the id to poll as (default: the one already used with this thumbprint, else a new one)")
+    poll.add_argument("--connections", type=_argument(_polling_count), default=1, metavar="N",
+                      help="connections to keep to the server, 1 to 512 (default 1)")
+    poll.add_argument("--proxy", type=_argument(_proxy_url), metavar="URL",
+                      help="reach the server through this HTTP proxy: http://[user:password@]host[:port]")
+
+    show_config = add(
         "show-configuration",
         help="print the instance's settings",
         description="Print the instance's settings and identity.",
     )
     show_config.add_argument("--format", choices=("text", "json"), default="text")
 
-    run = commands.add_parser(
+    run = add(
         "run",
-        help="run the agent in the foreground (the same as 'twistd -n tentacle')",
+        aliases=["agent"],
+        help="run the agent in the foreground (also 'agent'; the same as 'twistd -n tentacle')",
         description="Run the agent in the foreground until interrupted.",
     )
     run.add_argument("--log-format", choices=("text", "json"), default="text",
-                     help="text (default) or one JSON object per line")
+                     help="text (default) or one flat JSON object per line")
+    run.add_argument("--log-level", choices=logs.LEVELS, default=logs.DEFAULT_LEVEL,
+                     help="the least severe level logged (default info; debug adds a line per request)")
     run.add_argument("--log-file", metavar="PATH", help="log to this file instead of stdout")
-    run.add_argument("--log-max-size", type=_size_argument, default=10 * 1024 * 1024, metavar="BYTES",
+    run.add_argument("--log-max-size", type=_argument(_size), default=10 * 1024 * 1024, metavar="BYTES",
                      help="rotate the log file at this size (default 10 MiB; ten old files kept)")
     run.add_argument("--user", help="start as root, bind, then run as this user (who must own the home)")
 
-    livez = commands.add_parser(
+    hub = add(
+        "hub",
+        help="run a hub: the polling server polling agents dial (the same as 'tentacle-hub run')",
+        description="Run a hub in the foreground; administer it with 'tentacle-hub'.",
+    )
+    hub.add_argument("--hub-home", metavar="DIR",
+                     help="the hub's home (default: $TENTACLE_HUB_HOME, else ~/.tentacle-hub)")
+
+    livez = add(
         "livez",
         help="exit 0 when the running agent's heartbeat is fresh (for health checks)",
         description="Check the running agent's heartbeat file; exit 0 when fresh, 1 otherwise.",
     )
-    livez.add_argument("--max-age", type=_seconds_argument, default=60.0, metavar="SECONDS",
+    livez.add_argument("--max-age", type=_argument(_seconds), default=60.0, metavar="SECONDS",
                        help="the oldest heartbeat still counted as alive (default 60)")
 
-    commands.add_parser(
+    add(
         "metrics",
         help="print the running agent's metrics (Prometheus text format)",
         description="Print the metrics the running agent last published (every 10 seconds).",
     )
 
-    service = commands.add_parser(
+    service = add(
         "service",
-        help="install, remove or control the agent as a systemd service",
-        description="Install the agent as a systemd unit, remove it, or start, stop and check it.",
+        help="install, remove or control the agent as a systemd service (one unit per instance)",
+        description=(
+            "Install the agent as a systemd unit, remove it, or start, stop and check it. "
+            "Each instance has its own unit: tentacle-NAME.service (tentacle.service without --instance)."
+        ),
     )
     action = service.add_mutually_exclusive_group(required=True)
     for name in ("install", "uninstall", "start", "stop", "restart", "status", "print"):
         action.add_argument(f"--{name}", dest="action", action="store_const", const=name,
                             help=f"{name} the service" if name != "print" else "print the unit only")
     service.add_argument("--user", help="the user the agent runs as (default: root)")
-    service.add_argument("--instance", default="default", type=_instance_argument,
-                         help="the instance name, for several agents on one machine (default: 'default')")
     service.add_argument("--unit-dir", default=str(DEFAULT_UNIT_DIRECTORY), help=argparse.SUPPRESS)
     service.add_argument("--systemctl", default=None, help=argparse.SUPPRESS)
+    service.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     return parser
 
 
+#: Commands that only read a home: an unknown one is a mistake to report,
+#: not a fresh home to create.
+_READERS = frozenset({"show_thumbprint", "show_configuration", "livez", "metrics", "service"})
+#: Commands about the registry, not about one home.
+_REGISTRY_COMMANDS = frozenset({"create_instance", "list_instances", "delete_instance", "hub"})
+
+
+#: How the CLI words a setting's empty value.
+_NONE_WORDS = {
+    "listen-address": "any", "metrics-port": "off", "max-concurrent-scripts": "no limit",
+    "max-connections": "no limit", "allowed-roots": "none (any path)",
+    "proxy": "the machine's own", "script-output-limit": "no limit",
+}
+
+
+def _describe(value: Any, unit: str = "", key: str = "") -> str:
+    if value is None or value == []:
+        return _NONE_WORDS.get(key, "none")
+    if key == "proxy" and isinstance(value, str):
+        return _redacted(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}{unit}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return f"{value}{unit}"
+
+
 class _Command:
-    def __init__(self, home: Path, out: IO[str]) -> None:
+    def __init__(
+        self, home: Path, out: IO[str], err: IO[str], registry: InstanceRegistry,
+        instance: Instance | None, environ: Mapping[str, str],
+    ) -> None:
         self.home = home
         self.out = out
+        self.err = err
+        self.registry = registry
+        self.instance = instance
+        self.environ = environ
         self.identities = IdentityStore(home)
         self.config_file = ConfigFile(home)
+
+    # --- instances ------------------------------------------------------------------
+
+    def create_instance(self, args: argparse.Namespace) -> int:
+        home = Path(args.home).expanduser().absolute() if args.home else default_instance_home(
+            args.name, self.environ
+        )
+        instance = self.registry.create(args.name, home)
+        self.out.write(
+            f"Created the instance {instance.name} with its home in {instance.home}\n"
+            f"Next: 'tentacle --instance {instance.name} configure --port N --trust <server thumbprint>', "
+            f"then 'tentacle --instance {instance.name} run' (or 'service --install')\n"
+        )
+        return 0
+
+    def list_instances(self, args: argparse.Namespace) -> int:
+        instances = list(self.registry)
+        if args.format == "json":
+            json.dump(
+                [{"name": i.name, "home": str(i.home), "running": i.running()} for i in instances],
+                self.out, indent=2,
+            )
+            self.out.write("\n")
+            return 0
+        if not instances:
+            self.out.write(f"No instances in {self.registry.directory}; create one with 'tentacle create-instance NAME'\n")
+            return 0
+        width = max(len(i.name) for i in instances) + 2
+        self.out.write(f"{'Name':<{width}}{'State':<10}Home\n")
+        for i in instances:
+            self.out.write(f"{i.name:<{width}}{'running' if i.running() else 'stopped':<10}{i.home}\n")
+        return 0
+
+    def delete_instance(self, args: argparse.Namespace) -> int:
+        instance = self.registry.delete(args.name)
+        self.out.write(f"Deleted the instance {instance.name}; its home {instance.home} is kept\n")
+        unit = DEFAULT_UNIT_DIRECTORY / unit_name(instance.name)
+        if unit.exists():
+            self.out.write(
+                f"Its service {unit} is still installed: remove it with "
+                f"'tentacle --home {instance.home} service --uninstall' (as root)\n"
+            )
+        return 0
+
+    # --- certificates ---------------------------------------------------------------
 
     def new_certificate(self, args: argparse.Namespace) -> int:
         if self.identities.exists():
@@ -296,46 +580,97 @@ class _Command:
             )
         return 0
 
+    # --- settings -------------------------------------------------------------------
+
     def configure(self, args: argparse.Namespace) -> int:
+        settings = {
+            "port": args.port, "listen_ip": args.listen_ip, "app": args.app,
+            "handshake_timeout": args.handshake_timeout, "workspace_max_age": args.workspace_max_age,
+            "audit_log": args.audit_log, "instance_name": args.instance_name, "proxy": args.proxy,
+        }
+        optional = ("max_concurrent_scripts", "script_timeout", "max_connections", "metrics_port", "script_output_limit")
+        given = {name for name in optional if _given(args, name)}
         changes = (
-            args.trust or args.remove_trust or args.reset_trust
-            or args.port is not None or args.listen_ip is not None or args.app is not None
-            or args.script_output_limit is not False
+            args.trust or args.remove_trust or args.reset_trust or args.allowed_root
+            or args.remove_allowed_root or args.reset_allowed_roots or given
+            or args.listen is not None or args.remove_poll_server
+            or any(v is not None for v in settings.values())
         )
         if not changes:
             raise UsageError(
-                "tentacle configure: nothing to change; give --trust, --remove-trust, "
-                "--reset-trust, --port, --listen-ip, --app or --script-output-limit "
-                "(see 'tentacle configure --help')"
+                "tentacle configure: nothing to change; give --trust, --port, --script-timeout "
+                "or another setting (see 'tentacle configure --help')"
             )
         config = self.config_file.load()
         if args.reset_trust:
             config = _evolve(config, trusted_thumbprints=())
             self.out.write("Removed every trusted server\n")
-        for thumbprint in args.remove_trust:
-            config = config.distrust(thumbprint)
-            self.out.write(f"No longer trusting {thumbprint}\n")
-        for thumbprint in args.trust:
-            config = config.trust(thumbprint)
-            self.out.write(f"Trusting {thumbprint}\n")
+        for t in args.remove_trust:
+            config = config.distrust(t)
+            self.out.write(f"No longer trusting {t}\n")
+        for t in args.trust:
+            config = config.trust(t)
+            self.out.write(f"Trusting {t}\n")
+        roots = list(config.allowed_roots)
+        if args.reset_allowed_roots:
+            roots = []
+        for folder in args.remove_allowed_root:
+            path = Path(folder).expanduser().absolute()
+            if path not in roots:
+                raise CommandError(f"{path} is not an allowed root (see 'tentacle show-configuration')")
+            roots.remove(path)
+        for folder in args.allowed_root:
+            path = Path(folder).expanduser().absolute()
+            if path not in roots:
+                roots.append(path)
+        changed: dict[str, Any] = {}
+        if tuple(roots) != config.allowed_roots:
+            changed["allowed_roots"] = tuple(roots)
         if args.port is not None:
-            config = _evolve(config, port=args.port)
-            self.out.write(f"Listening port set to {args.port} (takes effect on restart)\n")
+            changed["port"] = args.port
         if args.listen_ip is not None:
-            address = None if args.listen_ip == "any" else args.listen_ip
-            config = _evolve(config, listen_address=address)
-            self.out.write(f"Listen address set to {args.listen_ip} (takes effect on restart)\n")
+            changed["listen_address"] = None if args.listen_ip == "any" else args.listen_ip
         if args.app is not None:
-            config = _evolve(config, application_directory=Path(args.app).expanduser().absolute())
-            self.out.write(f"Application directory set to {config.applications}\n")
-        if args.script_output_limit is not False:
-            config = _evolve(config, script_output_limit=args.script_output_limit)
-            limit = args.script_output_limit
-            self.out.write(
-                f"Script output limit set to {'none' if limit is None else f'{limit} bytes'} "
-                "(takes effect on restart)\n"
+            changed["application_directory"] = Path(args.app).expanduser().absolute()
+        for name in ("handshake_timeout", "workspace_max_age", "audit_log", "instance_name", "proxy"):
+            if settings[name] is not None:
+                changed[name] = settings[name]
+        for name in given:
+            changed[name] = getattr(args, name)
+        if args.listen is not None:
+            changed["listen"] = args.listen
+        for address in args.remove_poll_server:
+            config = config.remove_polling_server(address)
+            self.out.write(f"No longer polling {address}\n")
+        if args.listen is False and not config.polling_servers:
+            raise CommandError(
+                "an agent that does not listen must poll a server; add one with 'tentacle poll-server' first"
             )
+        updated = _evolve(config, **changed)
+        before, after = config.to_json(), updated.to_json()
+        for key in after:
+            if key in ("trusted-thumbprints", "polling-servers") or before[key] == after[key] and not _named(changed, key):
+                continue
+            when = "a running agent applies it within seconds" if key in LIVE_SETTINGS else "takes effect on restart"
+            self.out.write(f"{_LABELS[key]} set to {_describe(after[key], _UNITS.get(key, ''), key)} ({when})\n")
+        self.config_file.save(updated)
+        return 0
+
+    def poll_server(self, args: argparse.Namespace) -> int:
+        try:
+            host, port = split_host_port(args.server_address, DEFAULT_POLLING_PORT)
+        except ValueError as e:
+            raise UsageError(f"tentacle poll-server: --server-address: {e}") from None
+        config = self.config_file.load()
+        config, entry = config.add_polling_server(
+            host, port, args.server_thumbprint, args.subscription_id, args.connections, args.proxy
+        )
         self.config_file.save(config)
+        self.out.write(
+            f"Polling {entry.address} ({entry.thumbprint}) as {entry.subscription_id} "
+            f"over {entry.connections} connection(s){' through ' + _redacted(entry.proxy) if entry.proxy else ''}\n"
+            f"Subscription id: {entry.subscription_id}\n"
+        )
         return 0
 
     def show_configuration(self, args: argparse.Namespace) -> int:
@@ -343,36 +678,44 @@ class _Command:
         identity = self.identities.load() if self.identities.exists() else None
         if args.format == "json":
             data: dict[str, Any] = {"home": str(self.home), **config.to_json()}
+            if isinstance(data.get("proxy"), str):
+                data["proxy"] = _redacted(data["proxy"])
+            for server in data.get("polling-servers", []):
+                if server.get("proxy"):
+                    server["proxy"] = _redacted(server["proxy"])
+            data["instance"] = self.instance.name if self.instance else None
             data["thumbprint"] = identity.thumbprint if identity else None
             json.dump(data, self.out, indent=2)
             self.out.write("\n")
             return 0
-        trusted = "".join(f"\n  {t}" for t in config.trusted_thumbprints) or " none"
-        self.out.write(
-            f"Home:                  {self.home}\n"
-            f"Certificate:           "
-            f"{identity.thumbprint if identity else 'none (run tentacle new-certificate)'}\n"
-            f"Listen port:           {config.port}\n"
-            f"Listen address:        {config.listen_address or 'any (IPv4 and IPv6)'}\n"
-            f"Application directory: {config.applications}\n"
-            f"Handshake timeout:     {config.handshake_timeout:g} s\n"
-            f"Trusted servers:{trusted}\n"
-        )
+        for label, value in _settings_text(self, config, identity):
+            self.out.write(f"{label}:{value}\n" if value.startswith("\n") else f"{label + ':':<23}{value}\n")
         return 0
 
+    # --- running --------------------------------------------------------------------
+
     def run(self, args: argparse.Namespace) -> int:
-        from twisted.scripts import twistd
+        from twisted.python.usage import UsageError as TwistdUsageError
+
+        from tentacle.tap import CannotStart, run_twistd
 
         os.environ[logs.FORMAT_VARIABLE] = args.log_format
+        os.environ[logs.LEVEL_VARIABLE] = args.log_level
         os.environ[logs.MAX_SIZE_VARIABLE] = str(args.log_max_size)
         if args.log_file:
             os.environ[logs.FILE_VARIABLE] = os.path.abspath(args.log_file)
         privileges = self._drop_to(args.user) if args.user else []
-        sys.argv = [
-            "twistd", "--nodaemon", "--pidfile=", "--umask=0077", "--logger", "tentacle.logs.observer", *privileges,
+        arguments = [
+            "--nodaemon", "--pidfile=", "--umask=0077", "--logger", "tentacle.logs.observer", *privileges,
             "tentacle", "--home", str(self.home),
         ]
-        twistd.run()
+        sys.argv = ["twistd", *arguments]
+        try:
+            run_twistd(arguments)
+        except TwistdUsageError as e:
+            raise CommandError(str(e)) from None
+        except CannotStart as e:
+            raise CommandError(str(e)) from None
         return 0
 
     def _drop_to(self, user: str) -> list[str]:
@@ -398,6 +741,11 @@ class _Command:
             )
         return ["--uid", str(entry.pw_uid), "--gid", str(entry.pw_gid)]
 
+    def hub(self, args: argparse.Namespace) -> int:
+        from tentacle.hub.cli import main as hub_main
+
+        return hub_main([*(["--home", args.hub_home] if args.hub_home else []), "run"], self.out)
+
     def livez(self, args: argparse.Namespace) -> int:
         path = self.home / HEARTBEAT_FILE
         try:
@@ -407,10 +755,23 @@ class _Command:
         if age > args.max_age:
             raise CommandError(f"the agent's heartbeat is {age:.0f} s old (more than {args.max_age:g} s)")
         self.out.write(f"alive: heartbeat {age:.0f} s ago\n")
+        cut_off = []
+        for line in path.read_text().splitlines()[1:]:
+            words = line.split()
+            if len(words) == 4 and words[0] == "polling":
+                _, address, subscription, counts = words
+                self.out.write(f"polling {address} as {subscription}: {counts} connection(s) up\n")
+                if counts.startswith("0/"):
+                    cut_off.append(address)
+        if cut_off:
+            raise CommandError(f"not connected to the polling server(s) {', '.join(cut_off)}")
         return 0
 
     def metrics(self, args: argparse.Namespace) -> int:
         path = self.home / METRICS_FILE
+        if not (self.home / HEARTBEAT_FILE).exists():
+            last = f"; the counts it published when it last stopped are in {path}" if path.exists() else ""
+            raise CommandError(f"no agent is running for {self.home}{last}")
         try:
             self.out.write(path.read_text())
         except FileNotFoundError:
@@ -418,7 +779,9 @@ class _Command:
         return 0
 
     def service(self, args: argparse.Namespace) -> int:
-        unit = Unit(args.instance, self.home, args.user)
+        unit = Unit(self.instance.name if self.instance else "default", self.home, args.user, args.python)
+        if args.user and args.action in ("install", "print"):
+            self._check_reachable(args.user, Path(args.python))
         if args.systemctl is not None:  # given explicitly: trust it is in charge
             systemd = Systemd(Path(args.unit_dir), args.systemctl or None, booted=True)
         else:
@@ -428,7 +791,8 @@ class _Command:
                 self.out.write(unit.render())
             elif args.action == "install":
                 path = systemd.install(unit)
-                self.out.write(f"Installed and enabled {path}; start it with 'tentacle service --start'\n")
+                where = f"--instance {self.instance.name} " if self.instance else ""
+                self.out.write(f"Installed and enabled {path}; start it with 'tentacle {where}service --start'\n")
             elif args.action == "uninstall":
                 path = systemd.uninstall(unit)
                 self.out.write(f"Stopped, disabled and removed {path}\n")
@@ -440,9 +804,148 @@ class _Command:
             raise CommandError(str(e)) from None
         return 0
 
+    def _check_reachable(self, user: str, python: Path) -> None:
+        """
+        The unit runs C{python} as C{user}: warn about a unit that cannot
+        start, such as one pointing into root's home.  (A warning, since
+        ACLs, which are not read, may open what the mode bits close.)
+        """
+        import tentacle
+        from tentacle.access import Account, unreachable
+
+        try:
+            account = Account.named(user)
+        except KeyError:
+            raise CommandError(f"there is no user {user!r}; create it first (see 'tentacle service --help')") from None
+        for path, want in (
+            (python, os.R_OK | os.X_OK),
+            (Path(tentacle.__file__).parent / "__init__.py", os.R_OK),
+            (self.home, os.R_OK | os.W_OK | os.X_OK),
+        ):
+            blocked = unreachable(path, account, want)
+            if blocked is not None:
+                self.err.write(
+                    f"tentacle: warning: {user} cannot reach {path} ({blocked} is closed to it), so the "
+                    "service will not start; install tentacle where every user can read it (docs/install.rst, "
+                    "'A system-wide install for a service') and give the home to the user\n"
+                )
+                return
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    """
+    Whether an option that takes 'none' was given (its value may be None).
+    """
+    return getattr(args, name, _NOT_GIVEN) is not _NOT_GIVEN
+
+_LABELS = {
+    "listen-port": "Listen port",
+    "listen-address": "Listen address",
+    "trusted-thumbprints": "Trusted servers",
+    "application-directory": "Application directory",
+    "handshake-timeout": "Handshake timeout",
+    "allowed-roots": "Allowed roots",
+    "max-concurrent-scripts": "Max concurrent scripts",
+    "script-timeout": "Script timeout",
+    "workspace-max-age": "Workspace max age",
+    "max-connections": "Max connections",
+    "audit-log": "Audit log",
+    "metrics-port": "Metrics port",
+    "listen": "Listening",
+    "polling-servers": "Polling servers",
+    "instance-name": "Instance name",
+    "proxy": "Proxy",
+    "script-output-limit": "Script output limit",
+}
+_UNITS = {"handshake-timeout": " s", "script-timeout": " s", "workspace-max-age": " s"}
+
+
+def _named(changed: Mapping[str, Any], key: str) -> bool:
+    names = {
+        "listen-port": "port", "listen-address": "listen_address",
+        "application-directory": "application_directory",
+    }
+    return names.get(key, key.replace("-", "_")) in changed
+
+
+def _settings_text(command: _Command, config: TentacleConfig, identity: Identity | None) -> list[tuple[str, str]]:
+    """
+    Every setting, worded for people, in the order of the settings table.
+    """
+    trusted = "".join(f"\n  {t}" for t in config.trusted_thumbprints) or "none (every exchange is refused)"
+    roots = "".join(f"\n  {r}" for r in config.allowed_roots) or "any path"
+    metrics = f"http://127.0.0.1:{config.metrics_port}/metrics" if config.metrics_port else "off"
+    audit = f"on ({config.home / 'Logs' / 'audit.log'})" if config.audit_log else "off"
+    return [
+        ("Home", str(command.home)),
+        ("Instance", command.instance.name if command.instance else "none (no --instance)"),
+        ("Certificate", identity.thumbprint if identity else "none (run tentacle new-certificate)"),
+        ("Listen port", str(config.port)),
+        ("Listen address", config.listen_address or "any (IPv4 and IPv6)"),
+        ("Application directory", str(config.applications)),
+        ("Handshake timeout", f"{config.handshake_timeout:g} s"),
+        ("Max connections", str(config.max_connections) if config.max_connections else "no limit"),
+        ("Max concurrent scripts", str(config.max_concurrent_scripts) if config.max_concurrent_scripts else "no limit"),
+        ("Script timeout", f"{config.script_timeout:g} s" if config.script_timeout else "none (scripts may run forever)"),
+        ("Workspace max age", f"{config.workspace_max_age:g} s"),
+        ("Allowed roots", roots),
+        ("Audit log", audit),
+        ("Metrics port", metrics),
+        ("Trusted servers", trusted),
+        ("Listening", "yes" if config.listen else "no (polling only)"),
+        ("Servers", _servers_text(config)),
+    ]
+
+
+def _servers_text(config: TentacleConfig) -> str:
+    """
+    Each server as Tentacle lists them: its style (1 listening, 2 polling),
+    address and subscription id.
+    """
+    lines = [f"\n  {t}  style 1 (listening)" for t in config.trusted_thumbprints]
+    lines += [
+        f"\n  {p.thumbprint}  style 2 (polling)  {p.address}  {p.subscription_id}  "
+        f"{p.connections} connection(s){'  through ' + _redacted(p.proxy) if p.proxy else ''}"
+        for p in config.polling_servers
+    ]
+    return "".join(lines) or "none"
+
+
+def _redacted(url: str) -> str:
+    """
+    A proxy URL without its password, for output.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
 
 def _evolve(config: TentacleConfig, **changes: Any) -> TentacleConfig:
     return attrs.evolve(config, **changes)
+
+
+def _resolve(
+    args: argparse.Namespace, registry: InstanceRegistry, environ: Mapping[str, str]
+) -> tuple[Path, Instance | None]:
+    """
+    The home a command works on: C{--home}, else the instance's, else
+    C{$TENTACLE_HOME}, else C{~/.tentacle}.
+    """
+    if args.handler in _REGISTRY_COMMANDS:
+        return Path(args.home or "."), None
+    if args.home and args.instance:
+        raise UsageError("tentacle: give --home or --instance, not both (see 'tentacle --help')")
+    instance = registry.get(args.instance) if args.instance else None
+    home = instance.home if instance else resolve_home(args.home, environ)
+    if args.handler in _READERS and not home.is_dir():
+        raise CommandError(
+            f"{home} is not a tentacle home (it does not exist): check --home, --instance and "
+            "$TENTACLE_HOME, or create it with 'tentacle create-instance NAME' or a first 'tentacle run'"
+        )
+    return home, instance
 
 
 def main(
@@ -453,6 +956,7 @@ def main(
 ) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    environ = os.environ if environ is None else environ
     parser = build_parser()
     _help_output.set(out)
     try:
@@ -460,18 +964,18 @@ def main(
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help and --version
             return int(e.code or 0)
-        home = resolve_home(args.home, os.environ if environ is None else environ)
-        command = _Command(home, out)
-        handler = getattr(command, args.command.replace("-", "_"))
-        return int(handler(args))
+        registry = InstanceRegistry(default_registry(environ))
+        home, instance = _resolve(args, registry, environ)
+        command = _Command(home, out, err, registry, instance, environ)
+        return int(getattr(command, args.handler)(args))
     except UsageError as e:
         err.write(f"{e}\n")
         return 2
-    except (CommandError, ConfigError, IdentityError) as e:
+    except (CommandError, ConfigError, IdentityError, InstanceError) as e:
         err.write(f"tentacle: error: {e}\n")
         return 1
     except OSError as e:
-        err.write(f"tentacle: error: {e.filename or ''}: {e.strerror}\n")
+        err.write(f"tentacle: error: {describe_os_error(e)}\n")
         return 1
 
 

@@ -146,7 +146,13 @@ class ProxySetting:
 
 
 def _thumbprints(values: object) -> tuple[str, ...]:
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+    """
+    Canonical thumbprints (upper case, no colons), each once, in order:
+    the library normalises them exactly as C{tentacle configure --trust}.
+    """
+    if isinstance(values, str) or not isinstance(values, (list, tuple, set, frozenset)) or not all(
+        isinstance(v, str) for v in values
+    ):
         raise ValueError("trusted-thumbprints must be a list of strings")
     unique: dict[str, None] = {}
     for v in values:
@@ -304,7 +310,7 @@ class TentacleConfig:
     home: Path
     port: int = attrs.field(default=DEFAULT_PORT, validator=lambda _i, _a, v: _any_port(v))
     listen_address: str | None = None
-    trusted_thumbprints: tuple[str, ...] = ()
+    trusted_thumbprints: tuple[str, ...] = attrs.field(default=(), converter=_thumbprints)
     application_directory: Path | None = None
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     allowed_roots: tuple[Path, ...] = ()
@@ -522,6 +528,22 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "script-output-limit": ("script_output_limit", lambda v: _optional(v, check_output_limit)),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
+
+#: Settings a running agent applies when its file changes; the others are
+#: read once, at start (the agent logs that a restart is needed).
+LIVE_SETTINGS = frozenset({
+    "trusted-thumbprints", "allowed-roots", "max-concurrent-scripts", "script-timeout",
+    "handshake-timeout", "max-connections", "workspace-max-age", "polling-servers",
+})
+
+
+def changed_settings(old: TentacleConfig, new: TentacleConfig) -> list[tuple[str, Any, Any]]:
+    """
+    The settings that differ, as C{(key, old value, new value)} in the
+    file's spelling, in the order of the settings table.
+    """
+    before, after = old.to_json(), new.to_json()
+    return [(key, before[key], after[key]) for key in _SETTINGS if before[key] != after[key]]
 
 
 @attrs.frozen

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import os
 import random
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
@@ -24,7 +25,14 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    NoRouteError,
+    TCPTimedOutError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -295,6 +303,22 @@ class PinnedConnection(HalibutConnection):
         super().connectionLost(reason)
 
 
+def describe_connect_error(error: ConnectError, peer_name: str = "agent") -> str:
+    """
+    Why a connection could not be made, as a sentence (not C{111: ...}).
+    """
+    if isinstance(error, ConnectionRefusedError):
+        return f"the connection was refused: no {peer_name} listens on that port, or a firewall refuses it"
+    if isinstance(error, (TCPTimedOutError, TimeoutError)):
+        return "the connection timed out: the host may be down, or a firewall drops the packets"
+    if isinstance(error, NoRouteError):
+        return "there is no route to the host"
+    number = error.osError
+    if isinstance(number, int):
+        return os.strerror(number)[:1].lower() + os.strerror(number)[1:]
+    return (error.args[0] if error.args else "") or str(error)
+
+
 async def dial(
     reactor: Any,
     host: str,
@@ -312,6 +336,7 @@ async def dial(
     @raise ConnectionFailed: the peer (or the proxy) cannot be reached.
     @raise UnexpectedCertificate: the peer's certificate is not the pinned one.
     """
+    peer = getattr(connection, "_peer_name", "agent")
     tcp: IStreamClientEndpoint
     if proxy is not None:
         tcp = ProxyEndpoint(reactor, proxy, host, port, timeout)
@@ -325,9 +350,9 @@ async def dial(
     except DNSLookupError as e:
         raise HostNotFound(f"cannot resolve {host}: {e}") from None
     except ConnectionRefusedError as e:
-        raise ConnectionRefused(f"cannot connect to {host}:{port}: {e}") from None
+        raise ConnectionRefused(f"cannot connect to {host}:{port}: {describe_connect_error(e, peer)}") from None
     except ConnectError as e:
-        raise ConnectionFailed(f"cannot connect to {host}:{port}: {e}") from None
+        raise ConnectionFailed(f"cannot connect to {host}:{port}: {describe_connect_error(e, peer)}") from None
     return await connection.pinned
 
 

@@ -224,7 +224,9 @@ class IdentityStore:
         try:
             data = self.certificate_path.read_bytes() + self.private_key_path.read_bytes()
         except OSError as e:
-            raise IdentityError(f"cannot read the identity: {e}") from None
+            from tentacle.errors import describe_os_error
+
+            raise IdentityError(f"cannot read the identity: {describe_os_error(e)}") from None
         return Identity.from_pem(data)
 
     def save(self, identity: Identity) -> None:

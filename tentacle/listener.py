@@ -168,7 +168,7 @@ class AgentConnection(Protocol):
             self._close()
             return False
         if not request.startswith("MX"):
-            self.log.info(
+            self.log.debug(
                 "{peer} appears to be a web browser; sending the friendly page",
                 peer=self._address,
             )
@@ -197,7 +197,7 @@ class AgentConnection(Protocol):
             )
             self._reset()
             return False
-        self.log.info(
+        self.log.debug(
             "Client at {peer} authenticated as {thumbprint} over {tls_version}",
             peer=self._address,
             thumbprint=peer.thumbprint,

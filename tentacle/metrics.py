@@ -20,6 +20,25 @@ def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def format_value(value: float) -> str:
+    """
+    A sample value, exactly: integers as integers (C{314572800}, never
+    C{3.14573e+08}), floats with every digit (C{repr}), and Prometheus'
+    spellings of the infinities and NaN.
+    """
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
 def _labels(pairs: Mapping[str, object]) -> str:
     if not pairs:
         return ""
@@ -75,7 +94,7 @@ class Metrics:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             for labels, value in samples:
-                lines.append(f"{name}{_labels(labels)} {value:g}")
+                lines.append(f"{name}{_labels(labels)} {format_value(value)}")
 
         metric("tentacle_connections_accepted_total", "counter",
                "TCP connections accepted by the listener.", [({}, self.connections_accepted)])
@@ -88,9 +107,9 @@ class Metrics:
         lines.append("# HELP tentacle_request_duration_seconds Time from a request's arrival to its answer.")
         lines.append("# TYPE tentacle_request_duration_seconds histogram")
         for bound, count in zip(LATENCY_BUCKETS, self._latency_buckets):
-            lines.append(f'tentacle_request_duration_seconds_bucket{{le="{bound:g}"}} {count}')
+            lines.append(f'tentacle_request_duration_seconds_bucket{{le="{bound!r}"}} {count}')
         lines.append(f'tentacle_request_duration_seconds_bucket{{le="+Inf"}} {self._latency_count}')
-        lines.append(f"tentacle_request_duration_seconds_sum {self._latency_sum:g}")
+        lines.append(f"tentacle_request_duration_seconds_sum {format_value(self._latency_sum)}")
         lines.append(f"tentacle_request_duration_seconds_count {self._latency_count}")
         gauges = dict(self._gauges()) if self._gauges else {}
         metric("tentacle_scripts_running", "gauge", "Scripts running now.",

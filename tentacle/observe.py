@@ -149,7 +149,8 @@ class ObservedHandler:
 
     def _served(self, response: ResponseMessage, request: RequestMessage, started: float) -> ResponseMessage:
         error = response.error
-        self._log.info(
+        # Per request, so at debug level; the audit log keeps every one.
+        self._log.debug(
             "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s",
             event=events.REQUEST_SERVED,
             peer=self._address,

@@ -10,6 +10,8 @@ embedding in any Twisted application::
     config_file = ConfigFile(home)
     agent = TentacleService(config_file.load(), reactor, config_file=config_file)
     agent.setServiceParent(my_multi_service)
+
+(docs/embedding.rst has complete C{.tac} files.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import FrameType
 from typing import Any, Callable
 
 import attrs
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -38,7 +41,7 @@ from tentacle import events
 from tentacle.observe import AgentObserver, AuditLog, ObservedHandler
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.connection import ExchangeSettings
-from tentacle.config import ConfigError, ConfigFile, PolledServer, TentacleConfig
+from tentacle.config import LIVE_SETTINGS, ConfigError, ConfigFile, PolledServer, TentacleConfig, changed_settings
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
 from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut_sessions
@@ -46,6 +49,7 @@ from tentacle.polling import PollingService
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
 from tentacle.services.script_environment import script_variables, signature_algorithm_name
+from tentacle.services.files import FileTransferService
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
 from tentacle.trust import TrustList
 from tentacle.workspace import remove_stale_workspaces
@@ -117,8 +121,9 @@ class TentacleService(MultiService):
     @param config: what to listen on and whom to trust.
     @param reactor: provides TCP, time and threads; the global one by default.
     @param identity: our certificate and key; read from the home when omitted.
-    @param config_file: when given, trust is reloaded from it when it
-        changes (polled every L{CONFIG_POLL_INTERVAL} seconds) and on L{reload}.
+    @param config_file: when given, the settings are reloaded from it when
+        it changes (polled every L{CONFIG_POLL_INTERVAL} seconds) and on
+        L{reload}: see L{apply_settings}.
     @param handle_sighup: reload on SIGHUP too (for daemons; an embedding
         application usually owns its signals).
     @param dispatcher: the services offered to trusted servers; register
@@ -185,6 +190,14 @@ class TentacleService(MultiService):
         heartbeat.setServiceParent(self)
         self._config_file = config_file
         self._config_signature = config_file.signature() if config_file else None
+        #: The settings as last read from the file: a reload reports what
+        #: changed in the file, not where command-line overrides differ.
+        self._loaded = config
+        if config_file is not None:
+            try:
+                self._loaded = config_file.load()
+            except ConfigError:
+                pass
         self._handle_sighup = handle_sighup
         self._previous_sighup: Callable[..., Any] | int | None = None
         if config_file is not None:
@@ -293,6 +306,10 @@ class TentacleService(MultiService):
         self._make_private()
         self._start_observing()
         super().startService()
+        if self._handle_sighup:
+            # Before the line saying we listen: whoever waits for that line
+            # may send SIGHUP at once, which would otherwise end the process.
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         if self.port is not None:
             self.log.info(
                 "Tentacle listening on port {port} as {thumbprint}; trusting {count} server(s)",
@@ -316,8 +333,6 @@ class TentacleService(MultiService):
                 "('tentacle run --user NAME') and confine file transfers with allowed-roots.",
                 event=events.RUNNING_AS_ROOT,
             )
-        if self._handle_sighup:
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def stopService(self) -> Any:
         self._stop_observing()
@@ -372,6 +387,7 @@ class TentacleService(MultiService):
         if self._metrics_port is not None:
             self._metrics_port.stopListening()
             self._metrics_port = None
+        self._publish_metrics()  # the last counts, for whoever reads them after the stop
         (self.config.home / HEARTBEAT_FILE).unlink(missing_ok=True)
 
     def _script_gauges(self) -> dict[str, float]:
@@ -385,13 +401,21 @@ class TentacleService(MultiService):
         Touch the heartbeat file and publish the metrics, for the
         C{livez} and C{metrics} commands of a running agent.
         """
+        if self._publish_metrics():
+            try:
+                atomic_write(self.config.home / HEARTBEAT_FILE, self._heartbeat().encode(), durable=False)
+            except OSError as e:
+                self.log.error("Could not write the heartbeat: {error}", error=str(e))
+
+    def _publish_metrics(self) -> bool:
         home = self.config.home
         try:
             private_folder(home / "Logs")
             atomic_write(home / METRICS_FILE, self.metrics.render().encode(), durable=False)
-            atomic_write(home / HEARTBEAT_FILE, self._heartbeat().encode(), durable=False)
         except OSError as e:
-            self.log.error("Could not write the heartbeat: {error}", error=str(e))
+            self.log.error("Could not write the metrics: {error}", error=str(e))
+            return False
+        return True
 
     def _heartbeat(self) -> str:
         """
@@ -404,34 +428,78 @@ class TentacleService(MultiService):
         return "\n".join(lines) + "\n"
 
     def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self.reload, "SIGHUP")
 
     def _poll_config(self) -> None:
         assert self._config_file is not None
         signature = self._config_file.signature()
         if signature != self._config_signature:
             self._config_signature = signature
-            self.reload()
+            self.reload("the file changed")
 
-    def reload(self) -> None:
+    def reload(self, trigger: str = "a reload was asked for") -> None:
         """
-        Re-read the trust list from the configuration file; servers no longer
-        trusted are disconnected at once.  A broken file changes nothing.
+        Re-read the configuration file and apply what a running agent can:
+        trust (servers no longer trusted are disconnected at once), script
+        timeout and concurrency, allowed roots, handshake timeout, the
+        connection cap and the workspace age.  Other changes are logged as
+        needing a restart.  A broken file changes nothing.
         """
         if self._config_file is None:
             return
+        self.log.info(
+            "Reloading the configuration from {path} ({trigger})",
+            path=str(self._config_file.path), trigger=trigger, event="config_reload",
+        )
         try:
             config = self._config_file.load()
         except ConfigError as e:
-            self.log.error("Configuration not reloaded: {error}", error=str(e))
+            self.log.error("Configuration not reloaded: {error}", error=str(e), event="config_reload_failed")
             return
+        self.apply_settings(config)
+
+    def apply_settings(self, config: TentacleConfig) -> None:
+        """
+        Apply the live settings of C{config} (see L{reload}); log the
+        others that differ from the running ones.
+        """
+        live: dict[str, Any] = {}
+        previous, self._loaded = self._loaded, config
+        for key, old, new in changed_settings(previous, config):
+            if key not in LIVE_SETTINGS:
+                self.log.warn(
+                    "{setting} changed from {old} to {new}; restart the agent to apply it",
+                    setting=key, old=old, new=new, event="setting_needs_restart",
+                )
+                continue
+            if key != "trusted-thumbprints":
+                self.log.info(
+                    "{setting} changed from {old} to {new}; applied", setting=key, old=old, new=new,
+                    event="setting_applied",
+                )
+            live[key] = new
         self.apply_trust(config.trusted)
         self.polling.apply(config.polling_servers)
-        if config.listen != self.config.listen or config.port != self.config.port:
-            self.log.warn("listen and listen-port changed in the configuration; restart the agent to apply")
         self.config = attrs.evolve(
-            self.config, trusted_thumbprints=config.trusted_thumbprints, polling_servers=config.polling_servers
+            self.config,
+            trusted_thumbprints=config.trusted_thumbprints,
+            polling_servers=config.polling_servers,
+            allowed_roots=config.allowed_roots,
+            max_concurrent_scripts=config.max_concurrent_scripts,
+            script_timeout=config.script_timeout,
+            handshake_timeout=config.handshake_timeout,
+            max_connections=config.max_connections,
+            workspace_max_age=config.workspace_max_age,
         )
+        if not live:
+            return
+        if self.scripts is not None:
+            self.scripts.set_limits(config.max_concurrent_scripts, config.script_timeout)
+        for implementation in self.dispatcher.implementations:
+            if isinstance(implementation, FileTransferService):
+                implementation.allowed_roots = config.allowed_roots
+        self.listener_factory.handshake_timeout = config.handshake_timeout
+        self.listener_factory.max_connections = config.max_connections
 
     def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
         added, removed = self.trust.replace(thumbprints)

@@ -1,16 +1,24 @@
 """
-The twistd plugin's options and service: C{twistd -n tentacle [--home H] [--port N]}.
+The twistd plugin's options and service: C{twistd -n tentacle [--home H] [--port N]},
+and L{run_twistd}, how C{tentacle run} starts the same service through twistd
+without looking for plugins.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import attrs
-from twisted.application.service import IService
+from twisted.application.service import IService, ServiceMaker
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+
+from tentacle import __version__
+from tentacle.errors import describe_os_error
 
 from tentacle.config import (
     ConfigError,
@@ -53,6 +61,15 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["listen-address-given"] = self["listen-address"] is not None
+
+    def opt_version(self) -> None:
+        """
+        Show tentacle's version (and Twisted's) and exit.
+        """
+        from twisted import copyright
+
+        print(f"tentacle {__version__} (Twisted {copyright.version})")
+        sys.exit(0)
 
 
 def ensure_identity(store: IdentityStore) -> Identity:
@@ -112,3 +129,79 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config_file=config_file,
         handle_sighup=True,
     )
+
+
+#: The plugin, found by twistd through C{twisted/plugins/tentacle_plugin.py}.
+service_maker = ServiceMaker(
+    "Tentacle", "tentacle.tap",
+    "A listening deployment agent, wire-compatible with Octopus Tentacle.", "tentacle",
+)
+
+
+class CannotStart(Exception):
+    """
+    The agent could not start (its port is taken, say); the message says
+    why and what to do, in one line.
+    """
+
+
+def _server_options(maker: ServiceMaker) -> usage.Options:
+    from twisted.scripts.twistd import ServerOptions
+
+    class TentacleServerOptions(ServerOptions):
+        """
+        twistd's options, offering this one plugin only: no plugin
+        discovery, which cannot see the dropin of an editable install.
+        """
+
+        @staticmethod
+        def _getPlugins(interface: Any, package: Any = None) -> Any:
+            return [maker]
+
+    return TentacleServerOptions()
+
+
+def run_twistd(arguments: Sequence[str], maker: ServiceMaker = service_maker) -> None:
+    """
+    Run twistd with C{arguments} (its own options, then the plugin's name,
+    C{tentacle} by default, and its options), as C{twistd} would, until the
+    reactor stops.
+
+    @raise usage.UsageError: the arguments are wrong.
+    @raise CannotStart: the agent could not listen, or its home is unusable.
+    """
+    from twisted.scripts.twistd import runApp
+
+    config = _server_options(maker)
+    config.parseOptions(list(arguments))
+    try:
+        runApp(config)
+    except CannotListenError as e:
+        raise CannotStart(describe_listen_error(e)) from None
+    except usage.UsageError as e:  # makeService: a broken configuration file
+        raise CannotStart(str(e)) from None
+
+
+def describe_listen_error(error: CannotListenError) -> str:
+    """
+    One line for a port the agent cannot listen on, with the likely cause.
+    """
+    interface = error.interface or "any address"
+    where = f"port {error.port} on {interface}"
+    cause = getattr(error.socketError, "errno", None)
+    if cause == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the port is already in use, most likely by another "
+            "tentacle instance (see 'tentacle list-instances') or another program; stop it, "
+            "or give this agent another port with 'tentacle configure --port N'"
+        )
+    if cause in (errno.EACCES, errno.EPERM):
+        return f"cannot listen on {where}: only root may listen on ports below 1024; choose a higher port"
+    if cause == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot listen on {where}: {interface} is not an address of this machine; "
+            "fix it with 'tentacle configure --listen-ip ADDRESS' (or 'any')"
+        )
+    if isinstance(error.socketError, OSError):
+        return f"cannot listen on {where}: {describe_os_error(error.socketError, where)}"
+    return f"cannot listen on {where}: {error.socketError}"

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import attrs
 from cryptography import x509
 
-from tentacle.identity import describe_subject, sha1_thumbprint, sha256_fingerprint
+from tentacle.identity import describe_subject, normalize_thumbprint, sha1_thumbprint, sha256_fingerprint
 
 
 @attrs.frozen
@@ -41,11 +41,14 @@ RemovalListener = Callable[[frozenset[str]], None]
 
 class TrustList:
     """
-    The thumbprints (canonical: upper-case hex) of the servers we obey.
+    The thumbprints (canonical: upper-case hex) of the servers we obey;
+    given in any case, with or without colons, as the CLI accepts them.
+
+    @raise ValueError: for a string that is not a thumbprint.
     """
 
     def __init__(self, thumbprints: Iterable[str] = ()) -> None:
-        self._thumbprints = frozenset(thumbprints)
+        self._thumbprints = frozenset(normalize_thumbprint(t) for t in thumbprints)
         self._listeners: list[RemovalListener] = []
 
     @property
@@ -61,7 +64,7 @@ class TrustList:
 
         @return: the thumbprints added and removed.
         """
-        new = frozenset(thumbprints)
+        new = frozenset(normalize_thumbprint(t) for t in thumbprints)
         added, removed = new - self._thumbprints, self._thumbprints - new
         self._thumbprints = new
         if removed:

@@ -27,6 +27,31 @@ from tentacle.identity import Identity
 from tentacle.service import TentacleService
 
 
+#: Files bigger than this are removed when the test that made them ends.
+BIG_FILE = 1024 * 1024
+
+
+def remove_big_files(case: TestCase, limit: int = BIG_FILE) -> None:
+    """
+    When C{case} ends, pass or fail, delete the files over C{limit} bytes
+    in its temp folders, so a run of the suite leaves megabytes, not
+    gigabytes, in C{_trial_temp}; the small ones (homes, logs, states)
+    stay for a post-mortem.  Call it first in C{setUp}: cleanups run last
+    to first, so the agents are stopped by then.
+    """
+    folder = Path(case.mktemp()).absolute().parent.parent
+
+    def clean() -> None:
+        for path in folder.rglob("*"):
+            try:
+                if path.is_file() and not path.is_symlink() and path.stat().st_size > limit:
+                    path.unlink()
+            except OSError:
+                continue
+
+    case.addCleanup(clean)
+
+
 @lru_cache(maxsize=None)
 def identity(name: str) -> Identity:
     """

@@ -98,3 +98,24 @@ class ConfigFileTests(SynchronousTestCase):
         first = self.file.signature()
         self.file.save(TentacleConfig(home=self.home, port=2))
         self.assertNotEqual(first, self.file.signature())
+
+
+class LibraryNormalisationTests(SynchronousTestCase):
+    """
+    Code that builds a configuration gets the thumbprints the CLI would store.
+    """
+
+    def test_config(self) -> None:
+        sha1 = "ab" * 20
+        with_colons = ":".join(sha1[i:i + 2] for i in range(0, 40, 2))
+        config = TentacleConfig(home=Path("/h"), trusted_thumbprints=[with_colons, f" {sha1.upper()} ", "cd" * 32])
+        self.assertEqual(config.trusted_thumbprints, ("AB" * 20, "CD" * 32))
+        self.assertRaises(ValueError, TentacleConfig, home=Path("/h"), trusted_thumbprints=["nope"])
+
+    def test_trust_list(self) -> None:
+        from tentacle.trust import TrustList
+
+        trust = TrustList(["ab:" * 19 + "ab"])
+        self.assertEqual(trust.thumbprints, {"AB" * 20})
+        added, removed = trust.replace(["ab" * 20, "cd" * 32])
+        self.assertEqual((added, removed), ({"CD" * 32}, frozenset()))

@@ -26,10 +26,17 @@ from tentacle.systemd import Unit, unit_name
 class CLI(SynchronousTestCase):
     def setUp(self) -> None:
         self.home = Path(self.mktemp()).absolute()
+        self.home.mkdir()
+        self.registry = Path(self.mktemp()).absolute()
 
-    def run_cli(self, *argv: str) -> tuple[int, str, str]:
+    def run_cli(self, *argv: str, home: bool = True) -> tuple[int, str, str]:
+        """
+        The command on this test's home (or, with C{home=False}, on the
+        instance it names), with a registry of its own.
+        """
         out, err = io.StringIO(), io.StringIO()
-        code = main(["--home", str(self.home), *argv], out, err, {})
+        prefix = ["--home", str(self.home)] if home else []
+        code = main([*prefix, *argv], out, err, {"TENTACLE_REGISTRY": str(self.registry)})
         return code, out.getvalue(), err.getvalue()
 
 
@@ -73,13 +80,21 @@ class InstallTests(CLI):
         self.systemctl.chmod(0o755)
 
     def service(self, *argv: str) -> tuple[int, str, str]:
-        return self.run_cli("service", *argv, "--unit-dir", str(self.units), "--systemctl", str(self.systemctl))
+        return self.run_cli(
+            "service", *argv, "--unit-dir", str(self.units), "--systemctl", str(self.systemctl),
+            home="--instance" not in argv,
+        )
+
+    def create(self, *names: str) -> None:
+        for name in names:
+            code, _, err = self.run_cli("create-instance", name, "--home", str(self.home / name), home=False)
+            self.assertEqual(code, 0, err)
 
     def test_install_and_uninstall(self) -> None:
-        code, out, err = self.service("--install", "--user", "deploy")
+        code, out, err = self.service("--install", "--user", "nobody")
         self.assertEqual(code, 0, err)
         unit = self.units / "tentacle.service"
-        self.assertIn("User=deploy", unit.read_text())
+        self.assertIn("User=nobody", unit.read_text())
         self.assertIn(f"--home {self.home} run", unit.read_text())
         self.assertEqual(self.calls.read_text().splitlines(), ["daemon-reload", "enable tentacle.service"])
         code, out, err = self.service("--uninstall")
@@ -90,11 +105,20 @@ class InstallTests(CLI):
         )
 
     def test_several_instances(self) -> None:
+        self.create("blue", "green")
         self.service("--install", "--instance", "blue")
-        self.service("--install", "--instance", "green")
+        self.service("--instance", "green", "--install")
         self.assertEqual(sorted(p.name for p in self.units.iterdir()), ["tentacle-blue.service", "tentacle-green.service"])
+        self.assertIn(f"--home {self.home / 'blue'} run", (self.units / "tentacle-blue.service").read_text())
+
+    def test_unknown_instance(self) -> None:
+        code, _, err = self.service("--install", "--instance", "blue")
+        self.assertEqual(code, 1)
+        self.assertIn("there is no instance named 'blue'", err)
+        self.assertFalse(self.units.exists())
 
     def test_control(self) -> None:
+        self.create("blue")
         for action in ("start", "stop", "restart"):
             code, _, err = self.service(f"--{action}", "--instance", "blue")
             self.assertEqual(code, 0, err)
@@ -129,6 +153,31 @@ class InstallTests(CLI):
         self.assertIn("cannot write", err)
         self.assertIn("[Service]", err, "the unit is printed for doing it by hand")
 
+    def test_warns_when_the_user_cannot_reach_the_interpreter(self) -> None:
+        import tempfile
+
+        private = Path(tempfile.mkdtemp(prefix="tentacle-private-"))
+        self.addCleanup(shutil.rmtree, private)
+        python = private / "bin" / "python3"
+        python.parent.mkdir()
+        python.write_text("")
+        python.chmod(0o755)
+        private.chmod(0o700)
+        code, out, err = self.run_cli("service", "--print", "--user", "nobody", "--python", str(python))
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"ExecStart={python} -m tentacle", out)
+        self.assertEqual(
+            err,
+            f"tentacle: warning: nobody cannot reach {python} ({private} is closed to it), so the service will "
+            "not start; install tentacle where every user can read it (docs/install.rst, 'A system-wide install "
+            "for a service') and give the home to the user\n",
+        )
+
+    def test_unknown_service_user(self) -> None:
+        code, out, err = self.run_cli("service", "--print", "--user", "no-such-user-here")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("there is no user 'no-such-user-here'", err)
+
     def test_bad_instance(self) -> None:
         code, _, err = self.service("--install", "--instance", "../evil")
         self.assertEqual(code, 2)
@@ -162,13 +211,29 @@ class LivezTests(CLI):
         self.assertIn("no agent is running", err)
 
     def test_metrics_without_agent(self) -> None:
-        code, _, err = self.run_cli("metrics")
-        self.assertEqual(code, 1)
-        self.assertIn("no agent is running", err)
+        code, out, err = self.run_cli("metrics")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, f"tentacle: error: no agent is running for {self.home}\n")
 
-    def test_metrics(self) -> None:
+    def test_metrics_of_a_stopped_agent(self) -> None:
         path = self.home / METRICS_FILE
         path.parent.mkdir(parents=True)
+        path.write_text(Metrics().render())
+        code, out, err = self.run_cli("metrics")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"no agent is running for {self.home}; the counts it published when it last stopped are in {path}", err)
+
+    def test_unknown_home(self) -> None:
+        self.home = self.home / "typo"
+        for command in ("livez", "metrics", "show-configuration", "show-thumbprint"):
+            code, out, err = self.run_cli(command)
+            self.assertEqual((code, out), (1, ""))
+            self.assertIn(f"{self.home} is not a tentacle home (it does not exist)", err)
+            self.assertEqual(err.count("\n"), 1)
+
+    def test_metrics(self) -> None:
+        self.beat(1)
+        path = self.home / METRICS_FILE
         path.write_text(Metrics().render())
         code, out, _ = self.run_cli("metrics")
         self.assertEqual(code, 0)
@@ -200,3 +265,73 @@ class LogOutputTests(SynchronousTestCase):
         log = self.log_to(make_observer("text", str(folder / "agent.log"), 10**6))
         log.info("hello {who}", who="world")
         self.assertIn("[t#info] hello world", (folder / "agent.log").read_text())
+
+
+class FlatJSONTests(SynchronousTestCase):
+    def lines(self, emit: object, level: str = "info") -> list[dict[str, object]]:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        observer = make_observer("json", str(folder / "agent.log"), 10**6, level)
+        log = Logger(namespace="tentacle.test", observer=LogPublisher(observer))
+        emit(log)  # type: ignore[operator]
+        return [json.loads(line) for line in (folder / "agent.log").read_text().splitlines()]
+
+    def test_one_flat_object_per_event(self) -> None:
+        [line] = self.lines(lambda log: log.info(
+            "{service}.{method} for {thumbprint}: {outcome}", event="request_served", peer="127.0.0.1:5000",
+            thumbprint="AB" * 20, service="IScriptServiceV2", method="StartScript", ticket="T-1",
+            outcome="ok", duration=0.25,
+        ))
+        time_text = line.pop("time")
+        self.assertRegex(str(time_text), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+        self.assertEqual(line, {
+            "level": "info", "logger": "tentacle.test",
+            "message": f"IScriptServiceV2.StartScript for {'AB' * 20}: ok",
+            "event": "request_served", "peer": "127.0.0.1:5000", "thumbprint": "AB" * 20,
+            "service": "IScriptServiceV2", "method": "StartScript", "ticket": "T-1", "outcome": "ok",
+            "duration": 0.25,
+        })
+
+    def test_values_json_cannot_hold_become_text(self) -> None:
+        [line] = self.lines(lambda log: log.warn("at {path}", path=Path("/x"), roots=(Path("/a"),), logger=3))
+        self.assertEqual((line["path"], line["roots"], line["field_logger"], line["level"]), ("/x", ["/a"], 3, "warn"))
+
+    def test_failures_carry_their_traceback(self) -> None:
+        def emit(log: Logger) -> None:
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                log.failure("Script {ticket} failed", ticket="T-2")
+
+        [line] = self.lines(emit)
+        self.assertEqual((line["level"], line["message"], line["ticket"]), ("critical", "Script T-2 failed", "T-2"))
+        self.assertIn("ZeroDivisionError", str(line["traceback"]))
+
+    def test_levels(self) -> None:
+        def emit(log: Logger) -> None:
+            log.debug("per request")
+            log.info("script finished")
+
+        self.assertEqual([line["message"] for line in self.lines(emit)], ["script finished"])
+        self.assertEqual([line["message"] for line in self.lines(emit, "debug")], ["per request", "script finished"])
+
+
+class MetricValueTests(SynchronousTestCase):
+    def test_exact_values(self) -> None:
+        from tentacle.metrics import format_value
+
+        self.assertEqual(
+            [format_value(v) for v in (314_572_800, 0, 3.0, 0.1, 1 / 3, 2.5e-07, float("inf"), float("nan"), True)],
+            ["314572800", "0", "3", "0.1", "0.3333333333333333", "2.5e-07", "+Inf", "NaN", "1"],
+        )
+
+    def test_rendered(self) -> None:
+        metrics = Metrics()
+        metrics.bytes_uploaded = 314_572_800
+        metrics.observe_latency(0.1)
+        metrics.observe_latency(0.2)
+        text = metrics.render()
+        self.assertIn("tentacle_uploaded_bytes_total 314572800\n", text)
+        self.assertIn(f"tentacle_request_duration_seconds_sum {0.1 + 0.2!r}\n", text)
+        self.assertIn('tentacle_request_duration_seconds_bucket{le="0.25"} 2\n', text)
+        self.assertNotIn("e+", text)

@@ -9,6 +9,7 @@ import stat
 
 from pathlib import Path
 
+import attrs
 from twisted.application.service import IServiceMaker
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -28,6 +29,26 @@ class PluginTests(SynchronousTestCase):
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
         self.assertIn("tentacle", makers)
         self.assertIsInstance(makers["tentacle"].options(), Options)
+
+    def test_the_dropin_and_tentacle_run_make_the_same_service(self) -> None:
+        from tentacle.tap import service_maker
+        from twisted.plugins.tentacle_plugin import tentacle
+
+        self.assertEqual(
+            (tentacle.tapname, tentacle.module, tentacle.description),
+            (service_maker.tapname, service_maker.module, service_maker.description),
+        )
+
+    def test_version(self) -> None:
+        import contextlib
+        import io
+
+        from tentacle import __version__
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertRaises(SystemExit, Options().parseOptions, ["--version"])
+        self.assertRegex(out.getvalue(), rf"^tentacle {__version__} \(Twisted \d+\.\d+")
 
 
 class OptionsTests(SynchronousTestCase):
@@ -101,8 +122,6 @@ class ServiceTests(SynchronousTestCase):
         self.logs = LogCapture.install(self)
 
     def service(self, **changes: object) -> TentacleService:
-        import attrs
-
         config = attrs.evolve(self.config_file.load(), **changes)
         return TentacleService(
             config, self.reactor, identity=identity("agent"), config_file=self.config_file
@@ -143,6 +162,78 @@ class ServiceTests(SynchronousTestCase):
         self.reactor.advance(CONFIG_POLL_INTERVAL)
         self.assertEqual(service.trust.thumbprints, {"A" * 40})
         self.assertEqual(len([e for e in self.logs.events if "not reloaded" in e.get("log_format", "")]), 1)
+
+    def test_reloads_are_logged(self) -> None:
+        service = self.service()
+        service.startService()
+        self.config_file.save(self.config_file.load().trust("B" * 40))
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        service.reload("SIGHUP")
+        self.assertEqual(
+            [e["trigger"] for e in self.logs.matching(event="config_reload")], ["the file changed", "SIGHUP"]
+        )
+
+    def test_live_settings_are_applied(self) -> None:
+        from tentacle.services.files import FileTransferService
+
+        service = self.service()
+        service.startService()
+        root = self.home / "allowed"
+        config = attrs.evolve(
+            self.config_file.load(), script_timeout=5.0, max_concurrent_scripts=2, allowed_roots=(root,),
+            handshake_timeout=10.0, max_connections=7, workspace_max_age=100.0,
+        )
+        self.config_file.save(config)
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        assert service.scripts is not None
+        self.assertEqual((service.scripts._slots.limit, service.scripts._script_timeout), (2, 5.0))
+        [files] = [i for i in service.dispatcher.implementations if isinstance(i, FileTransferService)]
+        self.assertEqual(files.allowed_roots, (root,))
+        self.assertEqual((service.listener_factory.handshake_timeout, service.listener_factory.max_connections), (10.0, 7))
+        self.assertEqual(service.config.workspace_max_age, 100.0)
+        applied = {e["setting"]: e["new"] for e in self.logs.matching(event="setting_applied")}
+        self.assertEqual(applied, {
+            "allowed-roots": [str(root)], "max-concurrent-scripts": 2, "script-timeout": 5.0,
+            "handshake-timeout": 10.0, "max-connections": 7, "workspace-max-age": 100.0,
+        })
+        self.assertEqual(self.logs.matching(event="setting_needs_restart"), [])
+
+    def test_settings_that_need_a_restart_say_so(self) -> None:
+        service = self.service()
+        service.startService()
+        self.config_file.save(attrs.evolve(self.config_file.load(), port=2000, metrics_port=9101))
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        restart = self.logs.matching(event="setting_needs_restart")
+        self.assertEqual([(e["setting"], e["old"], e["new"]) for e in restart],
+                         [("listen-port", 10933, 2000), ("metrics-port", None, 9101)])
+        self.assertIn("restart the agent to apply it", restart[0]["log_format"])
+        self.assertEqual(service.config.port, 10933)
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        self.assertEqual(len(self.logs.matching(event="setting_needs_restart")), 2, "said once, not on every poll")
+
+    def test_command_line_overrides_are_not_reported_as_changes(self) -> None:
+        options = Options()
+        options.parseOptions(["--home", str(self.home), "--port", "3000"])
+        IdentityStore(self.home).save(identity("agent"))
+        service = makeService(options, self.reactor)
+        assert isinstance(service, TentacleService)
+        service.startService()
+        self.config_file.save(self.config_file.load().trust("B" * 40))
+        self.reactor.advance(CONFIG_POLL_INTERVAL)
+        self.assertEqual(self.logs.matching(event="setting_needs_restart"), [])
+        self.assertEqual(service.config.port, 3000)
+
+    def test_metrics_are_published_at_stop(self) -> None:
+        from tentacle.service import HEARTBEAT_FILE, METRICS_FILE
+
+        service = self.service()
+        service.startService()
+        self.reactor.advance(10)
+        self.assertTrue((self.home / HEARTBEAT_FILE).exists())
+        service.metrics.bytes_uploaded = 314_572_800
+        service.stopService()
+        self.assertIn("tentacle_uploaded_bytes_total 314572800\n", (self.home / METRICS_FILE).read_text())
+        self.assertFalse((self.home / HEARTBEAT_FILE).exists())
 
     def test_warns_when_nothing_is_trusted(self) -> None:
         self.service(trusted_thumbprints=()).startService()

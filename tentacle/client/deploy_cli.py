@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from tentacle.client import deploy as library
 from tentacle.client.api import TentacleClient
 from tentacle.deploy.deployment import DEFAULT_KEEP, VariableError, parse_variables
-from tentacle.deploy.packages import PackageError
+from tentacle.deploy.packages import PackageError, check_id, parse_package_name
 
 if TYPE_CHECKING:
     from tentacle.client.cli import Console, Outcome
@@ -68,6 +68,38 @@ def add_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     listing.add_argument("targets", nargs="*", metavar="TARGET")
     listing.add_argument("package_id", metavar="ID")
     listing.add_argument("--apps", help="the agents' applications folder (default: each agent's own)")
+
+
+def check(args: argparse.Namespace) -> None:
+    """
+    What the deployment commands can check before contacting an agent:
+    the variables, and the package's id and version.
+
+    @raise ValueError: with a sentence naming the option to fix.
+    """
+    if args.command not in COMMANDS:
+        return
+    try:
+        args.variables = parse_variables(getattr(args, "var", []))
+    except VariableError as e:
+        raise ValueError(f"--var: {e}") from None
+    if args.command == "deploy":
+        try:
+            parse_package_name(Path(args.package).name, args.package_id, args.package_version)
+        except PackageError as e:
+            text = str(e)
+            if "is not a version" in text:
+                raise ValueError(f"--version: {text}") from None
+            if "is not a package id" in text:
+                raise ValueError(f"--id: {text}") from None
+            raise ValueError(text.replace("give the id and version", "give them with --id and --version")) from None
+        if not Path(args.package).is_file():
+            raise ValueError(f"the package {args.package} does not exist")
+    else:
+        try:
+            check_id(args.package_id)
+        except PackageError as e:
+            raise ValueError(str(e)) from None
 
 
 async def _deploy(client: TentacleClient, console: Console, name: str, args: argparse.Namespace) -> Outcome:

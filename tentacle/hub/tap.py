@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.application.service import IService
+from twisted.application.service import IService, ServiceMaker
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -67,3 +67,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config = attrs.evolve(config, listen_address=options["listen-address"])
     identity = ensure_hub_identity(IdentityStore(home))
     return HubService(config, reactor, identity=identity, config_file=config_file)
+
+
+#: The plugin, found by twistd through C{twisted/plugins/tentacle_hub_plugin.py}.
+service_maker = ServiceMaker(
+    "Tentacle hub", "tentacle.hub.tap",
+    "A polling server that polling tentacles dial and CLI users reach them through.", "tentacle-hub",
+)

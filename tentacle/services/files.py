@@ -379,7 +379,7 @@ class FileTransferService:
             os.fchmod(fd, _mode_for(destination))
         except OSError as e:
             raise FileTransferError(f"Could not write {target.full_path}: {_describe(e)}") from None
-        self.log.info(
+        self.log.debug(
             "Receiving {length} bytes for {path}", length=length, path=target.full_path
         )
         return UploadSink(target, temp, length, fd, log=self.log)
@@ -437,7 +437,7 @@ class FileTransferService:
         result: UploadResult = await deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), sink.commit
         )
-        self.log.info(
+        self.log.debug(
             "Stored {path} ({length} bytes, SHA-1 {hash})",
             path=result.full_path,
             length=result.length,
@@ -461,7 +461,7 @@ class FileTransferService:
         try:
             fd = os.open(target.real_path, flags)
         except (FileNotFoundError, NotADirectoryError):
-            self.log.info("Download of missing {path}", path=target.full_path)
+            self.log.debug("Download of missing {path}", path=target.full_path)
             return None
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -488,7 +488,7 @@ class FileTransferService:
             source: IO[bytes] = os.fdopen(fd, "rb")
             length = status.st_size
             opener = lambda: source
-        self.log.info(
+        self.log.debug(
             "Sending {path} ({length} bytes)",
             path=target.full_path,
             length=length,

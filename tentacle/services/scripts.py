@@ -14,13 +14,13 @@ import itertools
 import os
 import shutil
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, TypeVar, cast
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -150,6 +150,47 @@ class Status:
     next_log_sequence: int
 
 
+class Slots:
+    """
+    At most C{limit} scripts run at once (C{None}: no limit), first come
+    first served; the limit can change while scripts hold and wait for
+    slots (a lower one lets running scripts finish, a higher one admits
+    waiting scripts at once).
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self._held = 0
+        self._waiting: deque[Deferred[None]] = deque()
+
+    @property
+    def limit(self) -> int | None:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        self._limit = value
+        self._admit()
+
+    def acquire(self) -> Deferred[None]:
+        """
+        Fires when a slot is ours; cancelling it gives up the place in line.
+        """
+        d: Deferred[None] = Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        self._admit()
+        return d
+
+    def release(self) -> None:
+        self._held -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiting and (self._limit is None or self._held < self._limit):
+            self._held += 1
+            self._waiting.popleft().callback(None)
+
+
 class ScriptRunner:
     """
     Runs scripts for both contract versions.
@@ -196,7 +237,7 @@ class ScriptRunner:
         self._applications = applications.absolute()
         self._store = WorkspaceStore(home, output_limit)
         self._mutexes = IsolationMutexes(reactor)
-        self._slots = DeferredSemaphore(max_concurrent) if max_concurrent else None
+        self._slots = Slots(max_concurrent)
         self._script_timeout = script_timeout
         self._kill_grace = kill_grace
         self._base_environment = dict(os.environ if environment is None else environment)
@@ -212,6 +253,15 @@ class ScriptRunner:
     @property
     def store(self) -> WorkspaceStore:
         return self._store
+
+    def set_limits(self, max_concurrent: int | None, script_timeout: float | None) -> None:
+        """
+        Apply new limits to a running agent: the concurrency limit at once
+        (waiting scripts start if it rose), the timeout to scripts that
+        start from now on.
+        """
+        self._slots.limit = max_concurrent
+        self._script_timeout = script_timeout
 
     def counts(self) -> dict[ProcessState, int]:
         """
@@ -265,10 +315,9 @@ class ScriptRunner:
         try:
             try:
                 lease = await self._acquire_mutex(script)
-                if self._slots is not None:
-                    script.waiting = self._slots.acquire()
-                    await script.waiting
-                    slot_taken = True
+                script.waiting = self._slots.acquire()
+                await script.waiting
+                slot_taken = True
                 script.waiting = None
             except CancelledError:
                 self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
@@ -307,6 +356,9 @@ class ScriptRunner:
                 max_time=self._script_timeout,
             )
             script.process = process
+            self.log.info(
+                "Script {ticket} started", ticket=script.launch.ticket.task_id, event="script_started",
+            )
             try:
                 result = await process.start()
             except Exception as e:
@@ -315,7 +367,7 @@ class ScriptRunner:
                 return
             self._finish(script, self._exit_code(script, result))
         finally:
-            if slot_taken and self._slots is not None:
+            if slot_taken:
                 self._slots.release()
             if lease is not None:
                 lease.release()

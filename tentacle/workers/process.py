@@ -455,7 +455,7 @@ class ScriptProcess:
             return fail(error)
         assert self._transport is not None
         self._pid = self._transport.pid
-        self.log.info(
+        self.log.debug(
             "Started {executable} as pid {pid} in process group {pgid}",
             executable=executable,
             pid=self._pid,
@@ -639,7 +639,7 @@ class ScriptProcess:
             cancelled=self._stopping == "cancel",
             timed_out=self._stopping == "timeout",
         )
-        self.log.info(
+        self.log.debug(
             "Process {pid} ended: exit code {exit_code}, signal {signal}",
             pid=self._pid,
             exit_code=exit_code,

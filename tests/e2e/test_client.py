@@ -27,6 +27,7 @@ from tests.support import (
     LogCapture,
     agent_port,
     identity,
+    remove_big_files,
     start_agent,
     start_polling_agent,
     start_polling_server,
@@ -40,6 +41,7 @@ class ClientTests(TestCase):
     """
 
     async def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
         self.home = Path(self.mktemp()).absolute()
         self.home.mkdir()

@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from tentacle.identity import IdentityStore
 from tests.e2e.test_daemon import CHECKOUT
 from tests.e2e.test_scripts import _processes_with
-from tests.support import agent_port, identity, start_agent
+from tests.support import agent_port, identity, remove_big_files, start_agent
 
 
 class CLIProcess(ProcessProtocol):
@@ -44,8 +44,30 @@ class CLIProcess(ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
+def spawn_client(*argv: str, wait_for: bytes | None = None) -> tuple[CLIProcess, Any]:
+    """
+    C{tentacle-client ARGV} in a child process.
+    """
+    env = dict(os.environ, PYTHONPATH=CHECKOUT)
+    protocol = CLIProcess(wait_for)
+    process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        protocol, sys.executable, [sys.executable, "-m", "tentacle.client.cli", *argv], env=env
+    )
+    return protocol, process
+
+
+async def client_cli(*argv: str) -> tuple[int, str, str]:
+    """
+    C{tentacle-client ARGV}'s exit status, output and errors.
+    """
+    protocol, _ = spawn_client(*argv)
+    code = await protocol.ended
+    return code, protocol.out.decode(), protocol.err.decode()
+
+
 class ClientCLITests(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.home = Path(self.mktemp()).absolute()
         IdentityStore(self.home).save(identity("server"))
 
@@ -55,17 +77,10 @@ class ClientCLITests(TestCase):
         return start_agent(self, home=agent_home, trusted=(identity("server").thumbprint,))
 
     def spawn(self, *argv: str, wait_for: bytes | None = None) -> tuple[CLIProcess, Any]:
-        env = dict(os.environ, PYTHONPATH=CHECKOUT)
-        protocol = CLIProcess(wait_for)
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            protocol, sys.executable, [sys.executable, "-m", "tentacle.client.cli", *argv], env=env
-        )
-        return protocol, process
+        return spawn_client(*argv, wait_for=wait_for)
 
     async def cli(self, *argv: str) -> tuple[int, str, str]:
-        protocol, _ = self.spawn(*argv)
-        code = await protocol.ended
-        return code, protocol.out.decode(), protocol.err.decode()
+        return await client_cli(*argv)
 
     def pinned(self, command: str) -> list[str]:
         return [command, "--home", str(self.home), "--thumbprint", identity("agent").thumbprint]
@@ -185,8 +200,13 @@ class ClientCLITests(TestCase):
         agent_home.mkdir()
         agent = start_agent(self, home=agent_home, trusted=(identity("other").thumbprint,))
         code, _, err = await self.cli(*self.pinned("run"), f"127.0.0.1:{agent_port(agent)}", "-c", "echo x")
+        ours = identity("server").thumbprint
         self.assertEqual(code, 1)
-        self.assertIn("the agent may not trust this certificate", err)
+        self.assertEqual(
+            err,
+            f"error: 127.0.0.1:{agent_port(agent)} refused our certificate {ours}: the agent does not trust it; "
+            f"to let this client drive it, run on the agent: tentacle configure --trust {ours}\n",
+        )
 
     async def test_agent_down(self) -> None:
         import socket
@@ -197,7 +217,8 @@ class ClientCLITests(TestCase):
         code, _, err = await self.cli(*self.pinned("run"), f"127.0.0.1:{port}", "-c", "echo x")
         self.assertEqual(code, 1)
         self.assertIn("after 5 tries", err)
-        self.assertIn("Connection refused", err)
+        self.assertIn("the connection was refused: no agent listens on that port", err)
+        self.assertNotIn("111", err)
 
     async def test_named_target(self) -> None:
         agent = self.agent()
@@ -282,3 +303,77 @@ class ClientCLITests(TestCase):
         self.assertIn(b"MiB/s", protocol.out)
         self.assertIn(b"ETA", protocol.out)
         self.assertIn(b"Uploaded 3145728 bytes", protocol.out)
+
+    async def test_download_from_several_targets_keeps_every_copy(self) -> None:
+        agents = [self.agent() for _ in range(2)]
+        for n, agent in enumerate(agents):
+            (agent.config.home / "report.txt").write_text(f"from agent {n}")
+        destination = Path(self.mktemp()).absolute()
+        targets = [f"127.0.0.1:{agent_port(a)}" for a in agents]
+        code, out, err = await self.cli(
+            *self.pinned("download"), targets[0], "--target", targets[1], "report.txt", str(destination)
+        )
+        self.assertEqual(code, 0, err)
+        for n, target in enumerate(targets):
+            self.assertEqual((destination / target / "report.txt").read_text(), f"from agent {n}")
+        self.assertIn("2 of 2 succeeded", out)
+
+    async def test_download_into_a_folder_saves_inside_it(self) -> None:
+        agent = self.agent()
+        (agent.config.home / "report.txt").write_text("inside")
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        code, out, err = await self.cli(*self.pinned("download"), f"127.0.0.1:{agent_port(agent)}", "report.txt", str(folder))
+        self.assertEqual(code, 0, err)
+        self.assertEqual((folder / "report.txt").read_text(), "inside")
+        self.assertIn(f"to {folder / 'report.txt'}", out)
+
+    async def test_json_has_a_record_for_every_target(self) -> None:
+        import socket
+
+        agent = self.agent()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            down = s.getsockname()[1]
+        code, out, err = await self.cli(
+            *self.pinned("run"), "--json", f"127.0.0.1:{agent_port(agent)}", f"127.0.0.1:{down}", "-c", "exit 4"
+        )
+        self.assertEqual(code, 1, err)
+        records = {r.get("target"): r for r in map(json.loads, out.splitlines()) if "exit_code" in r or "error" in r}
+        self.assertEqual(records[f"127.0.0.1:{agent_port(agent)}"]["exit_code"], 4)
+        failed = records[f"127.0.0.1:{down}"]
+        self.assertFalse(failed["ok"])
+        self.assertIn("the connection was refused", failed["error"])
+        self.assertEqual(json.loads(out.splitlines()[-1]), {"summary": {"targets": 2, "failed": 2}})
+
+    async def test_ctrl_c_with_several_targets_exits_130(self) -> None:
+        agents = [self.agent() for _ in range(2)]
+        tag = f"600.{os.getpid()}7"
+        protocol, process = self.spawn(
+            *self.pinned("run"), *[f"127.0.0.1:{agent_port(a)}" for a in agents],
+            "-c", f"echo started; sleep {tag}", wait_for=b"started",
+        )
+        await protocol.seen
+        process.signalProcess(signal.SIGINT)
+        code = await protocol.ended
+        self.assertEqual(code, 130, protocol.err)
+        self.assertEqual(_processes_with(tag), [])
+
+    async def test_deploy_to_three_agents_pinned_one_by_one(self) -> None:
+        from tests.deploy_support import sample_package
+
+        agents = [self.agent() for _ in range(3)]
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        package = sample_package(folder, "1.0.0")
+        pins = [identity("agent").thumbprint, identity("agent").sha256.lower(), identity("agent").thumbprint]
+        targets = [f"127.0.0.1:{agent_port(a)}={pin}" for a, pin in zip(agents, pins)]
+        code, out, err = await self.cli("deploy", "--home", str(self.home), *targets, str(package))
+        self.assertEqual(code, 0, err + out)
+        self.assertIn("3 of 3 succeeded", out)
+        for agent in agents:
+            self.assertEqual(os.readlink(agent.config.applications / "webapp" / "current"), "1.0.0")
+        wrong = f"127.0.0.1:{agent_port(agents[0])}={'EF' * 20}"
+        code, out, err = await self.cli("check", "--home", str(self.home), wrong)
+        self.assertEqual(code, 1)
+        self.assertIn("expected " + "EF" * 20, err)

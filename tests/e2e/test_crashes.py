@@ -40,7 +40,7 @@ from tests.e2e.test_daemon import free_port
 from tests.e2e.test_scripts import _processes_with, v2_command
 from tests.fault_forwarder import Direction, FaultForwarder, Link
 from tests.figures import record
-from tests.support import identity
+from tests.support import identity, remove_big_files
 from tests.waiting import until
 
 AGENT = identity("agent")
@@ -55,6 +55,7 @@ def _kill_all(tag: str) -> None:
 
 class CrashTestCase(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.port = free_port()
         self.home: Path | None = None
         self.agent: ChildAgent | None = None

@@ -62,17 +62,33 @@ class AgentProcess(ProcessProtocol):
         self.output = b""
         self.listening: Deferred[None] = Deferred()
         self.ended: Deferred[Any] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        """
+        Fires when C{text} appears in the output from now on.
+        """
+        d: Deferred[None] = Deferred()
+        self._waiting.append((text, d))
+        return d
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
         if b"Tentacle listening on port" in self.output and not self.listening.called:
             self.listening.callback(None)
+        for text, d in list(self._waiting):
+            if text in data or text in self.output[-len(data) - len(text):]:
+                self._waiting.remove((text, d))
+                d.callback(None)
 
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
         if not self.listening.called:
             self.listening.errback(Exception(f"agent exited: {self.output!r}"))
+        for text, d in self._waiting:
+            d.errback(Exception(f"agent exited before saying {text!r}: {self.output!r}"))
+        self._waiting = []
         self.ended.callback(reason.value)
 
 

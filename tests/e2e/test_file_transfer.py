@@ -26,7 +26,7 @@ from tentacle.service import TentacleService
 from tentacle.services import CapabilitiesService, register_tentacle_services
 from tentacle.services.files import TEMP_MARKER, FileTransferError, FileTransferService
 from tests.agent_process import spawn_agent
-from tests.support import LogCapture, agent_port, client_context, identity, in_thread, start_agent
+from tests.support import LogCapture, agent_port, client_context, identity, in_thread, remove_big_files, start_agent
 from tests.transfer_client import (
     FakeFreeSpace,
     GiB,
@@ -43,6 +43,7 @@ SERVER = identity("server")
 
 class TransferTestCase(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
         self.base = Path(self.mktemp()).absolute()
         self.home = self.base / "home"
@@ -296,6 +297,7 @@ class ChildAgentTests(TestCase):
     """
 
     def setUp(self) -> None:
+        remove_big_files(self)
         self.context = client_context(SERVER, Path(self.mktemp()).parent)
 
     async def test_two_gibibytes_up_and_down_in_flat_memory(self) -> None:

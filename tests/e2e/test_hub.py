@@ -7,6 +7,7 @@ endpoint, data streams spooled through, both ways).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from tentacle.client.api import RemoteError, RetryPolicy, Target, TentacleClient
 from tentacle.client.connection import AgentRefused, Pin
 from tentacle.hub.config import HubConfig, HubConfigFile
 from tentacle.hub.service import HubService
+from tentacle.identity import IdentityStore
+from tests.e2e.test_client_cli import client_cli
 from tests.support import (
     SUBSCRIPTION,
     LogCapture,
@@ -44,6 +47,17 @@ def start_hub(case: TestCase, **changes: Any) -> HubService:
     return hub
 
 
+async def agent_on(case: TestCase, logs: LogCapture, hub: HubService, **changes: Any) -> Any:
+    """
+    An agent polling C{hub}, once one of its connections is up.
+    """
+    agent = start_polling_agent(case, hub.server, **changes)
+    while not any(up for _, up, _ in agent.polling.status()):
+        await logs.wait_for(event="polling_connected")
+        logs.events = [e for e in logs.events if e.get("event") != "polling_connected"]
+    return agent
+
+
 class HubTests(TestCase):
     timeout = 60
 
@@ -51,11 +65,7 @@ class HubTests(TestCase):
         self.logs = LogCapture.install(self)
 
     async def agent_on(self, hub: HubService, **changes: Any) -> Any:
-        agent = start_polling_agent(self, hub.server, **changes)
-        while not any(up for _, up, _ in agent.polling.status()):
-            await self.logs.wait_for(event="polling_connected")
-            self.logs.events = [e for e in self.logs.events if e.get("event") != "polling_connected"]
-        return agent
+        return await agent_on(self, self.logs, hub, **changes)
 
     def client(self, hub: HubService, who: str = "server", agent_pin: str | None = None, **kwargs: Any) -> TentacleClient:
         target = Target(
@@ -136,3 +146,107 @@ class HubTests(TestCase):
         start_polling_agent(self, hub.server, polling_servers=(polled(hub.server),))
         refused = await self.logs.wait_for(event="polling_claim_refused")
         self.assertEqual(refused["subscription"], SUBSCRIPTION)
+
+
+class HubCLITests(TestCase):
+    """
+    C{tentacle-client --hub} as a user runs it (a child process), and
+    C{tentacle-hub}'s own commands.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+        self.home = Path(self.mktemp()).absolute()
+        IdentityStore(self.home).save(identity("server"))
+
+    async def test_a_user_runs_a_script_and_downloads_through_the_hub(self) -> None:
+        hub = start_hub(self)
+        agent = await agent_on(self, self.logs, hub)
+        (agent.config.home / "note.txt").write_text("polled\n")
+        common = [
+            "--home", str(self.home), "--hub", f"127.0.0.1:{hub.server.listening_port}",
+            "--hub-thumbprint", identity("hub").thumbprint,
+        ]
+        target = f"{SUBSCRIPTION}={identity('agent').thumbprint}"
+        code, out, err = await client_cli("run", *common, target, "-c", "echo from the polling agent")
+        self.assertEqual(code, 0, err)
+        self.assertIn("from the polling agent", out)
+        local = Path(self.mktemp())
+        code, out, err = await client_cli("download", *common, target, "note.txt", str(local))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(local.read_text(), "polled\n")
+
+    async def test_a_polling_target_needs_a_hub(self) -> None:
+        code, out, err = await client_cli("run", "--home", str(self.home), SUBSCRIPTION, "-c", "true")
+        self.assertEqual(code, 2)
+        self.assertIn("reached through a hub: give --hub HOST[:PORT] and --hub-thumbprint", err)
+
+    def test_hub_commands(self) -> None:
+        from tentacle.hub.cli import main
+
+        home = Path(self.mktemp()).absolute()
+
+        def run(*argv: str) -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            code = main(["--home", str(home), *argv], out, err)
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, _ = run("new-certificate")
+        self.assertEqual(code, 0)
+        thumbprint = IdentityStore(home).load().thumbprint
+        self.assertIn(thumbprint, run("show-thumbprint")[1])
+        code, out, err = run("configure", "--trust", "ab" * 20, "--bind", f"POLL://X={'cd' * 20}", "--port", "11000")
+        self.assertEqual(code, 0, err)
+        config = HubConfigFile(home).load()
+        self.assertEqual(config.trusted_thumbprints, ("AB" * 20,))
+        self.assertEqual(config.bindings, (("poll://x/", ("CD" * 20,)),))
+        self.assertEqual(config.port, 11000)
+        shown = run("show-configuration")[1]
+        self.assertIn(f"poll://x/ -> {'CD' * 20}", shown)
+        self.assertEqual(run("configure")[0], 2)
+        code, _, err = run("configure", "--bind", "poll://x/")
+        self.assertEqual(code, 2)
+        self.assertIn("expected poll://ID/=THUMBPRINT", err)
+        code, _, err = run("configure", "--remove-trust", "EF" * 20)
+        self.assertEqual(code, 1)
+        self.assertIn("is not in the trust list", err)
+
+
+class HubProcessTests(TestCase):
+    """
+    C{tentacle hub} as an operator runs it: a child process that serves its
+    polling port until stopped.
+    """
+
+    timeout = 60
+
+    async def test_runs_and_serves_the_page(self) -> None:
+        import signal
+        import socket
+        import sys
+
+        from tentacle.page import FRIENDLY_PAGE
+        from tests.e2e.test_client_cli import CLIProcess
+        from tests.e2e.test_daemon import CHECKOUT
+        from tests.support import client_context, converse, in_thread
+
+        home = Path(self.mktemp()).absolute()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        HubConfigFile(home).save(HubConfig(home=home, port=port, listen_address="127.0.0.1"))
+        protocol = CLIProcess(wait_for=b"Polling port")
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            protocol, sys.executable, [sys.executable, "-m", "tentacle", "hub", "--hub-home", str(home)],
+            env=dict(os.environ, PYTHONPATH=CHECKOUT),
+        )
+        try:
+            await protocol.seen
+            result = await in_thread(converse, port, client_context(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(result.received, FRIENDLY_PAGE)
+            self.assertTrue(IdentityStore(home).exists(), "the hub made its identity on first start")
+        finally:
+            process.signalProcess(signal.SIGTERM)
+            await protocol.ended

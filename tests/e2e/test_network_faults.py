@@ -35,7 +35,7 @@ from tests.e2e.test_crashes import _kill_all
 from tests.e2e.test_scripts import _processes_with
 from tests.fault_forwarder import Direction, FaultForwarder, Link
 from tests.figures import record
-from tests.support import LogCapture, agent_port, identity, start_agent
+from tests.support import LogCapture, agent_port, identity, remove_big_files, start_agent
 from tests.waiting import until, within
 
 #: Short enough to keep the suite fast, long enough for a loaded CI box.
@@ -64,6 +64,7 @@ def on_event(case: TestCase, action: Callable[[LogEvent], object], **fields: Any
 
 class NetworkFaultTestCase(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
         self.base = Path(self.mktemp()).absolute()
         self.home = self.base / "home"

@@ -38,7 +38,7 @@ from tentacle.halibut.dotnet import TimeSpan
 from tentacle.halibut.serializer import DataStream
 from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
 from tests.e2e.test_exchange_sockets import TEST_SERVICE, TestService
-from tests.support import agent_port, client_context, identity, in_thread, start_agent
+from tests.support import agent_port, client_context, identity, in_thread, remove_big_files, start_agent
 from tests.wire_client import WireClient, request
 
 CHECKOUT = str(Path(__file__).resolve().parent.parent.parent)
@@ -113,6 +113,7 @@ class ScriptClient:
 
 class ScriptTests(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.home = Path(self.mktemp()).absolute()
         self.home.mkdir()
         runner = ScriptRunner(reactor, self.home, self.home / "Applications", kill_grace=1.0)

@@ -1,0 +1,104 @@
+"""
+C{tentacle run} as operators meet it: started from anywhere (an editable
+install has no twistd dropin on the path), on a named instance, on a port
+that is taken, and told to reload with SIGHUP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.e2e.test_daemon import CHECKOUT, AgentProcess, child_environment, configure_home, free_port
+
+
+#: Runs C{python -m tentacle} in a Python where twistd finds no plugins at
+#: all, as with an editable install (whose dropin is out of sight of
+#: plugin discovery), whatever the way this checkout was installed.
+NO_PLUGINS = (
+    "import sys, twisted.plugin\n"
+    "twisted.plugin.getPlugins = lambda *args, **kwargs: iter(())\n"
+    "{then}\n"
+)
+TENTACLE = "from tentacle.cli import main; sys.exit(main(sys.argv[1:]))"
+TWISTD = "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+class RunTests(TestCase):
+    async def start(self, env: dict[str, str], *argv: str, python: tuple[str, ...] = ("-m", "tentacle"),
+                    cwd: str | None = None) -> tuple[AgentProcess, Any]:
+        agent = AgentProcess()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            agent, sys.executable, [sys.executable, *python, *argv], env=env, path=cwd
+        )
+        self.addCleanup(self.stop, agent, process)
+        await agent.listening
+        return agent, process
+
+    async def stop(self, agent: AgentProcess, process: Any) -> None:
+        if not agent.ended.called:
+            process.signalProcess(signal.SIGTERM)
+        await agent.ended
+
+    async def test_runs_without_twistd_plugin_discovery(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        env = child_environment(home)
+        elsewhere = Path(self.mktemp()).absolute()
+        elsewhere.mkdir()
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-c", NO_PLUGINS.format(then=TWISTD), "tentacle"], env=env, path=str(elsewhere)
+        )
+        self.assertIn(b"Unknown command: tentacle", out + err, "twistd itself cannot find the plugin here")
+        await configure_home(self, env, free_port())
+        agent, _ = await self.start(env, "run", python=("-c", NO_PLUGINS.format(then=TENTACLE)), cwd=str(elsewhere))
+        self.assertIn(b"Tentacle listening on port", agent.output)
+
+    async def test_a_named_instance(self) -> None:
+        registry = Path(self.mktemp()).absolute()
+        web = Path(self.mktemp()).absolute()
+        env = dict(child_environment(Path("/nonexistent")), TENTACLE_REGISTRY=str(registry))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tentacle", "create-instance", "web", "--home", str(web)], env=env
+        )
+        self.assertEqual(code, 0, err)
+        port = free_port()
+        await configure_home(self, dict(env, TENTACLE_HOME=str(web)), port)
+        agent, _ = await self.start(env, "agent", "--instance", "web")
+        self.assertIn(f"Tentacle listening on port {port}".encode(), agent.output)
+        self.assertTrue((web / "certificate.pem").exists())
+
+    async def test_a_taken_port_is_one_line(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        env = child_environment(home)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            await configure_home(self, env, port)
+            out, err, code = await getProcessOutputAndValue(sys.executable, ["-m", "tentacle", "run"], env=env)
+        self.assertEqual(code, 1, out)
+        self.assertEqual(
+            err.decode(),
+            f"tentacle: error: cannot listen on port {port} on 127.0.0.1: the port is already in use, most "
+            "likely by another tentacle instance (see 'tentacle list-instances') or another program; stop it, "
+            "or give this agent another port with 'tentacle configure --port N'\n",
+        )
+        self.assertNotIn(b"Traceback", out)
+
+    async def test_sighup_is_logged(self) -> None:
+        home = Path(self.mktemp()).absolute()
+        env = child_environment(home)
+        await configure_home(self, env, free_port())
+        agent, process = await self.start(env, "run", "--log-format", "json")
+        reloaded = agent.wait_for(b'"event": "config_reload"')
+        process.signalProcess(signal.SIGHUP)
+        await reloaded
+        self.assertIn(b'"trigger": "SIGHUP"', agent.output)
