@@ -431,14 +431,21 @@ class TentacleClient:
         encrypt_files: bool = False,
         task_id: str | None = None,
         on_log: Callable[[ProcessOutput], None] | None = None,
-        poll_interval: float = 0.1,
-        max_poll_interval: float = 1.0,
+        wait_for_finish: float = 1.0,
+        poll_interval: float = 0.3,
+        max_poll_interval: float = 5.0,
     ) -> int:
         """
         Run a script to its end, passing each log line to C{on_log} as it
         comes; the exit code.  V2 when the agent offers it, else V1.
         Cancelling the Deferred cancels the script on the agent, waits for it
         to stop, then raises L{CancelledError}.
+
+        As Octopus Server does: StartScript (V2) waits up to
+        C{wait_for_finish} seconds for the script to end, so a quick script
+        is done in one call; then GetStatus at once, and again after
+        C{poll_interval}, growing by 1.15 up to C{max_poll_interval} while
+        nothing new arrives.
 
         @param encrypt_files: have the agent store C{files} encrypted, as
             Octopus Server does for sensitive variables, under a password
@@ -457,20 +464,33 @@ class TentacleClient:
             script_files.append(ScriptFile(name, ref, password))
         v2 = "IScriptServiceV2" in await self.capabilities()
         timeout = TimeSpan.from_timedelta(timedelta(seconds=mutex_timeout))
+        status: Any = None
+        cancelled = False
         if v2:
             ticket = ScriptTicket(uuid.uuid4().hex)
             # V2 StartScript is idempotent by ticket: a resend after a lost
             # answer reports the same run, never starts a second.
-            await self.call_idempotent(
-                "IScriptServiceV2", "StartScript",
-                StartScriptCommandV2(
-                    script_ticket=ticket, script_body=body, task_id=task_id,
-                    duration_to_wait_for_script_to_finish=None, isolation=isolation,
-                    script_isolation_mutex_timeout=timeout, isolation_mutex_name=mutex,
-                    scripts={}, files=tuple(script_files), arguments=arguments,
-                ),
-                payloads=payloads,
-            )
+            try:
+                status, _ = await self.call_idempotent(
+                    "IScriptServiceV2", "StartScript",
+                    StartScriptCommandV2(
+                        script_ticket=ticket, script_body=body, task_id=task_id,
+                        duration_to_wait_for_script_to_finish=TimeSpan.from_timedelta(
+                            timedelta(seconds=wait_for_finish)
+                        ),
+                        isolation=isolation,
+                        script_isolation_mutex_timeout=timeout, isolation_mutex_name=mutex,
+                        scripts={}, files=tuple(script_files), arguments=arguments,
+                    ),
+                    payloads=payloads,
+                )
+            except CancelledError:
+                # It may have started (StartScript waits for it a while):
+                # cancel it by its ticket, then wait for it below.
+                cancelled = True
+                status, _ = await self.call_idempotent(
+                    "IScriptServiceV2", "CancelScript", CancelScriptCommandV2(ticket, 0)
+                )
         else:
             ticket, _ = await self.call(
                 "IScriptService", "StartScript",
@@ -487,19 +507,26 @@ class TentacleClient:
         again = self.call_idempotent
         status_type = ScriptStatusRequestV2 if v2 else ScriptStatusRequest
         sequence = 0
-        interval = poll_interval
-        cancelled = False
+        delay: float | None = None  # None: the first GetStatus goes at once
         while True:
             try:
-                status, _ = await again(service, "GetStatus", status_type(ticket, sequence))
+                if status is None:
+                    status, _ = await again(service, "GetStatus", status_type(ticket, sequence))
                 for line in status.logs:
                     if on_log is not None:
                         on_log(line)
                 sequence = status.next_log_sequence
                 if status.state is ProcessState.Complete:
                     break
-                await deferLater(self._reactor, interval if not status.logs else poll_interval, lambda: None)
-                interval = min(interval * 1.15, max_poll_interval)
+                if delay is None:
+                    delay = 0.0
+                elif status.logs or delay == 0.0:
+                    delay = poll_interval
+                else:  # back off only while nothing new arrives
+                    delay = min(delay * 1.15, max_poll_interval)
+                status = None
+                if delay:
+                    await deferLater(self._reactor, delay, lambda: None)
             except CancelledError:
                 if cancelled:
                     raise

@@ -90,6 +90,36 @@ class ClientTests(TestCase):
         self.assertEqual(lines, [(ProcessOutputSource.StdOut, "one"), (ProcessOutputSource.StdErr, "two")])
         self.assertEqual(list((self.home / "Work").iterdir()), [], "CompleteScript removed the workspace")
 
+    async def test_a_quick_script_takes_one_call(self) -> None:
+        """
+        StartScript waits for a quick script (DurationToWaitForScriptToFinish),
+        so its log comes back with the answer: no GetStatus at all.
+        """
+        lines: list[str] = []
+        self.assertEqual(await self.client().run_script("echo hello", on_log=lambda l: lines.append(l.text)), 0)
+        self.assertEqual(lines, ["hello"])
+        served = [e["method"] for e in self.logs.matching(event="request_served") if e["service"] == "IScriptServiceV2"]
+        self.assertEqual(served, ["StartScript", "CompleteScript"])
+
+    async def test_output_streams_while_the_script_runs(self) -> None:
+        """
+        The first line reaches the caller while the script still runs: the
+        script waits for a file that only the caller's handler of that line
+        creates, so a client that held lines back would never finish.
+        """
+        go = Path(self.mktemp()).absolute()
+        lines: list[str] = []
+
+        def on_log(line: Any) -> None:
+            lines.append(line.text)
+            if line.text == "first":
+                go.write_text("")
+
+        code = await self.client().run_script(
+            f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo last", on_log=on_log
+        )
+        self.assertEqual((code, lines), (0, ["first", "last"]))
+
     async def test_run_script_with_files_and_arguments(self) -> None:
         data = Path(self.mktemp())
         data.write_text("from a file\n")

@@ -133,6 +133,7 @@ class ScriptFaultTests(NetworkFaultTestCase):
         code = await client.run_script(
             f"echo run >> {marker}; echo hello; echo AllDone",
             on_log=lambda line: lines.append(line.text),
+            wait_for_finish=0,  # the faults are put on GetStatus too
         )
         return code, lines, marker.read_text().splitlines()
 
@@ -430,7 +431,9 @@ class PausedConnectionTests(NetworkFaultTestCase):
         client = self.client(forwarder, response_timeout=2.0)
         lines: list[str] = []
         started = time.monotonic()
-        code = await client.run_script("echo hello; echo AllDone", on_log=lambda l: lines.append(l.text))
+        code = await client.run_script(
+            "echo hello; echo AllDone", on_log=lambda l: lines.append(l.text), wait_for_finish=0
+        )
         elapsed = time.monotonic() - started
         self.assertEqual((code, lines), (0, ["hello", "AllDone"]))
         self.assertGreaterEqual(self.retries, 1)
