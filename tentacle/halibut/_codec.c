@@ -90,6 +90,7 @@ static PyObject *g_int_enum;       /* enum.IntEnum */
 static PyObject *g_timespan;       /* tentacle.halibut.dotnet.TimeSpan */
 static PyObject *g_timespan_ticks; /* its 'ticks' slot descriptor */
 static PyObject *g_timespan_parse; /* TimeSpan.parse */
+static PyObject *g_require_aware;  /* serializer.require_aware, done natively */
 static PyObject *g_datastream;     /* serializer.DataStream */
 static PyObject *g_request;        /* serializer.RequestMessage */
 static PyObject *g_response;       /* serializer.ResponseMessage */
@@ -644,6 +645,110 @@ timespan_text(long long ticks)
         n += snprintf(text + n, sizeof(text) - n, ".%07u", fraction);
     }
     return PyUnicode_FromStringAndSize(text, n);
+}
+
+/*
+ * TimeSpan.parse for what Json.NET writes, [-][d.]h[h]:m[m][:s[s][.f{1,7}]]
+ * with nothing around it: the ticks, or -1 to leave the text to Python
+ * (surrounding spaces, bare days, anything out of range or malformed).
+ */
+static int
+parse_digits(const Py_UCS1 *p, Py_ssize_t n, Py_ssize_t *pos, int most, unsigned long long *out,
+             int *count)
+{
+    unsigned long long value = 0;
+    int digits = 0;
+    while (*pos < n && p[*pos] >= '0' && p[*pos] <= '9') {
+        if (++digits > most) {
+            return -1;
+        }
+        value = value * 10 + (unsigned long long)(p[*pos] - '0');
+        (*pos)++;
+    }
+    if (digits == 0) {
+        return -1;
+    }
+    *out = value;
+    *count = digits;
+    return 0;
+}
+
+static int
+timespan_parse_ticks(PyObject *text, long long *out)
+{
+    if (!PyUnicode_CheckExact(text) || PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND) {
+        return -1;
+    }
+    const Py_UCS1 *p = PyUnicode_1BYTE_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), pos = 0;
+    int negative = 0, count;
+    unsigned long long first, days = 0, hours, minutes, seconds = 0, fraction = 0;
+    if (pos < n && p[pos] == '-') {
+        negative = 1;
+        pos++;
+    }
+    if (parse_digits(p, n, &pos, 8, &first, &count) < 0 || pos >= n) {
+        return -1;
+    }
+    if (p[pos] == '.') {
+        days = first;
+        pos++;
+        if (parse_digits(p, n, &pos, 2, &hours, &count) < 0) {
+            return -1;
+        }
+    }
+    else if (count <= 2) {
+        hours = first;
+    }
+    else {
+        return -1;
+    }
+    if (pos >= n || p[pos++] != ':' || parse_digits(p, n, &pos, 2, &minutes, &count) < 0) {
+        return -1;
+    }
+    if (pos < n && p[pos] == ':') {
+        pos++;
+        if (parse_digits(p, n, &pos, 2, &seconds, &count) < 0) {
+            return -1;
+        }
+        if (pos < n && p[pos] == '.') {
+            pos++;
+            if (parse_digits(p, n, &pos, 7, &fraction, &count) < 0) {
+                return -1;
+            }
+            for (; count < 7; count++) {
+                fraction *= 10;
+            }
+        }
+    }
+    if (pos != n || hours > 23 || minutes > 59 || seconds > 59) {
+        return -1;
+    }
+    /* days < 10^8, so this fits in 64 unsigned bits. */
+    unsigned long long magnitude = days * (unsigned long long)TICKS_PER_DAY +
+                                   hours * TICKS_PER_HOUR + minutes * TICKS_PER_MINUTE +
+                                   seconds * TICKS_PER_SECOND + fraction;
+    if (magnitude > (unsigned long long)INT64_MAX + (negative ? 1u : 0u)) {
+        return -1;
+    }
+    *out = negative ? (long long)(0 - magnitude) : (long long)magnitude;
+    return 0;
+}
+
+static PyObject *
+timespan_from_text(PyObject *text)
+{
+    long long ticks;
+    if (timespan_parse_ticks(text, &ticks) < 0) {
+        return PyObject_CallOneArg(g_timespan_parse, text);
+    }
+    PyObject *number = PyLong_FromLongLong(ticks);
+    if (number == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(g_timespan, number);
+    Py_DECREF(number);
+    return result;
 }
 
 /* The ticks of a TimeSpan, or of a timedelta as TimeSpan.from_timedelta. */
@@ -1584,7 +1689,13 @@ construct(PyObject *plan, PyObject *fields, PyObject **values, int run_validator
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(validators); i++) {
             PyObject *entry = PyTuple_GET_ITEM(validators, i);
             Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 0));
-            PyObject *ok = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(entry, 1), obj,
+            PyObject *validator = PyTuple_GET_ITEM(entry, 1);
+            if (validator == g_require_aware && PyDateTime_Check(values[index]) &&
+                ((PyDateTime_DateTime *)values[index])->hastzinfo &&
+                ((PyDateTime_DateTime *)values[index])->tzinfo == g_utc) {
+                continue; /* what require_aware accepts without a word */
+            }
+            PyObject *ok = PyObject_CallFunctionObjArgs(validator, obj,
                                                         PyTuple_GET_ITEM(entry, 2), values[index],
                                                         NULL);
             if (ok == NULL) {
@@ -1683,7 +1794,7 @@ dec_spec(DecCtx *ctx, PyObject *spec, PyObject *tree, int depth)
         if (!PyUnicode_Check(tree)) {
             return NULL;
         }
-        return PyObject_CallOneArg(g_timespan_parse, tree);
+        return timespan_from_text(tree);
     case T_DATETIMEOFFSET:
         if (!PyDateTime_Check(tree)) {
             return NULL;
@@ -1932,12 +2043,14 @@ static PyObject *
 codec_configure_objects(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"timespan", "timespan_ticks", "timespan_parse", "datastream",
-                               "request", "response", "plans", "plan_for", NULL};
+                               "request", "response", "plans", "plan_for", "require_aware",
+                               NULL};
     PyObject *timespan, *ticks, *parse, *datastream, *request, *response, *plans, *plan_for;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!O!O!O!O:configure_objects", keywords,
+    PyObject *require_aware;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO!O!O!O!OO:configure_objects", keywords,
                                      &PyType_Type, &timespan, &ticks, &parse, &PyType_Type,
                                      &datastream, &PyType_Type, &request, &PyType_Type, &response,
-                                     &PyDict_Type, &plans, &plan_for)) {
+                                     &PyDict_Type, &plans, &plan_for, &require_aware)) {
         return NULL;
     }
     if (check_descriptor(ticks, 0, "timespan_ticks") < 0) {
@@ -1951,6 +2064,7 @@ codec_configure_objects(PyObject *module, PyObject *args, PyObject *kwargs)
     store(&g_response, response);
     store(&g_plans, plans);
     store(&g_plan_for, plan_for);
+    store(&g_require_aware, require_aware);
     objects_configured = 1;
     Py_RETURN_NONE;
 }

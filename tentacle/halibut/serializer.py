@@ -84,6 +84,7 @@ __all__ = [
     "encode_message",
     "encode_message_python",
     "fields_of",
+    "require_aware",
     "from_tree",
     "to_tree",
     "wire",
@@ -594,6 +595,18 @@ OBJECT: WireType = _Object()
 RAW: WireType = _Raw()
 
 
+def require_aware(instance: object, attribute: attrs.Attribute[datetime], value: datetime) -> None:
+    """
+    attrs validator for a field declared L{DATETIMEOFFSET}: a .NET
+    C{DateTimeOffset} always has an offset, so a naive datetime is a bug.
+
+    The compiled core knows this validator and skips the call for the UTC
+    datetimes the BSON decoder produces, which it always accepts.
+    """
+    if value.utcoffset() is None:
+        raise ValueError(f"{attribute.name} must be timezone-aware (a .NET DateTimeOffset)")
+
+
 # --- per-class schemas --------------------------------------------------------
 
 
@@ -1079,6 +1092,7 @@ def _configure(core: ModuleType) -> None:
         response=ResponseMessage,
         plans=_plans,
         plan_for=_plan_for,
+        require_aware=require_aware,
     )
 
 
