@@ -1078,8 +1078,9 @@ def _plan_for(cls: type) -> tuple[Any, ...] | None:
     """
     The plan of C{cls}, made once; C{None} for a class the pure code handles.
     """
-    plan = _plans[cls] = _plan(cls)
-    return plan
+    # Never replaced once stored: the core holds plans as borrowed
+    # references, and two threads may make the same plan at once.
+    return _plans.setdefault(cls, _plan(cls))
 
 
 def _configure(core: ModuleType) -> None:
