@@ -52,7 +52,8 @@ def build(into: Path, **env: str) -> subprocess.CompletedProcess[str]:
             str(into / "temp"),
         ],
         cwd=CHECKOUT,
-        env={**os.environ, **env},
+        # Built as asked, whatever this run's own TENTACLE_CODEC says.
+        env={**{k: v for k, v in os.environ.items() if k != "TENTACLE_CODEC"}, **env},
         capture_output=True,
         text=True,
         timeout=300,
