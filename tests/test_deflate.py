@@ -203,3 +203,40 @@ class CompressSlicesTests(SynchronousTestCase):
     def test_empty_and_bad_slice(self) -> None:
         self.assertEqual(decompress(b"".join(compress_slices(b""))), (b"", b""))
         self.assertRaises(ValueError, list, compress_slices(b"x", 0))
+
+
+class DecompressMatchesInflaterTests(SynchronousTestCase):
+    """
+    L{decompress} is L{Inflater} fed everything at once, in one zlib call.
+    """
+
+    def both(self, data: bytes, limits: CodecLimits) -> None:
+        inflater = Inflater(limits)
+        try:
+            message = inflater.feed(data)
+        except CodecError as e:
+            expected: object = type(e)
+        else:
+            expected = "truncated" if message is None else (message, inflater.unused)
+        try:
+            got: object = decompress(data, limits)
+        except CodecError as e:
+            got = "truncated" if "truncated" in str(e) else type(e)
+        self.assertEqual(got, expected)
+
+    @PROPERTY
+    @given(st.binary(max_size=3000), st.binary(max_size=20), st.data())
+    def test_same_outcome(self, payload: bytes, after: bytes, data: st.DataObject) -> None:
+        wire = bytearray(compress(payload) + after)
+        for _ in range(data.draw(st.integers(0, 2))):
+            if wire:
+                wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(0, len(wire)))
+        limits = data.draw(st.sampled_from([CodecLimits(), CodecLimits(max_message_bytes=100)]))
+        self.both(bytes(wire[:cut]), limits)
+        self.both(bytes(wire), limits)
+
+    def test_implausibly_long_input(self) -> None:
+        limits = CodecLimits(max_message_bytes=16)
+        self.both(EMPTY_STORED_BLOCK * 20_000, limits)
+        self.both(EMPTY_STORED_BLOCK * 20_000 + compress(b"x"), limits)

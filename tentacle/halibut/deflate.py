@@ -180,12 +180,26 @@ def decompress(data: bytes, limits: CodecLimits = _DEFAULT_LIMITS) -> tuple[byte
     """
     Decompress a message that is wholly in C{data}.
 
+    The same checks as L{Inflater} fed C{data} in one piece, in one zlib
+    call.
+
     @return: C{(message, unused)} where C{unused} is what followed the
         DEFLATE stream.
     @raise CodecError: Corrupt or truncated stream, or a limit exceeded.
     """
-    inflater = Inflater(limits)
-    message = inflater.feed(data)
-    if message is None:
+    decompressor = zlib.decompressobj(_RAW_DEFLATE)
+    try:
+        # One byte beyond the limit shows an overflow without allocating more.
+        message = decompressor.decompress(data, limits.max_message_bytes + 1)
+    except zlib.error as e:
+        raise CodecError(f"corrupt DEFLATE data: {e}") from None
+    if len(message) > limits.max_message_bytes:
+        raise LimitExceeded(f"message decompresses beyond {limits.max_message_bytes} bytes")
+    finished = decompressor.eof
+    unused = decompressor.unused_data if finished else b""
+    consumed = len(data) - len(unused) - len(decompressor.unconsumed_tail)
+    if consumed > compressed_input_limit(limits):
+        raise LimitExceeded("DEFLATE stream is implausibly long for its output")
+    if not finished:
         raise CodecError("DEFLATE stream is truncated")
-    return message, inflater.unused
+    return message, unused
