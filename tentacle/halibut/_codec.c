@@ -1808,8 +1808,8 @@ dec_spec(DecCtx *ctx, PyObject *spec, PyObject *tree, int depth)
             PyObject_TypeCheck(tree, (PyTypeObject *)g_uuid)) {
             return Py_NewRef(tree);
         }
-        if (!PyDict_Check(tree)) {
-            return NULL;
+        if (!PyDict_CheckExact(tree)) {
+            return NULL; /* a dict subclass may answer lookups its own way */
         }
         PyObject *cls = resolve(ctx, tree);
         if (cls == NULL || cls == g_request || cls == g_response) {
@@ -1838,7 +1838,7 @@ dec_spec(DecCtx *ctx, PyObject *spec, PyObject *tree, int depth)
         }
         return dec_spec(ctx, PyTuple_GET_ITEM(spec, 1), tree, depth);
     case T_LIST: {
-        if (!PyList_Check(tree) || depth + 1 > MAX_C_DEPTH) {
+        if (!PyList_CheckExact(tree) || depth + 1 > MAX_C_DEPTH) {
             return NULL;
         }
         PyObject *item_spec = PyTuple_GET_ITEM(spec, 1);
@@ -1865,7 +1865,7 @@ dec_spec(DecCtx *ctx, PyObject *spec, PyObject *tree, int depth)
         return result;
     }
     case T_ENUMDICT: {
-        if (!PyDict_Check(tree) || depth + 1 > MAX_C_DEPTH) {
+        if (!PyDict_CheckExact(tree) || depth + 1 > MAX_C_DEPTH) {
             return NULL;
         }
         int has_type = PyDict_Contains(tree, s_type);
@@ -1907,7 +1907,7 @@ dec_spec(DecCtx *ctx, PyObject *spec, PyObject *tree, int depth)
     }
     case T_COMPLEX: {
         PyObject *cls = PyTuple_GET_ITEM(spec, 1);
-        if (!PyDict_Check(tree)) {
+        if (!PyDict_CheckExact(tree)) {
             return NULL;
         }
         int has_type = PyDict_Contains(tree, s_type);
@@ -1944,7 +1944,7 @@ codec_decode_envelope(PyObject *module, PyObject *args)
     if (body == NULL || body == Py_None) {
         return Py_BuildValue("(ON)", Py_None, PyList_New(0));
     }
-    if (!PyDict_Check(body)) {
+    if (!PyDict_CheckExact(body)) {
         Py_RETURN_NONE;
     }
     DecCtx ctx = {names, NULL, run_validators};
