@@ -60,6 +60,34 @@ def build(into: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def compile_directly(into: Path) -> subprocess.CompletedProcess[str]:
+    """
+    Build the core with the compiler and flags Python was built with, for an
+    interpreter without setuptools (Python 3.12's venvs have none).
+    """
+    import hashlib
+    import shlex
+    import sysconfig
+
+    source = CHECKOUT / "tentacle" / "halibut" / "_codec.c"
+    target = into / "lib" / "tentacle" / "halibut"
+    target.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    config = sysconfig.get_config_vars()
+    command = [
+        *shlex.split(config.get("CC") or "cc"),
+        *shlex.split(config.get("CCSHARED") or "-fPIC"),
+        "-shared",
+        "-O2",
+        f"-I{sysconfig.get_paths()['include']}",
+        f'-DTENTACLE_CODEC_SOURCE="{digest}"',
+        str(source),
+        "-o",
+        str(target / ("_codec" + (config.get("EXT_SUFFIX") or ".so"))),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 def built_module(into: Path) -> Path | None:
     found = sorted((into / "lib" / "tentacle" / "halibut").glob("_codec*.so"))
     return found[0] if found else None
@@ -86,6 +114,8 @@ def compiled_core() -> ModuleType:
             work = Path(tempfile.mkdtemp(prefix="tentacle-codec-core-"))
             atexit.register(shutil.rmtree, work, True)
             result = build(work)
+            if built_module(work) is None and "setuptools" in result.stderr:
+                result = compile_directly(work)
             path = built_module(work)
             if path is None:
                 why = f"the compiled core could not be built here: {result.stderr[-500:]}"
