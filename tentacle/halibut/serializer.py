@@ -84,8 +84,8 @@ __all__ = [
     "encode_message",
     "encode_message_python",
     "fields_of",
-    "require_aware",
     "from_tree",
+    "require_aware",
     "to_tree",
     "wire",
 ]
@@ -845,7 +845,8 @@ def decode_envelope(
     @raise CodecError: the tree is not a valid envelope.
     """
     core = accel.core
-    if core is not None:
+    # A registry of another class may resolve names its own way.
+    if core is not None and type(registry) is TypeRegistry:
         decoded: tuple[Message | None, list[DataStream]] | None = core.decode_envelope(
             tree, registry._exact, expected, not attrs.validators.get_disabled()
         )
