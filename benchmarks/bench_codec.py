@@ -1,6 +1,7 @@
 """
 Codec throughput: full wire encode+decode of two typical Halibut messages,
-against stdlib C{json} of the same data measured in the same run.
+against stdlib C{json} of the same data measured in the same run; and the
+time to encode one big status page, which the agent does on its reactor.
 
 Messages:
 
@@ -25,7 +26,19 @@ datetimes as strings, as Json.NET's JSON writer renders them)::
 
 Both sides use the same zlib level and window, so the ratio isolates
 BSON + the typed object layer against C{json}'s C encoder/decoder producing
-plain dicts. Encode-only and decode-only halves are reported too.
+plain dicts. Encode-only and decode-only halves are reported too. Ours and
+the baseline alternate round by round; each round's ratio pairs the two
+measurements taken side by side, and the summary gives the median ratio and
+the lowest and highest round.
+
+The codec runs on its compiled core when it is built (see
+C{tentacle.halibut.accel}); the pure-Python fallback is measured as well, on
+the same messages, for reference.
+
+The page: a C{ScriptStatusResponseV2} of 5,000 log lines (about 700 KB of
+BSON), timed as C{encode_message} and C{compress} in one go, and as the
+longest single step when compressing with C{compress_slices} (64 KiB of
+input a step): what one turn of the reactor would take.
 
 Run from the repository root::
 
@@ -56,7 +69,8 @@ from tentacle.contracts import (
     StartScriptCommandV2,
     tentacle_registry,
 )
-from tentacle.halibut.deflate import compress, decompress
+from tentacle.halibut import accel
+from tentacle.halibut.deflate import SLICE_BYTES, compress, compress_slices, decompress
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.halibut.serializer import (
     RequestMessage,
@@ -295,20 +309,105 @@ def timed(op: Callable[[], Any], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def compare(
+    mine: Callable[[], Any], theirs: Callable[[], Any], rounds: int, budget: float
+) -> dict[str, Any]:
+    """
+    Ours and the baseline, alternating round by round.
+    """
+    n_ours = calibrate(mine, budget)
+    n_base = calibrate(theirs, budget)
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(rounds):
+        a.append(timed(mine, n_ours))
+        b.append(timed(theirs, n_base))
+    return {
+        "ours": statistics.median(a),
+        "json": statistics.median(b),
+        "ratio": spread([x / y for x, y in zip(a, b)]),
+        "rounds": {"ours": a, "json": b},
+    }
+
+
+def page_steps(message: ResponseMessage, slice_bytes: int) -> dict[str, float]:
+    """
+    One encoding of the page, timed step by step, in milliseconds.
+    """
+    gc.collect()
+    t0 = time.perf_counter()
+    data, _ = encode_message(message)
+    t1 = time.perf_counter()
+    compress(data)
+    t2 = time.perf_counter()
+    longest = 0.0
+    pieces = compress_slices(data, slice_bytes)
+    while True:
+        s0 = time.perf_counter()
+        try:
+            next(pieces)
+        except StopIteration:
+            break
+        longest = max(longest, time.perf_counter() - s0)
+    encode = (t1 - t0) * 1e3
+    return {
+        "encode_ms": encode,
+        "compress_ms": (t2 - t1) * 1e3,
+        "one_go_ms": (t2 - t0) * 1e3,
+        "longest_slice_ms": longest * 1e3,
+        "longest_step_ms": max(encode, longest * 1e3),
+    }
+
+
+def measure_page(lines: int, rounds: int, slice_bytes: int) -> dict[str, Any]:
+    message = status_response(lines)
+    data, _ = encode_message(message)
+    samples = [page_steps(message, slice_bytes) for _ in range(rounds)]
+    figures: dict[str, Any] = {
+        "lines": lines,
+        "bson_bytes": len(data),
+        "slice_bytes": slice_bytes,
+        "steps": len(list(compress_slices(data, slice_bytes))),
+    }
+    for key in samples[0]:
+        figures[key] = spread([sample[key] for sample in samples])
+    return figures
+
+
+def fmt(figure: dict[str, float], unit: str = "", digits: int = 3) -> str:
+    return (
+        f"{figure['median']:.{digits}f}{unit} "
+        f"(rounds {figure['min']:.{digits}f}..{figure['max']:.{digits}f})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.4, help="seconds per measurement")
+    parser.add_argument("--page-lines", type=int, default=5000)
+    parser.add_argument("--no-python", action="store_true", help="skip the pure-Python reference")
     common.add_json_option(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error("at least 3 rounds, for a median and a spread")
 
+    compiled = accel.core
     print(f"# bench_codec: {common.machine()}")
+    print(f"# codec: {accel.reason}")
     print(f"# {args.rounds} rounds of ~{args.budget:g} s per measurement; ours and baseline interleaved")
     messages: dict[str, RequestMessage | ResponseMessage] = {
         "start-script": start_script_request(),
         "status-100": status_response(100),
     }
-    results: list[tuple[str, str, float, float]] = []
+    cores: list[tuple[str, Any]] = [(accel.implementation(), compiled)]
+    if compiled is not None and not args.no_python:
+        cores.append(("python", None))
+    results: list[dict[str, Any]] = []
     for name, message in messages.items():
         bson_size = len(encode_message(message)[0])
         wire_size = len(compress(encode_message(message)[0]))
@@ -318,30 +417,51 @@ def main(argv: list[str] | None = None) -> int:
             f"\n{name}: BSON {bson_size} B -> {wire_size} B deflated; "
             f"JSON {json_size} B -> {json_wire} B deflated"
         )
-        mine, theirs = ours(message), baseline(message)
-        for phase in ("encode+decode", "encode", "decode"):
-            n_ours = calibrate(mine[phase], args.budget)
-            n_base = calibrate(theirs[phase], args.budget)
-            a: list[float] = []
-            b: list[float] = []
-            for _ in range(args.rounds):
-                a.append(timed(mine[phase], n_ours))
-                b.append(timed(theirs[phase], n_base))
-            med_a, med_b = statistics.median(a), statistics.median(b)
-            results.append((name, phase, med_a, med_b))
-            print(
-                f"  {phase:14s} ours {med_a:9.0f} ops/s  (rounds {min(a):.0f}..{max(a):.0f})   "
-                f"json {med_b:9.0f} ops/s  (rounds {min(b):.0f}..{max(b):.0f})   "
-                f"ours/json {med_a / med_b:.3f}"
-            )
-    print("\nsummary (median ops/s; ratio = ours / json baseline, higher is better):")
-    for name, phase, med_a, med_b in results:
-        print(f"  {name:13s} {phase:14s} {med_a:9.0f} vs {med_b:9.0f}   ratio {med_a / med_b:.3f}")
+        theirs = baseline(message)
+        for implementation, core in cores:
+            accel.use(core)
+            mine = ours(message)
+            phases = ("encode+decode", "encode", "decode") if core is compiled else ("encode+decode",)
+            for phase in phases:
+                figures = compare(mine[phase], theirs[phase], args.rounds, args.budget)
+                figures.update(message=name, phase=phase, implementation=implementation)
+                results.append(figures)
+                a, b = figures["rounds"]["ours"], figures["rounds"]["json"]
+                print(
+                    f"  {implementation:8s} {phase:14s} ours {figures['ours']:9.0f} ops/s "
+                    f"(rounds {min(a):.0f}..{max(a):.0f})   json {figures['json']:9.0f} ops/s "
+                    f"(rounds {min(b):.0f}..{max(b):.0f})   ours/json {fmt(figures['ratio'])}"
+                )
+        accel.use(compiled)
+
+    print(f"\nstatus page of {args.page_lines} lines (milliseconds; median, lowest..highest round):")
+    pages: dict[str, Any] = {}
+    for implementation, core in cores:
+        accel.use(core)
+        page = pages[implementation] = measure_page(args.page_lines, args.rounds, SLICE_BYTES)
+        print(
+            f"  {implementation:8s} {page['bson_bytes']} B of BSON; encode_message "
+            f"{fmt(page['encode_ms'], ' ms', 2)}, compress {fmt(page['compress_ms'], ' ms', 2)}, "
+            f"in one go {fmt(page['one_go_ms'], ' ms', 2)}"
+        )
+        print(
+            f"  {'':8s} compress_slices of {page['slice_bytes'] // 1024} KiB: {page['steps']} steps, "
+            f"longest {fmt(page['longest_slice_ms'], ' ms', 2)}; "
+            f"longest step in all {fmt(page['longest_step_ms'], ' ms', 2)}"
+        )
+    accel.use(compiled)
+
+    print("\nsummary (median ops/s; ratio = ours / json baseline per round: median (lowest..highest)):")
+    for row in results:
+        print(
+            f"  {row['implementation']:8s} {row['message']:13s} {row['phase']:14s} "
+            f"{row['ours']:9.0f} vs {row['json']:9.0f}   ratio {fmt(row['ratio'])}"
+        )
     common.write_json(args.json, {
-        "ops/s": [
-            {"message": name, "phase": phase, "ours": med_a, "json": med_b}
-            for name, phase, med_a, med_b in results
-        ]
+        "implementation": accel.implementation(),
+        "reason": accel.reason,
+        "ops/s": results,
+        "page": pages,
     })
     return 0
 

@@ -39,6 +39,7 @@ from tentacle.halibut.serializer import (
     Nullable,
     TypeRegistry,
     dotnet_type,
+    require_aware,
     wire,
 )
 
@@ -178,11 +179,6 @@ def _ordinal_ignore_case(value: str) -> str:
     return "".join(c if len(c.upper()) != 1 else c.upper() for c in value)
 
 
-def _aware(instance: object, attribute: attrs.Attribute[datetime], value: datetime) -> None:
-    if value.utcoffset() is None:
-        raise ValueError(f"{attribute.name} must be timezone-aware (a .NET DateTimeOffset)")
-
-
 # --- shared types ---------------------------------------------------------------
 
 
@@ -232,7 +228,7 @@ class ProcessOutput:
     source: ProcessOutputSource = attrs.field(
         metadata=wire("Source", EnumOf(ProcessOutputSource))
     )
-    occurred: datetime = attrs.field(validator=_aware, metadata=wire("Occurred", DATETIMEOFFSET))
+    occurred: datetime = attrs.field(validator=require_aware, metadata=wire("Occurred", DATETIMEOFFSET))
     text: str = attrs.field(metadata=wire("Text", STRING))
 
 

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tentacle.halibut.bson import Int64, decode_document, encode_document
 from tentacle.halibut.errors import CodecError, CodecLimits, LimitExceeded
+from tests.codec_cores import on_both_cores
 
 # Produced by Json.NET 6.0 (Debian's Newtonsoft.Json.dll, whose BsonWriter
 # writes what Newtonsoft.Json.Bson's BsonDataWriter writes) under Mono, by
@@ -365,3 +366,12 @@ class PropertyTests(SynchronousTestCase):
         except CodecError:
             return
         decode_document(encode_document(decoded))
+
+
+on_both_cores(
+    globals(),
+    "JsonNetCompatibilityTests",
+    "EncodeTests",
+    "DecodeTests",
+    "PropertyTests",
+)

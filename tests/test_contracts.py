@@ -57,6 +57,7 @@ from tentacle.halibut.serializer import (
     encode_message,
     fields_of,
 )
+from tests.codec_cores import on_both_cores
 
 REGISTRY = tentacle_registry()
 EXAMPLES = settings(
@@ -405,3 +406,6 @@ class ServiceTableTests(SynchronousTestCase):
                 for cls in [p.type for p in op.parameters] + [op.returns]:
                     if cls not in (None, str):
                         self.assertIn(cls, REGISTRY)
+
+
+on_both_cores(globals(), "RoundTripTests", "ValueTests")

@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tentacle.halibut.deflate import Inflater, compress, compressed_input_limit, decompress
+from tentacle.halibut.deflate import (
+    Inflater,
+    compress,
+    compress_slices,
+    compressed_input_limit,
+    decompress,
+)
 from tentacle.halibut.errors import CodecError, CodecLimits, LimitExceeded
 from tests.test_bson import JSONNET_MESSAGE
 
@@ -172,3 +178,65 @@ class InflaterTests(SynchronousTestCase):
             decompress(bytes(compressed), CodecLimits(max_message_bytes=4096))
         except CodecError:
             pass
+
+
+class CompressSlicesTests(SynchronousTestCase):
+    """
+    L{compress_slices}: the same message, one bounded step at a time.
+    """
+
+    @PROPERTY
+    @given(st.binary(max_size=5000), st.integers(1, 700))
+    def test_pieces_form_one_stream(self, payload: bytes, slice_bytes: int) -> None:
+        pieces = list(compress_slices(payload, slice_bytes))
+        self.assertEqual(decompress(b"".join(pieces) + b"next"), (payload, b"next"))
+        # One step per slice of input, and one to end the stream.
+        self.assertEqual(len(pieces), -(-len(payload) // slice_bytes) + 1)
+
+    def test_big_message_in_steps(self) -> None:
+        payload = b"".join(b"line %d of the script's output\n" % n for n in range(40_000))
+        pieces = list(compress_slices(payload))
+        self.assertGreater(len(pieces), 3)
+        self.assertEqual(decompress(b"".join(pieces)), (payload, b""))
+        self.assertEqual(zlib.decompress(b"".join(pieces), -15), payload)
+
+    def test_empty_and_bad_slice(self) -> None:
+        self.assertEqual(decompress(b"".join(compress_slices(b""))), (b"", b""))
+        self.assertRaises(ValueError, list, compress_slices(b"x", 0))
+
+
+class DecompressMatchesInflaterTests(SynchronousTestCase):
+    """
+    L{decompress} is L{Inflater} fed everything at once, in one zlib call.
+    """
+
+    def both(self, data: bytes, limits: CodecLimits) -> None:
+        inflater = Inflater(limits)
+        try:
+            message = inflater.feed(data)
+        except CodecError as e:
+            expected: object = type(e)
+        else:
+            expected = "truncated" if message is None else (message, inflater.unused)
+        try:
+            got: object = decompress(data, limits)
+        except CodecError as e:
+            got = "truncated" if "truncated" in str(e) else type(e)
+        self.assertEqual(got, expected)
+
+    @PROPERTY
+    @given(st.binary(max_size=3000), st.binary(max_size=20), st.data())
+    def test_same_outcome(self, payload: bytes, after: bytes, data: st.DataObject) -> None:
+        wire = bytearray(compress(payload) + after)
+        for _ in range(data.draw(st.integers(0, 2))):
+            if wire:
+                wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(0, len(wire)))
+        limits = data.draw(st.sampled_from([CodecLimits(), CodecLimits(max_message_bytes=100)]))
+        self.both(bytes(wire[:cut]), limits)
+        self.both(bytes(wire), limits)
+
+    def test_implausibly_long_input(self) -> None:
+        limits = CodecLimits(max_message_bytes=16)
+        self.both(EMPTY_STORED_BLOCK * 20_000, limits)
+        self.both(EMPTY_STORED_BLOCK * 20_000 + compress(b"x"), limits)

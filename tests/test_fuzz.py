@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from tests.codec_cores import on_both_cores
 from tests.figures import record
 from tests.fuzz_targets import CORPUS, TARGETS
 
@@ -161,3 +162,6 @@ class AtherisTests(TestCase):
             self.assertGreater(count, 0, name)
             record(self, "fuzz", f"{name}: atheris (libFuzzer), {seconds} s coverage-guided",
                    CHECKED[name], inputs=count, crashes=0)
+
+
+on_both_cores(globals(), "CorpusTests")

@@ -49,6 +49,7 @@ from tentacle.halibut.serializer import (
     to_tree,
     wire,
 )
+from tests.codec_cores import on_both_cores
 
 REGISTRY = tentacle_registry()
 EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -516,3 +517,14 @@ class PropertyTests(SynchronousTestCase):
             decode_message(bytes(raw), REGISTRY)
         except CodecError:
             pass
+
+
+on_both_cores(
+    globals(),
+    "TypeNameWritingTests",
+    "TypeAllowListTests",
+    "LenientReadingTests",
+    "StrictReadingTests",
+    "DataStreamOrderTests",
+    "PropertyTests",
+)

@@ -51,6 +51,7 @@ from tentacle.halibut.serializer import (
     decode_message,
     encode_message,
 )
+from tests.codec_cores import on_both_cores
 
 VECTORS = FilePath(__file__).sibling("vectors")
 REGISTRY = tentacle_registry()
@@ -445,3 +446,6 @@ class VectorTests(SynchronousTestCase):
         no contract uses here, so it is refused like any unknown type.
         """
         self.assertRaises(UnknownTypeError, decode_message, vector("probe_object_collections"), REGISTRY)
+
+
+on_both_cores(globals(), "VectorTests")

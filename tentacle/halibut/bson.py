@@ -25,16 +25,24 @@ Python value model (both directions)::
 The decoder is iterative, so hostile nesting can only hit
 L{CodecLimits.max_depth}, never Python's recursion limit, and every failure
 on bad input is a L{CodecError}.
+
+L{encode_document} and L{decode_document} run on the compiled core when
+L{tentacle.halibut.accel} has one; it returns the same bytes and trees or
+declines, and then the pure-Python functions here
+(L{encode_document_python}, L{decode_document_python}) run.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timezone
+from types import ModuleType
 from typing import Any
 
+from tentacle.halibut import accel
 from tentacle.halibut.dotnet import (
     datetime_from_bson_millis,
     datetime_to_bson_millis,
@@ -43,7 +51,13 @@ from tentacle.halibut.dotnet import (
 )
 from tentacle.halibut.errors import CodecError, CodecLimits, LimitExceeded
 
-__all__ = ["Int64", "encode_document", "decode_document"]
+__all__ = [
+    "Int64",
+    "encode_document",
+    "decode_document",
+    "encode_document_python",
+    "decode_document_python",
+]
 
 _DOUBLE = 0x01
 _STRING = 0x02
@@ -95,7 +109,28 @@ class Int64(int):
 # --- encoding ---------------------------------------------------------------
 
 
+# The compiled core caps its own recursion far below this anyway.
+_CORE_DEPTH_CAP = 1 << 20
+
+
 def encode_document(doc: Mapping[str, Any], limits: CodecLimits = _DEFAULT_LIMITS) -> bytes:
+    """
+    Serialize C{doc} as a top-level BSON document, as Json.NET would.
+
+    The compiled core's result when it has one, else (and for every
+    error) L{encode_document_python}'s.
+    """
+    core = accel.core
+    if core is not None:
+        data: bytes | None = core.encode_document(doc, min(limits.max_depth, _CORE_DEPTH_CAP))
+        if data is not None:
+            return data
+    return encode_document_python(doc, limits)
+
+
+def encode_document_python(
+    doc: Mapping[str, Any], limits: CodecLimits = _DEFAULT_LIMITS
+) -> bytes:
     """
     Serialize C{doc} as a top-level BSON document, as Json.NET would.
 
@@ -174,6 +209,25 @@ def _binary(key: bytes, subtype: int, data: bytes) -> bytes:
 
 
 def decode_document(data: bytes, limits: CodecLimits = _DEFAULT_LIMITS) -> dict[str, Any]:
+    """
+    Parse one top-level BSON document that must span all of C{data}.
+
+    The compiled core's result when it has one, else (and for every
+    error) L{decode_document_python}'s.
+
+    @raise CodecError: see L{decode_document_python}.
+    """
+    core = accel.core
+    if core is not None:
+        tree: dict[str, Any] | None = core.decode_document(
+            data, limits.max_message_bytes, limits.max_depth, limits.max_string_bytes
+        )
+        if tree is not None:
+            return tree
+    return decode_document_python(data, limits)
+
+
+def decode_document_python(data: bytes, limits: CodecLimits = _DEFAULT_LIMITS) -> dict[str, Any]:
     """
     Parse one top-level BSON document that must span all of C{data}.
 
@@ -316,3 +370,25 @@ def _utf8(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CodecError(f"invalid UTF-8 in BSON: {e.reason}") from None
+
+
+# --- the compiled core --------------------------------------------------------
+
+
+def _configure(core: ModuleType) -> None:
+    # UUID's own slots, set as UUID.__init__ sets them, when they are the
+    # ones this was written against; otherwise the core calls UUID().
+    slots = uuid.UUID.__dict__.get("__slots__")
+    fast = slots == ("int", "is_safe", "__weakref__")
+    core.configure_values(
+        int64=Int64,
+        uuid=uuid.UUID,
+        uuid_int=uuid.UUID.__dict__["int"] if fast else None,
+        uuid_is_safe=uuid.UUID.__dict__["is_safe"] if fast else None,
+        safe_unknown=uuid.SafeUUID.unknown,
+        utc=timezone.utc,
+        int_enum=enum.IntEnum,
+    )
+
+
+accel.register(_configure)

@@ -24,20 +24,29 @@ Each class says how it is written with L{dotnet_type} and, per attribute,
 with L{wire} metadata giving the JSON name and a L{WireType}. Attribute
 order is wire order: Json.NET writes properties in declaration order, and
 tests compare bytes.
+
+With a compiled core (L{tentacle.halibut.accel}), L{encode_message} goes
+from objects straight to BSON and L{decode_envelope} builds the objects,
+both from a per-class "plan" compiled here once from the wire schema. The
+core handles the well-formed common case and declines anything else, and
+then the pure-Python code below runs, which is also where every error
+comes from.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import IntEnum
+from types import MemberDescriptorType, ModuleType
 from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from tentacle.halibut import bson
+from tentacle.halibut import accel, bson
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.halibut.errors import CodecError, CodecLimits
 
@@ -67,13 +76,16 @@ __all__ = [
     "WireField",
     "WireType",
     "decode_envelope",
+    "decode_envelope_python",
     "decode_message",
     "dotnet_type",
     "dotnet_type_of",
     "encode_envelope",
     "encode_message",
+    "encode_message_python",
     "fields_of",
     "from_tree",
+    "require_aware",
     "to_tree",
     "wire",
 ]
@@ -174,6 +186,9 @@ class TypeRegistry:
 
     def __init__(self, classes: Iterable[type] = ()) -> None:
         self._by_name: dict[tuple[str, str | None], type] = {}
+        # Each registered name exactly as written, for the compiled core's
+        # lookups; any other spelling goes through resolve().
+        self._exact: dict[str, type] = {}
         for cls in (RequestMessage, ResponseMessage, ServerError, DataStream, *classes):
             self.register(cls)
 
@@ -190,6 +205,7 @@ class TypeRegistry:
             existing = self._by_name.setdefault(key, cls)
             if existing is not cls:
                 raise ValueError(f"{name!r} is already registered to {existing.__qualname__}")
+            self._exact[name] = cls
 
     def resolve(self, name: object) -> type:
         """
@@ -579,6 +595,18 @@ OBJECT: WireType = _Object()
 RAW: WireType = _Raw()
 
 
+def require_aware(instance: object, attribute: attrs.Attribute[datetime], value: datetime) -> None:
+    """
+    attrs validator for a field declared L{DATETIMEOFFSET}: a .NET
+    C{DateTimeOffset} always has an offset, so a naive datetime is a bug.
+
+    The compiled core knows this validator and skips the call for the UTC
+    datetimes the BSON decoder produces, which it always accepts.
+    """
+    if value.utcoffset() is None:
+        raise ValueError(f"{attribute.name} must be timezone-aware (a .NET DateTimeOffset)")
+
+
 # --- per-class schemas --------------------------------------------------------
 
 
@@ -816,6 +844,25 @@ def decode_envelope(
         is accepted as C{expected}; with C{None}, C{"$type"} is required.
     @raise CodecError: the tree is not a valid envelope.
     """
+    core = accel.core
+    # A registry of another class may resolve names its own way.
+    if core is not None and type(registry) is TypeRegistry:
+        decoded: tuple[Message | None, list[DataStream]] | None = core.decode_envelope(
+            tree, registry._exact, expected, not attrs.validators.get_disabled()
+        )
+        if decoded is not None:
+            return decoded
+    return decode_envelope_python(tree, registry, expected)
+
+
+def decode_envelope_python(
+    tree: Mapping[str, Any],
+    registry: TypeRegistry,
+    expected: type[RequestMessage] | type[ResponseMessage] | None = None,
+) -> tuple[Message | None, list[DataStream]]:
+    """
+    L{decode_envelope} in pure Python.
+    """
     body = tree.get("Message")
     if body is None:
         return None, []
@@ -843,8 +890,22 @@ def encode_message(message: Message | None) -> tuple[bytes, list[DataStream]]:
     @raise TypeError: a value does not fit its declared wire type.
     @raise ValueError: a value is out of range for its .NET type.
     """
+    core = accel.core
+    if core is not None:
+        encoded: tuple[bytes, list[DataStream]] | None = core.encode_message(
+            message, _DEFAULT_LIMITS.max_depth
+        )
+        if encoded is not None:
+            return encoded
+    return encode_message_python(message)
+
+
+def encode_message_python(message: Message | None) -> tuple[bytes, list[DataStream]]:
+    """
+    L{encode_message} in pure Python: the envelope tree, then BSON.
+    """
     tree, streams = encode_envelope(message)
-    return bson.encode_document(tree), streams
+    return bson.encode_document_python(tree), streams
 
 
 def decode_message(
@@ -861,3 +922,180 @@ def decode_message(
         (L{UnknownTypeError}), or values that do not fit the contract.
     """
     return decode_envelope(bson.decode_document(data, limits), registry, expected)
+
+
+# --- plans for the compiled core ------------------------------------------------
+#
+# A plan is how the core walks one class, as plain tuples:
+#   plan      = (cls, type_element | None, fields, construction)
+#   field     = (attribute, key_bytes, key_str, spec)
+#   spec      = (tag, ...)               the tags below; _codec.c has the same
+#   construction = (_CALL,) | (_SLOTS, setters, validators)
+# type_element is the BSON of the class's "$type" member, ready to copy.
+
+_T_STRING, _T_BOOLEAN, _T_INT32, _T_INT64, _T_GUID, _T_TIMESPAN = range(6)
+_T_DATETIMEOFFSET, _T_OBJECT, _T_RAW, _T_ENUM, _T_NULLABLE, _T_LIST = range(6, 12)
+_T_ENUMDICT, _T_COMPLEX, _T_UNSUPPORTED = range(12, 15)
+_CALL, _SLOTS = 0, 1
+
+_SIMPLE_SPECS: dict[type, int] = {
+    _String: _T_STRING,
+    _Boolean: _T_BOOLEAN,
+    _Int32: _T_INT32,
+    _Int64: _T_INT64,
+    _Guid: _T_GUID,
+    _TimeSpan: _T_TIMESPAN,
+    _DateTimeOffset: _T_DATETIMEOFFSET,
+    _Object: _T_OBJECT,
+    _Raw: _T_RAW,
+}
+
+_FROZEN_SETATTR: Any
+try:  # how attrs marks frozen classes; without it, they are simply called
+    from attr._make import _frozen_setattrs as _FROZEN_SETATTR
+except ImportError:  # pragma: no cover - another attrs
+    _FROZEN_SETATTR = None
+
+_plans: dict[type, tuple[Any, ...] | None] = {}
+
+
+def _int_enum(cls: object) -> bool:
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, IntEnum)
+        and all(type(member.value) is int for member in cls)
+    )
+
+
+def _spec(wire_type: WireType) -> tuple[Any, ...]:
+    """
+    The core's view of a wire type; anything it does not know (a WireType
+    defined elsewhere) makes it decline, so the type's own code runs.
+    """
+    kind = type(wire_type)
+    if kind in _SIMPLE_SPECS:
+        return (_SIMPLE_SPECS[kind],)
+    if kind is EnumOf and _int_enum(wire_type.cls):  # type: ignore[attr-defined]
+        enum_cls: type[IntEnum] = wire_type.cls  # type: ignore[attr-defined]
+        return (_T_ENUM, enum_cls, {member.value: member for member in enum_cls})
+    if kind is Nullable:
+        return (_T_NULLABLE, _spec(wire_type.inner))  # type: ignore[attr-defined]
+    if kind is ListOf:
+        return (_T_LIST, _spec(wire_type.item))  # type: ignore[attr-defined]
+    if kind is EnumKeyedDict and _int_enum(wire_type.key):  # type: ignore[attr-defined]
+        key: type[IntEnum] = wire_type.key  # type: ignore[attr-defined]
+        return (
+            _T_ENUMDICT,
+            key,
+            _spec(wire_type.value),  # type: ignore[attr-defined]
+            {member: member.name for member in key},
+            {member.name: member for member in key},
+        )
+    if kind is Complex:
+        return (_T_COMPLEX, wire_type.cls)  # type: ignore[attr-defined]
+    return (_T_UNSUPPORTED,)
+
+
+def _string_element(key: str, value: str) -> bytes:
+    text = value.encode("utf-8")
+    return b"\x02" + key.encode("utf-8") + b"\x00" + struct.pack("<i", len(text) + 1) + text + b"\x00"
+
+
+def _construction(cls: type, schema: tuple[WireField, ...]) -> tuple[Any, ...]:
+    """
+    How the core builds C{cls}: slot by slot, exactly as the attrs-generated
+    C{__init__} does (converters, slots, then validators), when the class is
+    a plain slotted attrs class whose C{__init__} does nothing else; by
+    calling C{cls(**kwargs)} otherwise.
+    """
+    call = (_CALL,)
+    init = cls.__dict__.get("__init__")
+    code = getattr(init, "__code__", None)
+    if (
+        cls.__mro__ != (cls, object)
+        or cls.__new__ is not object.__new__
+        or "__attrs_pre_init__" in cls.__dict__
+        or "__attrs_post_init__" in cls.__dict__
+        or code is None
+        or not code.co_filename.startswith("<attrs generated")
+        or cls.__setattr__ not in (object.__setattr__, _FROZEN_SETATTR)
+    ):
+        return call
+    fields = attrs.fields(cls)
+    index = {field.attribute: i for i, field in enumerate(schema)}
+    names = {field.name for field in fields}
+    slots = cls.__dict__.get("__slots__")
+    if (
+        set(index) != names
+        or not isinstance(slots, tuple)
+        or not set(slots) <= names | {"__weakref__"}
+    ):
+        return call
+    converter_class = getattr(attrs, "Converter", None)
+    setters = []
+    validators = []
+    for field in fields:
+        descriptor = cls.__dict__.get(field.name)
+        converter = field.converter
+        if (
+            not field.init
+            or field.alias != field.name
+            or type(descriptor) is not MemberDescriptorType
+            or (converter is not None and not callable(converter))
+            or (converter_class is not None and isinstance(converter, converter_class))
+        ):
+            return call
+        setters.append((index[field.name], descriptor, converter))
+        if field.validator is not None:
+            validators.append((index[field.name], field.validator, field))
+    return (_SLOTS, tuple(setters), tuple(validators))
+
+
+def _plan(cls: type) -> tuple[Any, ...] | None:
+    try:
+        schema = fields_of(cls)
+    except TypeError:
+        return None  # not a wire class: the pure code says why
+    if any("\x00" in field.name for field in schema):
+        return None
+    info = cls.__dict__.get(_DOTNET_KEY)
+    type_element = None
+    if isinstance(info, DotNetType):
+        try:
+            type_element = _string_element(_TYPE_KEY, info.wire_name)
+        except UnicodeEncodeError:
+            pass
+    try:
+        fields = tuple(
+            (field.attribute, field.name.encode("utf-8"), field.name, _spec(field.type))
+            for field in schema
+        )
+    except UnicodeEncodeError:
+        return None
+    return (cls, type_element, fields, _construction(cls, schema))
+
+
+def _plan_for(cls: type) -> tuple[Any, ...] | None:
+    """
+    The plan of C{cls}, made once; C{None} for a class the pure code handles.
+    """
+    # Never replaced once stored: the core holds plans as borrowed
+    # references, and two threads may make the same plan at once.
+    return _plans.setdefault(cls, _plan(cls))
+
+
+def _configure(core: ModuleType) -> None:
+    core.configure_objects(
+        timespan=TimeSpan,
+        timespan_ticks=TimeSpan.__dict__["ticks"],
+        timespan_parse=TimeSpan.parse,
+        datastream=DataStream,
+        request=RequestMessage,
+        response=ResponseMessage,
+        plans=_plans,
+        plan_for=_plan_for,
+        require_aware=require_aware,
+    )
+
+
+accel.register(_configure)
