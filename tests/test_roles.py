@@ -394,6 +394,27 @@ class ExchangeTests(SynchronousTestCase):
         self.assertIn("System.Diagnostics.Process", response.error.message)
         self.assertTrue(h.closed)
 
+    def test_a_big_answer_is_compressed_a_slice_at_a_time(self) -> None:
+        """
+        A big message gives the reactor a turn between slices (a
+        5,000-line status page would otherwise hold it for milliseconds).
+        """
+        import os as _os
+
+        h = Harness()
+        text = _os.urandom(300_000).hex()  # 600 KB of BSON string, ten slices
+        h.send(encode_request(request("IThingService", "Echo", text)))
+        self.assertIsNone(Inflater().feed(h.transport.value()), "not whole yet: it waits for the reactor")
+        for _ in range(20):
+            h.clock.advance(0)
+        data = h.transport.value()
+        inflater = Inflater()
+        payload = inflater.feed(data)
+        assert payload is not None
+        message, _ = decode_message(payload, tentacle_registry(), expected=ResponseMessage)
+        assert isinstance(message, ResponseMessage)
+        self.assertEqual(message.result, text)
+
     def test_oversized_message_is_refused(self) -> None:
         from tentacle.halibut.errors import CodecLimits
 

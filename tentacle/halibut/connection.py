@@ -25,6 +25,7 @@ from typing import IO, Any, Awaitable, Callable, Mapping, Protocol as TypingProt
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -33,7 +34,7 @@ from zope.interface import implementer
 
 from tentacle.halibut import bson
 from tentacle.halibut.deadline import Deadline
-from tentacle.halibut.deflate import Inflater, compress
+from tentacle.halibut.deflate import SLICE_BYTES, Inflater, compress, compress_slices
 from tentacle.halibut.errors import CodecError, CodecLimits, ProtocolError
 from tentacle.halibut.handshake import IdentityError, IdentityKind, IdentityReader, RemoteIdentity
 from tentacle.halibut.serializer import (
@@ -528,7 +529,7 @@ class HalibutConnection(Protocol):
             (nothing was sent).
         """
         data, streams = encode_message(message)
-        await self.send_encoded(compress(data), streams, payloads or {})
+        await self.send_encoded(data, streams, payloads or {})
 
     async def send_encoded(
         self,
@@ -537,16 +538,28 @@ class HalibutConnection(Protocol):
         payloads: Mapping[uuid.UUID, Callable[[], IO[bytes]]],
     ) -> None:
         """
-        An encoded, compressed message, then each data stream: header,
-        exactly the declared length of payload, trailer.  A payload that
-        runs short aborts the connection: the peer could never tell where
-        the next message starts.
+        An encoded message (BSON, DEFLATEd here), then each data stream:
+        header, exactly the declared length of payload, trailer.  A payload
+        that runs short aborts the connection: the peer could never tell
+        where the next message starts.
+
+        A big message (a 5,000-line status page is about 700 KB) is
+        compressed a slice at a time, with a turn of the reactor between
+        slices, so other connections are not held up while it is.
 
         @raise ConnectionClosed: the connection ended first.
         """
         if self._finished:
             raise ConnectionClosed("the connection closed before the message was sent")
-        self._link.write(data)
+        if len(data) <= SLICE_BYTES:
+            self._link.write(compress(data))
+        else:
+            for piece in compress_slices(data):
+                if piece:
+                    self._link.write(piece)
+                await deferLater(self.clock, 0, lambda: None)
+                if self._finished:
+                    raise ConnectionClosed("the connection closed while the message was sent")
         if not streams:
             return
         self._sending = True

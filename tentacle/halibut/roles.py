@@ -31,7 +31,6 @@ from tentacle.halibut.connection import (
     HalibutConnection,
     UndecodableMessage,
 )
-from tentacle.halibut.deflate import compress
 from tentacle.halibut.errors import ProtocolError
 from tentacle.halibut.failures import invocation_failure
 from tentacle.halibut.handshake import PREAMBLE, IdentityKind, RemoteIdentity, identity_line
@@ -100,7 +99,7 @@ class _Answerer:
                         "System.InvalidOperationException", f"The agent could not encode its response: {e}"
                     ))
                 )
-            await connection.send_encoded(compress(data), outgoing, context.outgoing)
+            await connection.send_encoded(data, outgoing, context.outgoing)
         finally:
             for stream in streams:
                 stream.sink.discard()
