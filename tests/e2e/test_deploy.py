@@ -24,7 +24,7 @@ from tentacle.deploy.packages import PackageError
 from tentacle.deploy.deployment import VariableError
 from tentacle.service import TentacleService
 from tests.deploy_support import markers, sample_package
-from tests.support import agent_port, identity, start_agent
+from tests.support import LogCapture, agent_port, identity, start_agent
 
 
 class CountingClient(TentacleClient):
@@ -180,3 +180,38 @@ class DeployTests(TestCase):
         lines: list[str] = []
         code = await self.client().run_script('echo "$TentaclePython"', on_log=lambda line: lines.append(line.text))
         self.assertEqual((code, lines), (0, [sys.executable]))
+
+
+class PollingDeployTests(DeployTests):
+    """
+    The same deployments, to three agents that poll a polling server in
+    this process: each is reached through its subscription's queue.
+    """
+
+    def setUp(self) -> None:
+        from tests.support import polled, start_polling_agent, start_polling_server
+
+        self.logs = LogCapture.install(self)
+        self.polling_server = start_polling_server(self)
+        self.homes = []
+        self.agents = []
+        for index in range(3):
+            home = Path(self.mktemp()).absolute()
+            home.mkdir()
+            self.homes.append(home)
+            entry = polled(self.polling_server, subscription=f"poll://deploy{index}/")
+            self.agents.append(start_polling_agent(self, self.polling_server, home=home, polling_servers=(entry,)))
+        self.packages = Path(self.mktemp()).absolute()
+        self.packages.mkdir()
+        return Deferred.fromCoroutine(self._connected())  # type: ignore[return-value]
+
+    async def _connected(self) -> None:
+        while self.polling_server.connections() < 3:
+            await self.logs.wait_for(event="polling_subscribed")
+            self.logs.events = [e for e in self.logs.events if e.get("event") != "polling_subscribed"]
+
+    def client(self, index: int = 0) -> CountingClient:
+        target = Target.polling(f"poll://deploy{index}/", Pin(identity("agent").thumbprint))
+        client = CountingClient(target, identity("server"), reactor, hub=self.polling_server)
+        self.addCleanup(client.close)
+        return client

@@ -238,6 +238,27 @@ class PollingTests(TestCase):
         heartbeat = agent._heartbeat().splitlines()
         self.assertEqual(heartbeat[1], f"polling 127.0.0.1:{server.listening_port} {SUBSCRIPTION} 1/1")
 
+    async def test_the_agent_redials_when_the_keep_alives_stop(self) -> None:
+        """
+        A server that stops sending anything (no request, no NULL) is taken
+        for dead once the agent's wait for the next envelope runs out; the
+        agent drops the connection and dials again (Halibut's
+        PollingQueueTimeouts, scaled down: the server waits 100 s before a
+        NULL, the agent 1 s for an envelope).
+        """
+        from tentacle.halibut.connection import ExchangeSettings
+
+        server = start_polling_server(self, settings=ExchangeSettings(polling_queue_wait=100))
+        start_polling_agent(self, server, service_options={
+            "exchange_settings": ExchangeSettings(polling_request_timeout=1),
+        })
+        first = await self.logs.wait_for(event="polling_connected")
+        timed_out = await self.logs.wait_for(event="connection_timed_out", state="reading a request")
+        self.logs.events = [e for e in self.logs.events if e.get("event") != "polling_connected"]
+        again = await self.logs.wait_for(event="polling_connected")
+        self.assertLess(first["log_time"], timed_out["log_time"])
+        self.assertLess(timed_out["log_time"], again["log_time"])
+
     async def test_agent_errors_come_back(self) -> None:
         server = start_polling_server(self)
         agent = start_polling_agent(self, server)
