@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Generic, Mapping, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import attrs
@@ -546,26 +546,41 @@ def changed_settings(old: TentacleConfig, new: TentacleConfig) -> list[tuple[str
     return [(key, before[key], after[key]) for key in _SETTINGS if before[key] != after[key]]
 
 
+_C = TypeVar("_C")
+
+
 @attrs.frozen
-class ConfigFile:
+class SettingsFile(Generic[_C]):
     """
-    The instance's C{tentacle.json}: JSON, indented for humans, replaced atomically.
+    A settings file in a home: JSON, indented for humans, replaced
+    atomically, readable by its owner only.  Subclasses name the file and
+    say how its settings are read.
     """
 
     home: Path
+    file_name: ClassVar[str]
 
     @property
     def path(self) -> Path:
-        return self.home / CONFIG_FILE
+        return self.home / self.file_name
 
-    def load(self) -> TentacleConfig:
+    def parse(self, data: object) -> _C:
         """
-        The stored configuration, or the defaults when there is no file yet.
+        @raise ConfigError: or C{ValueError}, naming the offending key.
+        """
+        raise NotImplementedError
+
+    def default(self) -> _C:
+        raise NotImplementedError
+
+    def load(self) -> _C:
+        """
+        The stored settings, or the defaults when there is no file yet.
         """
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return TentacleConfig(home=self.home)
+            return self.default()
         except OSError as e:
             raise ConfigError(f"cannot read {self.path}: {e.strerror}") from None
         try:
@@ -573,11 +588,11 @@ class ConfigFile:
         except ValueError as e:
             raise ConfigError(f"{self.path} is not valid JSON: {e}") from None
         try:
-            return TentacleConfig.from_json(self.home, data)
-        except ConfigError as e:
+            return self.parse(data)
+        except (ConfigError, ValueError) as e:
             raise ConfigError(f"{self.path}: {e}") from None
 
-    def save(self, config: TentacleConfig) -> None:
+    def save(self, config: Any) -> None:
         private_folder(self.home)
         text = json.dumps(config.to_json(), indent=2) + "\n"
         atomic_write(self.path, text.encode("utf-8"), mode=0o600)
@@ -591,3 +606,18 @@ class ConfigFile:
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@attrs.frozen
+class ConfigFile(SettingsFile[TentacleConfig]):
+    """
+    The instance's C{tentacle.json}.
+    """
+
+    file_name: ClassVar[str] = CONFIG_FILE
+
+    def parse(self, data: object) -> TentacleConfig:
+        return TentacleConfig.from_json(self.home, data)
+
+    def default(self) -> TentacleConfig:
+        return TentacleConfig(home=self.home)

@@ -6,15 +6,13 @@ through it) and which agent may claim which subscription.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import attrs
 
-from tentacle.config import ConfigError, check_listen_address, check_port, check_timeout
-from tentacle.fsutil import atomic_write
+from tentacle.config import ConfigError, SettingsFile, check_listen_address, check_port, check_timeout
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.identity import normalize_thumbprint
 
@@ -130,36 +128,15 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
 
 
 @attrs.frozen
-class HubConfigFile:
+class HubConfigFile(SettingsFile[HubConfig]):
     """
-    The hub's C{hub.json}: JSON, indented for humans, replaced atomically.
+    The hub's C{hub.json}.
     """
 
-    home: Path
+    file_name: ClassVar[str] = HUB_CONFIG_FILE
 
-    @property
-    def path(self) -> Path:
-        return self.home / HUB_CONFIG_FILE
+    def parse(self, data: object) -> HubConfig:
+        return HubConfig.from_json(self.home, data)
 
-    def load(self) -> HubConfig:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return HubConfig(home=self.home)
-        except OSError as e:
-            raise ConfigError(f"cannot read {self.path}: {e.strerror}") from None
-        try:
-            return HubConfig.from_json(self.home, json.loads(text))
-        except (ValueError, ConfigError) as e:
-            raise ConfigError(f"{self.path}: {e}") from None
-
-    def save(self, config: HubConfig) -> None:
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(self.path, (json.dumps(config.to_json(), indent=2) + "\n").encode("utf-8"), mode=0o600)
-
-    def signature(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    def default(self) -> HubConfig:
+        return HubConfig(home=self.home)
