@@ -231,10 +231,9 @@ class ProxyEndpoint:
 
         def unreachable(failure: Failure) -> None:
             if not opened.called:
+                kind = ConnectionRefused if failure.check(ConnectionRefusedError) else ConnectionFailed
                 opened.errback(
-                    ConnectionFailed(
-                        f"cannot reach the proxy {self.proxy.host}:{self.proxy.port}: {failure.getErrorMessage()}"
-                    )
+                    kind(f"cannot reach the proxy {self.proxy.host}:{self.proxy.port}: {failure.getErrorMessage()}")
                 )
 
         connecting.addErrback(unreachable)
