@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from tentacle.halibut.connection import HalibutConnection, Role
 from tentacle.identity import normalize_thumbprint
+from tentacle.sockets import set_keepalive
 from tentacle.trust import PeerIdentity
 
 #: The proxy's answer ends at a blank line; nothing honest is longer.
@@ -244,7 +245,8 @@ class ProxyEndpoint:
 class PinnedConnection(HalibutConnection):
     """
     A dialled Halibut connection: once TLS is up and the peer's certificate
-    matches the pin, C{role} runs (and writes the identity).
+    matches the pin, C{role} runs (and writes the identity).  Its socket
+    gets the TCP keepalive of its settings as soon as it is connected.
 
     @ivar pinned: fires with the peer's L{PeerIdentity} once the pin
         matched; fails with L{UnexpectedCertificate}, or L{ConnectionFailed}
@@ -261,6 +263,10 @@ class PinnedConnection(HalibutConnection):
         self._after_pin = role
         self.pinned: Deferred[PeerIdentity] = Deferred()
         self.tls_version: str | None = None
+
+    def connectionMade(self) -> None:
+        set_keepalive(self.transport, self.settings.keepalive)
+        super().connectionMade()
 
     def handshakeCompleted(self) -> None:
         link: Any = self.transport

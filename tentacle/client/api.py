@@ -66,7 +66,7 @@ from tentacle.contracts import (
 from tentacle.encryption import new_password, password_prelude
 from tentacle.halibut.rpc import PayloadOpener
 from tentacle.halibut.dotnet import TimeSpan
-from tentacle.halibut.connection import ConnectionClosed
+from tentacle.halibut.connection import ConnectionClosed, KeepAlive
 from tentacle.halibut.errors import CodecError, ProtocolError
 from tentacle.halibut.failures import RPC_RETRY_WINDOW, classify, retry_delay
 from tentacle.halibut.handshake import normalize_subscription
@@ -256,6 +256,11 @@ class TentacleClient:
     @param retry: how connecting is retried (Halibut's).
     @param rpc_retry: how a failed call that is safe to repeat is sent
         again (Octopus Server's); C{None}: never.
+    @param response_timeout: the wait for an answer's first byte (5 min).
+    @param heartbeat_timeout: the longest silence while a message, a stream
+        or a control line is read, or while the agent takes none of what we
+        send (1 min).
+    @param keepalive: TCP keepalive on our connections (C{None}: off).
     """
 
     log = Logger()
@@ -274,6 +279,7 @@ class TentacleClient:
         connect_timeout: float = 60.0,
         response_timeout: float = RESPONSE_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        keepalive: KeepAlive | None = KeepAlive(),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -292,6 +298,7 @@ class TentacleClient:
         self._connect_timeout = connect_timeout
         self._response_timeout = response_timeout
         self._heartbeat_timeout = heartbeat_timeout
+        self._keepalive = keepalive
         self._tls = CertificateOptions(
             privateKey=identity.private_key,  # type: ignore[arg-type]
             certificate=identity.certificate,  # type: ignore[arg-type]
@@ -306,6 +313,7 @@ class TentacleClient:
         connection = ClientConnection(
             self.target.pin, self._reactor,
             response_timeout=self._response_timeout, heartbeat_timeout=self._heartbeat_timeout,
+            keepalive=self._keepalive,
         )
         await dial(
             self._reactor, self.target.host, self.target.port, self._tls, connection.protocol,

@@ -77,11 +77,50 @@ CONNECTION_TIMED_OUT = "connection_timed_out"
 PROTOCOL_ERROR = "protocol_error"
 
 
+def _keepalive_seconds(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEPALIVE_SECONDS:
+        raise ValueError(f"{attribute.name} must be a whole number of seconds from 1 to {MAX_KEEPALIVE_SECONDS}, not {value!r}")
+
+
+def _keepalive_count(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEPALIVE_PROBES:
+        raise ValueError(f"{attribute.name} must be a whole number from 1 to {MAX_KEEPALIVE_PROBES}, not {value!r}")
+
+
+#: Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT.
+MAX_KEEPALIVE_SECONDS = 32767
+MAX_KEEPALIVE_PROBES = 127
+
+
+@attrs.frozen
+class KeepAlive:
+    """
+    TCP keepalive, as Halibut sets it on every connection
+    (C{HalibutTimeoutsAndLimits.TcpKeepAlive*}): after C{idle} seconds of
+    silence the kernel probes the peer every C{interval} seconds, and
+    C{count} unanswered probes end the connection.  So a peer that vanished
+    (a host powered off, a NAT that forgot the flow) is noticed in about a
+    minute even while nothing is being read or written, and idle
+    connections keep their NAT and firewall entries alive.
+    """
+
+    idle: int = attrs.field(default=15, validator=_keepalive_seconds)
+    interval: int = attrs.field(default=5, validator=_keepalive_seconds)
+    count: int = attrs.field(default=10, validator=_keepalive_count)
+
+    def to_json(self) -> dict[str, int]:
+        return {"idle": self.idle, "interval": self.interval, "count": self.count}
+
+
 @attrs.frozen
 class ExchangeSettings:
     """
     Limits and timeouts of a connection, the same for every role; each role
     uses the ones that apply to it.
+
+    @ivar keepalive: TCP keepalive for the connection's socket (C{None}:
+        off), applied by whoever owns the socket (the dialler, the
+        listener).
     """
 
     limits: CodecLimits = CodecLimits()
@@ -91,6 +130,7 @@ class ExchangeSettings:
     polling_request_timeout: float = DEFAULT_POLLING_REQUEST_TIMEOUT
     polling_queue_wait: float = DEFAULT_POLLING_QUEUE_WAIT
     max_read_ahead: int = MAX_READ_AHEAD
+    keepalive: KeepAlive | None = KeepAlive()
 
 
 class ConnectionClosed(Exception):
@@ -689,6 +729,7 @@ __all__ = [
     "Envelope",
     "ExchangeSettings",
     "HalibutConnection",
+    "KeepAlive",
     "PayloadSender",
     "Role",
     "SinkChooser",
