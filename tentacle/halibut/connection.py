@@ -20,6 +20,7 @@ connection only; the role waiting on it sees the error and ends.
 
 from __future__ import annotations
 
+import io
 import uuid
 from typing import IO, Any, Awaitable, Callable, Mapping, Protocol as TypingProtocol
 
@@ -401,11 +402,14 @@ class HalibutConnection(Protocol):
         self._reader: _Reader | None = None
         self._waiting: Deferred[Any] | None = None
         self._progress = settings.heartbeat_timeout
-        self._sending = False
+        self._sending: str | None = None
         self._pumping = False
         self._finished = False
         self._deadline = Deadline(clock, self._timed_out)
         self._guarded: set[Deferred[Any]] = set()
+        self._payload: PayloadSender | None = None
+        #: Why the connection ended, once it has.
+        self._failure: ConnectionClosed | None = None
 
     @property
     def _link(self) -> Any:
@@ -417,8 +421,8 @@ class HalibutConnection(Protocol):
         """
         What the connection is doing, for log lines.
         """
-        if self._sending:
-            return "sending data streams"
+        if self._sending is not None:
+            return self._sending
         if self._reader is not None:
             return self._reader.activity()
         return "idle" if self.connected else "closed"
@@ -580,39 +584,58 @@ class HalibutConnection(Protocol):
         An encoded, compressed message, then each data stream: header,
         exactly the declared length of payload, trailer.  A payload that
         runs short aborts the connection: the peer could never tell where
-        the next message starts.
+        the next message starts.  A peer that takes none of a large
+        message or of a stream for the heartbeat's time is dropped, as
+        Halibut's one-minute write timeout drops it.
 
-        @raise ConnectionClosed: the connection ended first.
+        @raise ConnectionClosed: the connection ended first (L{TimedOut}:
+            the peer stopped taking what we sent).
         """
         if self._finished:
             raise ConnectionClosed("the connection closed before the message was sent")
-        self._link.write(data)
-        if not streams:
+        if len(data) <= CHUNK_SIZE and not streams:
+            self._link.write(data)  # the transport's buffer takes it whole
             return
-        self._sending = True
-        # A peer that stops taking a stream must not hold the connection
-        # (and the file) for ever: it gets the heartbeat's grace.
-        self._arm(self.settings.heartbeat_timeout)
+        heartbeat = self.settings.heartbeat_timeout
+        self._arm(heartbeat)
         try:
+            self._sending = "sending a message"
+            if len(data) <= CHUNK_SIZE:
+                self._link.write(data)
+            else:
+                await self._send_payload(io.BytesIO(data), len(data))
+            self._sending = "sending data streams"
             for stream in streams:
                 opener = payloads.get(stream.id)
                 if opener is None:
                     raise ProtocolError(f"no payload for outgoing data stream {stream.id}")
                 self._link.write(stream_header(stream.id, stream.length))
-                await PayloadSender(
-                    self._link, opener(), stream.length,
-                    on_chunk=lambda: self._arm(self.settings.heartbeat_timeout),
-                ).start()
-                if self._finished:
-                    raise ConnectionClosed("the connection closed while sending a data stream")
+                await self._send_payload(opener(), stream.length)
                 self._link.write(stream_trailer(stream.length))
         except ProtocolError as e:
             self.protocol_error(str(e), e)
             raise
         finally:
-            self._sending = False
+            self._sending = None
             if self._reader is None:
                 self._disarm()
+
+    async def _send_payload(self, source: IO[bytes], length: int) -> None:
+        """
+        Exactly C{length} bytes of C{source}, a chunk each time the
+        transport has taken the last; each one taken pushes the heartbeat
+        deadline back.
+        """
+        heartbeat = self.settings.heartbeat_timeout
+        sender = self._payload = PayloadSender(self._link, source, length, on_chunk=lambda: self._arm(heartbeat))
+        try:
+            await sender.start()
+        except ConnectionClosed:
+            raise self._failure or ConnectionClosed(f"the connection closed while {self._sending}") from None
+        finally:
+            self._payload = None
+        if self._finished:
+            raise self._failure or ConnectionClosed(f"the connection closed while {self._sending}")
 
     # --- ending ----------------------------------------------------------------------
 
@@ -624,7 +647,7 @@ class HalibutConnection(Protocol):
 
     def _timed_out(self) -> None:
         state = self.activity
-        what = "it took nothing" if self._sending else "nothing received"
+        what = "it took nothing" if self._sending is not None else "nothing received"
         self.log.info(
             "Closing the connection from {peer}: {what} while {state}",
             peer=self.label,
@@ -651,6 +674,8 @@ class HalibutConnection(Protocol):
         self._fail(error or ProtocolError(why))
 
     def _fail(self, error: Exception, drop: bool = True) -> None:
+        if self._failure is None and isinstance(error, ConnectionClosed):
+            self._failure = error
         self._finished = True
         self._disarm()
         reader, d = self._reader, self._waiting
@@ -661,6 +686,8 @@ class HalibutConnection(Protocol):
             self._link.abortConnection()
         for guarded in list(self._guarded):
             guarded.cancel()
+        if self._payload is not None:
+            self._payload.stopProducing()  # whatever the transport does about it
         if d is not None:
             d.errback(error)
 
