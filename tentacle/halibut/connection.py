@@ -80,12 +80,16 @@ PROTOCOL_ERROR = "protocol_error"
 
 def _keepalive_seconds(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEPALIVE_SECONDS:
-        raise ValueError(f"{attribute.name} must be a whole number of seconds from 1 to {MAX_KEEPALIVE_SECONDS}, not {value!r}")
+        raise ValueError(
+            f"{attribute.name} must be a whole number of seconds from 1 to {MAX_KEEPALIVE_SECONDS}, not {value!r}"
+        )
 
 
 def _keepalive_count(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEPALIVE_PROBES:
-        raise ValueError(f"{attribute.name} must be a whole number from 1 to {MAX_KEEPALIVE_PROBES}, not {value!r}")
+        raise ValueError(
+            f"{attribute.name} must be a whole number from 1 to {MAX_KEEPALIVE_PROBES}, not {value!r}"
+        )
 
 
 #: Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT.
