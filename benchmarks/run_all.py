@@ -36,6 +36,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_roundtrip.py", [], ["--rounds", "3", "--count", "1000"]),
     ("bench_connections.py", [], ["--rounds", "3", "--count", "300"]),
     ("bench_transfer.py", [], ["--rounds", "3", "--mib", "256"]),
+    ("bench_upload_commit.py", [], ["--rounds", "3", "--mib", "512"]),
     ("bench_scripts.py", ["--scripts", "100"], ["--rounds", "3", "--count", "20"]),
     ("bench_script_log.py", [], ["--rounds", "3", "--samples", "10"]),
     ("bench_polling.py", [], ["--rounds", "2", "--count", "200", "--idle", "100", "--mib", "256"]),
@@ -219,6 +220,13 @@ def rows(figures: dict[str, Any]) -> list[Row]:
         rate = tr["MB/s"]
         add(f"upload, {tr['mib']} MiB (vs raw mutual-TLS ceiling)", rate["upload"], rate["put"], "MB/s", "higher", "{:.0f}")
         add(f"download, {tr['mib']} MiB (vs raw mutual-TLS ceiling)", rate["download"], rate["get"], "MB/s", "higher", "{:.0f}")
+    uc = figures.get("bench_upload_commit.py")
+    if uc:
+        tail = uc["tail_s"]
+        add(
+            f"upload, {uc['mib']} MiB: last byte sent to answer (vs the same agent, fsync only at the end)",
+            tail["upload"] * 1e3, tail["upload-nowb"] * 1e3, "ms", "lower",
+        )
     sc = figures.get("bench_scripts.py")
     if sc:
         conc = sc["concurrent"]

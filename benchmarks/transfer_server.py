@@ -147,8 +147,25 @@ class Bare(Protocol):
                 return
 
 
+class NoWriteback:
+    """
+    The agent's uploads as they were before they were written back as they
+    arrive (C{TENTACLE_BENCH_WRITEBACK=off}): for A/B runs.
+    """
+
+    def __init__(self, fd: int, window: int) -> None:
+        pass
+
+    def wrote(self, offset: int, length: int) -> None:
+        pass
+
+
 def main(identity_path: str, trusted: str, home: str) -> None:
     quiet_logging()
+    if os.environ.get("TENTACLE_BENCH_WRITEBACK") == "off":
+        from tentacle.services import files
+
+        files.Writeback = NoWriteback  # type: ignore[misc,assignment]
     agent, agent_port = start_agent(identity_path, trusted, Path(home), Dispatcher())
     # Before the first request (none can come before the ports line).
     register_tentacle_services(agent.dispatcher, agent.config, reactor)  # type: ignore[arg-type]

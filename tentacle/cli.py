@@ -30,6 +30,7 @@ from tentacle.config import (
     ConfigFile,
     ProxySetting,
     TentacleConfig,
+    check_keepalive,
     check_listen_address,
     check_output_limit,
     check_polling_connections,
@@ -157,6 +158,14 @@ def _output_limit(value: str) -> int:
         raise ValueError(
             f"expected a number of bytes of at least {MIN_SCRIPT_OUTPUT_LIMIT}, not {value!r}"
         ) from None
+
+
+def _keepalive(value: str) -> Any:
+    parts = value.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"expected IDLE,INTERVAL,COUNT (three whole numbers), not {value!r}")
+    idle, interval, count = (int(p) for p in parts)
+    return check_keepalive({"idle": idle, "interval": interval, "count": count})
 
 
 def _proxy_setting(value: str) -> ProxySetting:
@@ -355,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the proxy scripts are told of: http://[user:password@]host[:port], 'none', or "
         "'default' (the machine's own)",
     )
+    configure.add_argument(
+        "--tcp-keepalive", type=_argument(_or_none(_keepalive)), default=_NOT_GIVEN, metavar="IDLE,INTERVAL,COUNT",
+        help="TCP keepalive on every connection: seconds idle, seconds between probes, probes "
+        "(default 15,5,10, as Halibut; 'none': off)",
+    )
     listening = configure.add_mutually_exclusive_group()
     listening.add_argument(
         "--listen", dest="listen", action="store_const", const=True, default=None,
@@ -463,7 +477,7 @@ _REGISTRY_COMMANDS = frozenset({"create_instance", "list_instances", "delete_ins
 _NONE_WORDS = {
     "listen-address": "any", "metrics-port": "off", "max-concurrent-scripts": "no limit",
     "max-connections": "no limit", "allowed-roots": "none (any path)",
-    "proxy": "the machine's own", "script-output-limit": "no limit",
+    "proxy": "the machine's own", "script-output-limit": "no limit", "tcp-keepalive": "off",
 }
 
 
@@ -472,6 +486,8 @@ def _describe(value: Any, unit: str = "", key: str = "") -> str:
         return _NONE_WORDS.get(key, "none")
     if key == "proxy" and isinstance(value, str):
         return _redacted(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
@@ -588,7 +604,10 @@ class _Command:
             "handshake_timeout": args.handshake_timeout, "workspace_max_age": args.workspace_max_age,
             "audit_log": args.audit_log, "instance_name": args.instance_name, "proxy": args.proxy,
         }
-        optional = ("max_concurrent_scripts", "script_timeout", "max_connections", "metrics_port", "script_output_limit")
+        optional = (
+            "max_concurrent_scripts", "script_timeout", "max_connections", "metrics_port", "script_output_limit",
+            "tcp_keepalive",
+        )
         given = {name for name in optional if _given(args, name)}
         changes = (
             args.trust or args.remove_trust or args.reset_trust or args.allowed_root
@@ -856,6 +875,7 @@ _LABELS = {
     "instance-name": "Instance name",
     "proxy": "Proxy",
     "script-output-limit": "Script output limit",
+    "tcp-keepalive": "TCP keepalive",
 }
 _UNITS = {"handshake-timeout": " s", "script-timeout": " s", "workspace-max-age": " s"}
 

@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 
 from tentacle.fsutil import atomic_write, private_folder
+from tentacle.halibut.connection import KeepAlive
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.identity import normalize_thumbprint
 from tentacle.systemd import check_instance
@@ -305,6 +306,9 @@ class TentacleConfig:
     @ivar script_output_limit: a script's stored output (its C{Output.log})
         stops growing at this many bytes; its last lines are kept (None:
         no limit).
+    @ivar tcp_keepalive: TCP keepalive on every connection, accepted or
+        dialled (None: off); Halibut's 15 s idle, 5 s interval, 10 probes
+        by default.
     """
 
     home: Path
@@ -325,6 +329,7 @@ class TentacleConfig:
     instance_name: str = DEFAULT_INSTANCE
     proxy: ProxySetting = ProxySetting()
     script_output_limit: int | None = None
+    tcp_keepalive: KeepAlive | None = KeepAlive()
 
     @property
     def trusted(self) -> tuple[str, ...]:
@@ -440,6 +445,7 @@ class TentacleConfig:
             "instance-name": self.instance_name,
             "proxy": self.proxy.to_json(),
             "script-output-limit": self.script_output_limit,
+            "tcp-keepalive": self.tcp_keepalive.to_json() if self.tcp_keepalive else None,
         }
 
     @classmethod
@@ -492,6 +498,21 @@ def check_output_limit(value: object) -> int:
     return value
 
 
+def check_keepalive(value: object) -> KeepAlive | None:
+    """
+    C{{"idle": s, "interval": s, "count": n}} (any of them; Halibut's
+    values for the others), or null for no keepalive.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f'expected {{"idle": 15, "interval": 5, "count": 10}} or null, not {value!r}')
+    unknown = set(value) - {"idle", "interval", "count"}
+    if unknown:
+        raise ValueError(f"unknown keepalive setting(s): {', '.join(sorted(unknown))}")
+    return KeepAlive(**value)
+
+
 def _optional(value: object, check: Any) -> Any:
     return None if value is None else check(value)
 
@@ -526,6 +547,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "instance-name": ("instance_name", lambda v: _instance_name(v)),
     "proxy": ("proxy", ProxySetting.parse),
     "script-output-limit": ("script_output_limit", lambda v: _optional(v, check_output_limit)),
+    "tcp-keepalive": ("tcp_keepalive", check_keepalive),
 }
 _KNOWN_KEYS = frozenset(_SETTINGS)
 

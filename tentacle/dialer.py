@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from tentacle.halibut.connection import HalibutConnection, Role
 from tentacle.identity import normalize_thumbprint
+from tentacle.sockets import set_keepalive
 from tentacle.trust import PeerIdentity
 
 #: The proxy's answer ends at a blank line; nothing honest is longer.
@@ -239,10 +240,9 @@ class ProxyEndpoint:
 
         def unreachable(failure: Failure) -> None:
             if not opened.called:
+                kind = ConnectionRefused if failure.check(ConnectionRefusedError) else ConnectionFailed
                 opened.errback(
-                    ConnectionFailed(
-                        f"cannot reach the proxy {self.proxy.host}:{self.proxy.port}: {failure.getErrorMessage()}"
-                    )
+                    kind(f"cannot reach the proxy {self.proxy.host}:{self.proxy.port}: {failure.getErrorMessage()}")
                 )
 
         connecting.addErrback(unreachable)
@@ -253,7 +253,8 @@ class ProxyEndpoint:
 class PinnedConnection(HalibutConnection):
     """
     A dialled Halibut connection: once TLS is up and the peer's certificate
-    matches the pin, C{role} runs (and writes the identity).
+    matches the pin, C{role} runs (and writes the identity).  Its socket
+    gets the TCP keepalive of its settings as soon as it is connected.
 
     @ivar pinned: fires with the peer's L{PeerIdentity} once the pin
         matched; fails with L{UnexpectedCertificate}, or L{ConnectionFailed}
@@ -270,6 +271,10 @@ class PinnedConnection(HalibutConnection):
         self._after_pin = role
         self.pinned: Deferred[PeerIdentity] = Deferred()
         self.tls_version: str | None = None
+
+    def connectionMade(self) -> None:
+        set_keepalive(self.transport, self.settings.keepalive)
+        super().connectionMade()
 
     def handshakeCompleted(self) -> None:
         link: Any = self.transport

@@ -4,11 +4,14 @@ Durable file writes: nothing partial is ever visible where a complete file is ex
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
@@ -113,3 +116,97 @@ def sync_tree(folder: Path) -> int:
         fsync_directory(Path(dirpath))
         synced += 1
     return synced
+
+
+# --- write-back of large files as they are written --------------------------------
+
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+#: Errors that mean "not here" (a file system or kernel without it), not a
+#: failed write.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], None] | None:
+    """
+    Linux's C{sync_file_range(2)}, which Python's C{os} lacks.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function: Any = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+
+    def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+        if function(fd, offset, length, flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return sync_file_range
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class Writeback:
+    """
+    Keeps a file that is written front to back from piling up in the page
+    cache: each piece written is handed to the disk at once, and a writer
+    that gets more than C{window} bytes ahead of the disk waits for it.  So
+    the final C{fsync} of a huge upload has at most C{window} bytes left to
+    write, instead of whatever the kernel's dirty limits allow (gigabytes,
+    minutes on a slow disk).
+
+    On Linux this is C{sync_file_range(2)}; elsewhere an C{fdatasync} every
+    C{window} bytes.  Neither makes the file durable (the final C{fsync}
+    still does); both report a failed write, which the final C{fsync}
+    might then no longer see, so the caller must treat it as the upload's
+    failure.
+    """
+
+    def __init__(self, fd: int, window: int) -> None:
+        self._fd = fd
+        self._window = window
+        self._synced = 0  #: bytes known written to the disk
+        self._end = 0
+        self.enabled = True
+
+    @property
+    def pending(self) -> int:
+        """
+        Bytes written but not yet known to be on the disk: at most
+        C{window} plus the last piece, while enabled.
+        """
+        return self._end - self._synced
+
+    def wrote(self, offset: int, length: int) -> None:
+        """
+        C{length} bytes were just written at C{offset}.
+
+        @raise OSError: writing back failed (EIO, ENOSPC...).
+        """
+        if not self.enabled or length <= 0:
+            return
+        end = self._end = offset + length
+        try:
+            if _sync_file_range is not None:
+                _sync_file_range(self._fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+                target = end - self._window
+                if target > self._synced:
+                    _sync_file_range(
+                        self._fd, self._synced, target - self._synced,
+                        _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER,
+                    )
+                    self._synced = target
+            elif end - self._synced >= self._window:
+                os.fdatasync(self._fd)
+                self._synced = end
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                self.enabled = False
+                return
+            raise

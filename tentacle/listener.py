@@ -47,11 +47,12 @@ from tentacle.halibut.handshake import (
     PreambleReader,
     RemoteIdentity,
 )
-from tentacle.halibut.connection import ExchangeSettings, HalibutConnection
+from tentacle.halibut.connection import ExchangeSettings, HalibutConnection, KeepAlive
 from tentacle.halibut.roles import ListeningService, ServerOfSubscriber
 from tentacle.halibut.rpc import IRequestHandler, IRequestSource
 from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
+from tentacle.sockets import set_keepalive
 from tentacle.halibut.deadline import Deadline
 from tentacle.trust import PeerIdentity, TrustList
 
@@ -133,6 +134,7 @@ class AgentConnection(Protocol):
             return
         self._timeout = Deadline(self.factory.clock, self._timed_out)
         self._timeout.arm(self.factory.handshake_timeout)
+        set_keepalive(self.transport, self.factory.keepalive)
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -344,6 +346,7 @@ class ListenerFactory(Factory):
     @ivar max_connections: connections beyond this many open at once are
         closed as they arrive, before TLS (C{None}: no limit), so a flood
         cannot exhaust the agent's file descriptors.
+    @ivar keepalive: TCP keepalive on every accepted connection (C{None}: off).
     """
 
     protocol = AgentConnection  # type: ignore[assignment]
@@ -358,9 +361,11 @@ class ListenerFactory(Factory):
         session_factory: SessionFactory | None = None,
         max_connections: int | None = None,
         log: Logger | None = None,
+        keepalive: KeepAlive | None = KeepAlive(),
     ) -> None:
         if log is not None:
             self.log = log
+        self.keepalive = keepalive
         self.trust = trust
         self.clock = clock
         self.handshake_timeout = handshake_timeout

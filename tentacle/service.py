@@ -129,7 +129,8 @@ class TentacleService(MultiService):
     @param dispatcher: the services offered to trusted servers; register
         more on C{service.dispatcher} before the first request.
     @param exchange_settings: message size limits and the idle and
-        heartbeat timeouts of authenticated connections.
+        heartbeat timeouts of authenticated connections (their TCP
+        keepalive is the config's C{tcp_keepalive}).
     @param session_factory: replaces the Halibut message exchange
         altogether (for tests and experiments).
     """
@@ -160,6 +161,7 @@ class TentacleService(MultiService):
             dispatcher = Dispatcher()
             self.scripts = self._offer_tentacle_services(dispatcher, config)
         self.dispatcher = dispatcher
+        exchange_settings = attrs.evolve(exchange_settings, keepalive=config.tcp_keepalive)
         if session_factory is None:
             session_factory = halibut_sessions(
                 self.reactor, tentacle_registry(), exchange_settings,
@@ -170,6 +172,7 @@ class TentacleService(MultiService):
         self.listener_factory = ListenerFactory(
             self.trust, self.reactor, config.handshake_timeout, session_factory,
             max_connections=config.max_connections, log=self._logger("tentacle.listener"),
+            keepalive=config.tcp_keepalive,
         )
         self.port: IListeningPort | None = None
         self._privileged_started = False

@@ -472,6 +472,14 @@ class PollServerTests(CLITestCase):
         self.run_cli("configure", "--listen")
         self.assertTrue(ConfigFile(self.home).load().listen)
 
+    def test_tcp_keepalive(self) -> None:
+        code, out, err = self.run_cli("configure", "--tcp-keepalive", "30,5,3")
+        self.assertEqual(code, 0, err)
+        self.assertIn("TCP keepalive set to idle 30, interval 5, count 3 (takes effect on restart)", out)
+        self.run_cli("configure", "--tcp-keepalive", "none")
+        self.assertIsNone(ConfigFile(self.home).load().tcp_keepalive)
+        self.assertFails(2, "expected IDLE,INTERVAL,COUNT", "configure", "--tcp-keepalive", "30")
+
     def test_remove_a_server(self) -> None:
         self.poll()
         code, out, err = self.run_cli("configure", "--remove-poll-server", "octopus.example.com")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tentacle.halibut.connection import KeepAlive
 from tentacle.config import (
     DEFAULT_PORT,
     ConfigError,
@@ -99,6 +100,25 @@ class ConfigFileTests(SynchronousTestCase):
         self.file.save(TentacleConfig(home=self.home, port=2))
         self.assertNotEqual(first, self.file.signature())
 
+    def test_tcp_keepalive(self) -> None:
+        self.assertEqual(self.file.load().tcp_keepalive, KeepAlive(15, 5, 10), "Halibut's")
+        self.write({"tcp-keepalive": {"idle": 30}})
+        self.assertEqual(self.file.load().tcp_keepalive, KeepAlive(30, 5, 10), "the others as Halibut's")
+        self.file.path.write_text(json.dumps({"tcp-keepalive": None}))
+        self.assertIsNone(self.file.load().tcp_keepalive, "null: off")
+        for bad, message in [
+            ({"idle": 0}, "idle must be a whole number of seconds from 1"),
+            ({"count": 1.5}, "count must be a whole number from 1 to 127"),
+            ({"probes": 3}, "unknown keepalive setting(s): probes"),
+            (True, "expected {"),
+        ]:
+            self.file.path.write_text(json.dumps({"tcp-keepalive": bad}))
+            e = self.assertRaises(ConfigError, self.file.load)
+            self.assertIn(f"tcp-keepalive: {message}", str(e))
+        config = TentacleConfig(home=self.home, tcp_keepalive=KeepAlive(20, 4, 3))
+        self.file.save(config)
+        self.assertEqual(self.file.load().tcp_keepalive, KeepAlive(20, 4, 3))
+        self.assertEqual(json.loads(self.file.path.read_text())["tcp-keepalive"], {"idle": 20, "interval": 4, "count": 3})
 
 class LibraryNormalisationTests(SynchronousTestCase):
     """

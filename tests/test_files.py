@@ -36,6 +36,7 @@ from tentacle.services.files import (
     STALE_UPLOAD_SECONDS,
     TEMP_MARKER,
     WRITE_BATCH,
+    WRITEBACK_WINDOW,
     FileTransferError,
     FileTransferService,
     Target,
@@ -161,6 +162,27 @@ class UploadTests(TestCase):
         (self.home / "f").write_bytes(b"old contents, longer than the new")
         await self.upload(self.service(), "f", b"new")
         self.assertEqual((self.home / "f").read_bytes(), b"new")
+
+    async def test_a_large_upload_is_written_back_as_it_arrives(self) -> None:
+        """
+        So the fsync before the answer has at most a window left to write.
+        """
+        service = self.service()
+        size = WRITEBACK_WINDOW + 8 * WRITE_BATCH
+        stream = DataStream.fresh(size)
+        sink = service.upload_file_sink("big", stream, stream=ExpectedStream(stream.id, size))
+        piece = os.urandom(WRITE_BATCH // 4)
+        for _ in range(size // len(piece)):
+            sink.write(piece)
+        writeback = sink._writeback
+        assert writeback is not None
+        self.assertTrue(writeback.enabled)
+        self.assertLessEqual(writeback.pending, WRITEBACK_WINDOW)
+        sink.finish()
+        result = await service.upload_file("big", stream, context=context_with(stream, sink))
+        sink.discard()
+        self.assertEqual(result.length, size)
+        (self.home / "big").unlink()
 
     def test_nothing_visible_until_committed(self) -> None:
         service = self.service()

@@ -210,6 +210,23 @@ class ServerOfSubscriberTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second.outcome)[0].result, "again")
         self.assertTrue(self.wire.closed)
 
+    def test_end_or_eof_instead_of_next(self) -> None:
+        """
+        The subscriber may close instead of saying NEXT: the connection just
+        ends, and the queue keeps its next request for another connection.
+        """
+        asked = request("IThingService", "Echo", "x")
+        first = self.queues.queue(SUBSCRIPTION).put(asked)
+        self.wire.take()
+        self.wire.send(envelope(ResponseMessage(asked.id, None, "answer")))
+        self.successResultOf(first.outcome)
+        self.wire.connection.connectionLost()
+        queue = self.queues.queue(SUBSCRIPTION)
+        self.assertEqual(queue.waiting_connections, 0)
+        self.assertEqual(
+            [e for e in self.logs.events if "log_failure" in e or e.get("event") == "protocol_error"], []
+        )
+
     def test_next_within_60_seconds(self) -> None:
         self.clock.advance(30)
         self.wire.take()

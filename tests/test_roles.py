@@ -8,7 +8,9 @@ import io
 import uuid
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -405,8 +407,9 @@ class ExchangeTests(SynchronousTestCase):
         text = _os.urandom(300_000).hex()  # 600 KB of BSON string, ten slices
         h.send(encode_request(request("IThingService", "Echo", text)))
         self.assertIsNone(Inflater().feed(h.transport.value()), "not whole yet: it waits for the reactor")
-        for _ in range(20):
-            h.clock.advance(0)
+        h.clock.advance(0)
+        while h.transport.producer is not None:
+            h.transport.producer.resumeProducing()
         data = h.transport.value()
         inflater = Inflater()
         payload = inflater.feed(data)
@@ -422,6 +425,53 @@ class ExchangeTests(SynchronousTestCase):
         h.send(encode_request(request("IThingService", "Echo", "x" * 5000)))
         self.assertTrue(h.transport.disconnecting)
         self.assertEqual(h.transport.value(), b"")
+
+
+class EndOfConversationTests(SynchronousTestCase):
+    """
+    Octopus Server may say END, or simply close, wherever NEXT may come;
+    neither is an error, and PROCEED answers NEXT at once.
+    """
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+        self.h = Harness()
+        self.h.send(encode_request(request("IThingService", "Echo", "one")))
+        self.assertEqual([r.result for r in self.h.responses()], ["one"])
+
+    def assert_quiet(self) -> None:
+        complaints = [e for e in self.logs.events if "log_failure" in e or e.get("event") == "protocol_error"]
+        self.assertEqual(complaints, [])
+
+    def test_proceed_at_once(self) -> None:
+        self.h.send(b"NEXT\r\n")
+        self.assertEqual(self.h.transport.value(), b"PROCEED\r\n", "no clock needed")
+
+    def test_end(self) -> None:
+        self.h.send(b"END\r\n")
+        self.assertTrue(self.h.transport.disconnecting)
+        self.assertFalse(getattr(self.h.transport, "aborted", False), "closed politely")
+        self.assert_quiet()
+
+    def test_eof(self) -> None:
+        self.h.exchange.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.h.exchange.closed.called)
+        self.assert_quiet()
+
+    def test_eof_after_the_next_request(self) -> None:
+        self.h.send(b"NEXT\r\n" + encode_request(request("IThingService", "Echo", "two")))
+        self.assertEqual([r.result for r in self.h.responses()], ["two"])
+        self.h.exchange.connectionLost(Failure(ConnectionDone()))
+        self.assert_quiet()
+
+    def test_null_instead_of_a_request(self) -> None:
+        self.h.send(b"NEXT\r\n")
+        self.h.transport.clear()
+        data, _ = encode_message(None)
+        self.h.send(compress(data))
+        self.assertTrue(self.h.transport.disconnecting)
+        self.assertEqual(self.h.transport.value(), b"")
+        self.assert_quiet()
 
 
 class TimeoutTests(SynchronousTestCase):

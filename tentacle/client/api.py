@@ -9,11 +9,15 @@ L{TentacleClient}: drive a listening tentacle (ours or Octopus's) from Python.
 
 Connections are pooled as Halibut pools them: one request at a time on a
 connection, at most five idle per agent, retired after nine idle minutes,
-checked with NEXT/PROCEED before reuse.  Connection failures are retried
-(five tries within five minutes, a second apart); once a request has been
-sent, only calls that are safe to repeat are retried (V2 script calls,
-status and cancel, uploads and downloads), never V1 StartScript; nothing
-is retried after a certificate or trust failure.
+checked with NEXT/PROCEED before reuse.  Failing to connect is retried as
+Halibut retries it (L{RetryPolicy}: five tries within five minutes, a
+second apart).  A call that failed is sent again as Octopus Server sends it
+again (L{RpcRetryPolicy}: backoff C{min(n, 10)} s within 2.5 minutes), and
+only when the Server would (L{retried}: never after an error the agent
+answered as final, a certificate or trust failure, or a refused
+connection), and only for calls that are safe to repeat (V2 script calls,
+status and cancel, capabilities, uploads and downloads), never V1
+StartScript.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from tentacle.client.connection import (
     Pin,
     RequestFailed,
 )
-from tentacle.dialer import Proxy, ProxyRefused, dial
+from tentacle.dialer import ConnectionRefused, HostNotFound, Proxy, ProxyRefused, dial
 from tentacle.contracts import (
     CancelScriptCommand,
     CancelScriptCommandV2,
@@ -62,8 +66,9 @@ from tentacle.contracts import (
 from tentacle.encryption import new_password, password_prelude
 from tentacle.halibut.rpc import PayloadOpener
 from tentacle.halibut.dotnet import TimeSpan
-from tentacle.halibut.connection import ConnectionClosed
+from tentacle.halibut.connection import ConnectionClosed, KeepAlive
 from tentacle.halibut.errors import CodecError, ProtocolError
+from tentacle.halibut.failures import RPC_RETRY_WINDOW, classify, retry_delay
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMessage, ServerError
 from tentacle.halibut.streams import ReceivedStream
@@ -157,12 +162,48 @@ class Target:
 @attrs.frozen
 class RetryPolicy:
     """
-    Halibut's defaults: five tries, a second apart, within five minutes.
+    How connecting is retried, as Halibut retries it: five tries, a second
+    apart, within five minutes.
     """
 
     attempts: int = 5
     interval: float = 1.0
     within: float = 300.0
+
+
+@attrs.frozen
+class RpcRetryPolicy:
+    """
+    How a failed call is sent again, as Octopus Server's Tentacle client
+    does it (C{RpcCallRetryHandler}): after C{backoff(n)} seconds before
+    the n-th retry, for as long as more than C{min_remaining} seconds of
+    the C{window} would be left after the wait.  A retry still running when
+    the window closes is cut off (but not a transfer's, which may
+    legitimately take longer), and the call fails with the error that
+    caused the retries.
+    """
+
+    window: float = RPC_RETRY_WINDOW
+    backoff: Callable[[int], float] = retry_delay
+    min_remaining: float = 1.0
+
+
+def retried(error: Exception) -> bool:
+    """
+    Whether Octopus Server would send a call again after C{error}.
+
+    An error the agent answered is retried unless it classifies as final
+    (L{tentacle.halibut.failures.classify}): a service method that threw, an
+    unknown service or method.  A connection that broke, or could not be
+    made after L{RetryPolicy}'s tries, is retried; but not a refused
+    connection or an unknown host (nothing listens there, and a second
+    later will not differ), nor a certificate or trust failure.
+    """
+    if isinstance(error, RemoteError):
+        return classify(error.error).retried
+    if isinstance(error, (ConnectionRefused, HostNotFound, ProxyRefused)):
+        return False
+    return isinstance(error, (RequestFailed, ConnectionFailed))
 
 
 Progress = Callable[[int, int], None]
@@ -212,6 +253,14 @@ class TentacleClient:
         must trust its thumbprint.
     @param hub: the polling server in this process through which a polling
         target (L{Target.polling}) is reached.
+    @param retry: how connecting is retried (Halibut's).
+    @param rpc_retry: how a failed call that is safe to repeat is sent
+        again (Octopus Server's); C{None}: never.
+    @param response_timeout: the wait for an answer's first byte (5 min).
+    @param heartbeat_timeout: the longest silence while a message, a stream
+        or a control line is read, or while the agent takes none of what we
+        send (1 min).
+    @param keepalive: TCP keepalive on our connections (C{None}: off).
     """
 
     log = Logger()
@@ -224,11 +273,13 @@ class TentacleClient:
         *,
         hub: Hub | None = None,
         retry: RetryPolicy = RetryPolicy(),
+        rpc_retry: RpcRetryPolicy | None = RpcRetryPolicy(),
         max_idle: int = 5,
         idle_expiry: float = 540.0,
         connect_timeout: float = 60.0,
         response_timeout: float = RESPONSE_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        keepalive: KeepAlive | None = KeepAlive(),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -241,11 +292,13 @@ class TentacleClient:
         self._endpoint = endpoint_for(target)
         self._reactor = reactor
         self._retry = retry
+        self._rpc_retry = rpc_retry
         self._max_idle = max_idle
         self._idle_expiry = idle_expiry
         self._connect_timeout = connect_timeout
         self._response_timeout = response_timeout
         self._heartbeat_timeout = heartbeat_timeout
+        self._keepalive = keepalive
         self._tls = CertificateOptions(
             privateKey=identity.private_key,  # type: ignore[arg-type]
             certificate=identity.certificate,  # type: ignore[arg-type]
@@ -260,6 +313,7 @@ class TentacleClient:
         connection = ClientConnection(
             self.target.pin, self._reactor,
             response_timeout=self._response_timeout, heartbeat_timeout=self._heartbeat_timeout,
+            keepalive=self._keepalive,
         )
         await dial(
             self._reactor, self.target.host, self.target.port, self._tls, connection.protocol,
@@ -292,7 +346,7 @@ class TentacleClient:
                 raise  # the proxy's answer will not change in a second
             except ConnectionFailed as e:
                 last = e
-                if "cannot resolve" in str(e):
+                if isinstance(e, HostNotFound):
                     break  # as Halibut: an unknown host will not appear in a second
                 if attempt == self._retry.attempts or self._reactor.seconds() + self._retry.interval > deadline:
                     break
@@ -301,7 +355,10 @@ class TentacleClient:
                     target=str(self.target), error=str(e),
                 )
                 await deferLater(self._reactor, self._retry.interval, lambda: None)
-        raise ConnectionFailed(f"could not connect to {self.target} after {attempt} tries: {last}")
+        # The last failure's kind (refused, unknown host) tells the caller
+        # whether a later retry can help.
+        kind = type(last) if isinstance(last, (ConnectionRefused, HostNotFound)) else ConnectionFailed
+        raise kind(f"could not connect to {self.target} after {attempt} tries: {last}")
 
     def _release(self, connection: ClientConnection) -> None:
         if not connection.idle:
@@ -386,34 +443,77 @@ class TentacleClient:
         method: str,
         *params: Any,
         payloads: Mapping[uuid.UUID, PayloadOpener] | None = None,
+        long_running: bool = False,
     ) -> tuple[Any, list[ReceivedStream]]:
         """
-        L{call} for a call that is safe to repeat: when the connection
-        breaks, even after the request was sent, it is sent again within the
-        retry policy, since a second run changes nothing the first did not.
+        L{call} for a call that is safe to repeat: when it fails in a way
+        Octopus Server would retry (L{retried}), even after the request was
+        sent, it is sent again under the L{RpcRetryPolicy}, since a second
+        run changes nothing the first did not.
+
+        @param long_running: a transfer, whose retries may outlast the
+            retry window (as Tentacle's client lets an interrupted transfer
+            try again whatever the time).
+        @raise ClientError: the first error that was final, or the last one
+            once the retry window is spent.
         """
-        deadline = self._reactor.seconds() + self._retry.within
-        attempt = 1
+        policy = self._rpc_retry
+        if policy is None:
+            return await self.call(service, method, *params, payloads=payloads)
+        started = self._reactor.seconds()
+        retries = 0
+        last: ClientError | None = None
         while True:
+            attempt = Deferred.fromCoroutine(self.call(service, method, *params, payloads=payloads))
+            cut_off: list[bool] = []
+            timer: IDelayedCall | None = None
+            if last is not None and not long_running:
+
+                def close_window(attempt: Deferred[Any] = attempt) -> None:
+                    cut_off.append(True)
+                    attempt.cancel()
+
+                remaining = max(started + policy.window - self._reactor.seconds(), 0.0)
+                timer = self._reactor.callLater(remaining, close_window)
             try:
-                return await self.call(service, method, *params, payloads=payloads)
-            except (RequestFailed, ConnectionFailed) as e:
-                if attempt >= self._retry.attempts or self._reactor.seconds() + self._retry.interval > deadline:
+                return await attempt
+            except CancelledError:
+                if cut_off and last is not None:
+                    raise last from None  # the window closed on a retry: report why it was retried
+                raise
+            except ClientError as e:
+                if not retried(e):
                     raise
+                last = e
+            finally:
+                if timer is not None and timer.active():
+                    timer.cancel()
+            assert last is not None
+            retries += 1
+            delay = policy.backoff(retries)
+            left = started + policy.window - self._reactor.seconds() - delay
+            if left <= policy.min_remaining:
                 self.log.info(
-                    "{service}.{method} on {target} failed ({error}); sending it again",
-                    service=service, method=method, target=str(self.target), error=str(e),
-                    event=events.CALL_RETRIED,
+                    "{service}.{method} on {target} failed ({error}); the retry window of {window:g} s "
+                    "is spent, no more retries",
+                    service=service, method=method, target=str(self.target), error=str(last),
+                    window=policy.window,
                 )
-                attempt += 1
-                await deferLater(self._reactor, self._retry.interval, lambda: None)
+                raise last
+            self.log.info(
+                "{service}.{method} on {target} failed ({error}); retry {retry} in {delay:g} s "
+                "(retries go on for up to {left:.0f} s)",
+                service=service, method=method, target=str(self.target), error=str(last),
+                retry=retries, delay=delay, left=left, event=events.CALL_RETRIED,
+            )
+            await deferLater(self._reactor, delay, lambda: None)
 
     async def capabilities(self) -> list[str]:
         """
         The services the agent offers (cached, as Halibut caches for 10 min).
         """
         if self._capabilities is None:
-            result, _ = await self.call("ICapabilitiesServiceV2", "GetCapabilities")
+            result, _ = await self.call_idempotent("ICapabilitiesServiceV2", "GetCapabilities")
             self._capabilities = list(result.supported_capabilities)
         return self._capabilities
 
@@ -563,7 +663,7 @@ class TentacleClient:
         # Storing the same bytes at the same path again changes nothing, and
         # the agent drops an interrupted upload's temp file: safe to resend.
         result, _ = await self.call_idempotent(
-            "IFileTransferService", "UploadFile", remote, ref, payloads={ref.id: opener}
+            "IFileTransferService", "UploadFile", remote, ref, payloads={ref.id: opener}, long_running=True
         )
         assert isinstance(result, UploadResult)
         if result.length != size or result.hash.lower() != digest.hexdigest():
@@ -580,7 +680,9 @@ class TentacleClient:
         @return: its length and SHA-1.
         @raise RemoteError: the file does not exist on the agent.
         """
-        result, streams = await self.call_idempotent("IFileTransferService", "DownloadFile", remote)
+        result, streams = await self.call_idempotent(
+            "IFileTransferService", "DownloadFile", remote, long_running=True
+        )
         if result is None:
             raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
         [stream] = streams

@@ -32,6 +32,7 @@ from tentacle.halibut.connection import (
     ConnectionClosed,
     ExchangeSettings,
     HalibutConnection,
+    KeepAlive,
     TimedOut,
 )
 from tentacle.halibut.errors import CodecError, CodecLimits, ProtocolError
@@ -93,9 +94,11 @@ class ClientConnection:
         limits: CodecLimits = CodecLimits(),
         response_timeout: float = RESPONSE_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        keepalive: KeepAlive | None = KeepAlive(),
     ) -> None:
         settings = ExchangeSettings(
-            limits=limits, response_timeout=response_timeout, heartbeat_timeout=heartbeat_timeout
+            limits=limits, response_timeout=response_timeout, heartbeat_timeout=heartbeat_timeout,
+            keepalive=keepalive,
         )
         self.protocol = PinnedConnection(pin, self._identify, clock, registry or tentacle_registry(), settings)
         self._role = ListeningClient(self.protocol)

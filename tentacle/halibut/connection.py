@@ -20,6 +20,7 @@ connection only; the role waiting on it sees the error and ends.
 
 from __future__ import annotations
 
+import io
 import uuid
 from typing import IO, Any, Awaitable, Callable, Mapping, Protocol as TypingProtocol
 
@@ -78,11 +79,54 @@ CONNECTION_TIMED_OUT = "connection_timed_out"
 PROTOCOL_ERROR = "protocol_error"
 
 
+def _keepalive_seconds(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEPALIVE_SECONDS:
+        raise ValueError(
+            f"{attribute.name} must be a whole number of seconds from 1 to {MAX_KEEPALIVE_SECONDS}, not {value!r}"
+        )
+
+
+def _keepalive_count(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KEEPALIVE_PROBES:
+        raise ValueError(
+            f"{attribute.name} must be a whole number from 1 to {MAX_KEEPALIVE_PROBES}, not {value!r}"
+        )
+
+
+#: Linux's limits for TCP_KEEPIDLE/TCP_KEEPINTVL and TCP_KEEPCNT.
+MAX_KEEPALIVE_SECONDS = 32767
+MAX_KEEPALIVE_PROBES = 127
+
+
+@attrs.frozen
+class KeepAlive:
+    """
+    TCP keepalive, as Halibut sets it on every connection
+    (C{HalibutTimeoutsAndLimits.TcpKeepAlive*}): after C{idle} seconds of
+    silence the kernel probes the peer every C{interval} seconds, and
+    C{count} unanswered probes end the connection.  So a peer that vanished
+    (a host powered off, a NAT that forgot the flow) is noticed in about a
+    minute even while nothing is being read or written, and idle
+    connections keep their NAT and firewall entries alive.
+    """
+
+    idle: int = attrs.field(default=15, validator=_keepalive_seconds)
+    interval: int = attrs.field(default=5, validator=_keepalive_seconds)
+    count: int = attrs.field(default=10, validator=_keepalive_count)
+
+    def to_json(self) -> dict[str, int]:
+        return {"idle": self.idle, "interval": self.interval, "count": self.count}
+
+
 @attrs.frozen
 class ExchangeSettings:
     """
     Limits and timeouts of a connection, the same for every role; each role
     uses the ones that apply to it.
+
+    @ivar keepalive: TCP keepalive for the connection's socket (C{None}:
+        off), applied by whoever owns the socket (the dialler, the
+        listener).
     """
 
     limits: CodecLimits = CodecLimits()
@@ -92,6 +136,7 @@ class ExchangeSettings:
     polling_request_timeout: float = DEFAULT_POLLING_REQUEST_TIMEOUT
     polling_queue_wait: float = DEFAULT_POLLING_QUEUE_WAIT
     max_read_ahead: int = MAX_READ_AHEAD
+    keepalive: KeepAlive | None = KeepAlive()
 
 
 class ConnectionClosed(Exception):
@@ -362,11 +407,14 @@ class HalibutConnection(Protocol):
         self._reader: _Reader | None = None
         self._waiting: Deferred[Any] | None = None
         self._progress = settings.heartbeat_timeout
-        self._sending = False
+        self._sending: str | None = None
         self._pumping = False
         self._finished = False
         self._deadline = Deadline(clock, self._timed_out)
         self._guarded: set[Deferred[Any]] = set()
+        self._payload: PayloadSender | None = None
+        #: Why the connection ended, once it has.
+        self._failure: ConnectionClosed | None = None
 
     @property
     def _link(self) -> Any:
@@ -378,8 +426,8 @@ class HalibutConnection(Protocol):
         """
         What the connection is doing, for log lines.
         """
-        if self._sending:
-            return "sending data streams"
+        if self._sending is not None:
+            return self._sending
         if self._reader is not None:
             return self._reader.activity()
         return "idle" if self.connected else "closed"
@@ -541,51 +589,72 @@ class HalibutConnection(Protocol):
         An encoded message (BSON, DEFLATEd here), then each data stream:
         header, exactly the declared length of payload, trailer.  A payload
         that runs short aborts the connection: the peer could never tell
-        where the next message starts.
+        where the next message starts.  A peer that takes none of a large
+        message or of a stream for the heartbeat's time is dropped, as
+        Halibut's one-minute write timeout drops it.
 
         A big message (a 5,000-line status page is about 700 KB) is
         compressed a slice at a time, with a turn of the reactor between
         slices, so other connections are not held up while it is.
 
-        @raise ConnectionClosed: the connection ended first.
+        @raise ConnectionClosed: the connection ended first (L{TimedOut}:
+            the peer stopped taking what we sent).
         """
         if self._finished:
             raise ConnectionClosed("the connection closed before the message was sent")
         if len(data) <= SLICE_BYTES:
-            self._link.write(compress(data))
+            data = compress(data)
         else:
+            pieces = []
             for piece in compress_slices(data):
-                if piece:
-                    self._link.write(piece)
+                pieces.append(piece)
                 await deferLater(self.clock, 0, lambda: None)
                 if self._finished:
-                    raise ConnectionClosed("the connection closed while the message was sent")
-        if not streams:
+                    raise ConnectionClosed("the connection closed while the message was compressed")
+            data = b"".join(pieces)
+        if len(data) <= CHUNK_SIZE and not streams:
+            self._link.write(data)  # the transport's buffer takes it whole
             return
-        self._sending = True
-        # A peer that stops taking a stream must not hold the connection
-        # (and the file) for ever: it gets the heartbeat's grace.
-        self._arm(self.settings.heartbeat_timeout)
+        heartbeat = self.settings.heartbeat_timeout
+        self._arm(heartbeat)
         try:
+            self._sending = "sending a message"
+            if len(data) <= CHUNK_SIZE:
+                self._link.write(data)
+            else:
+                await self._send_payload(io.BytesIO(data), len(data))
+            self._sending = "sending data streams"
             for stream in streams:
                 opener = payloads.get(stream.id)
                 if opener is None:
                     raise ProtocolError(f"no payload for outgoing data stream {stream.id}")
                 self._link.write(stream_header(stream.id, stream.length))
-                await PayloadSender(
-                    self._link, opener(), stream.length,
-                    on_chunk=lambda: self._arm(self.settings.heartbeat_timeout),
-                ).start()
-                if self._finished:
-                    raise ConnectionClosed("the connection closed while sending a data stream")
+                await self._send_payload(opener(), stream.length)
                 self._link.write(stream_trailer(stream.length))
         except ProtocolError as e:
             self.protocol_error(str(e), e)
             raise
         finally:
-            self._sending = False
+            self._sending = None
             if self._reader is None:
                 self._disarm()
+
+    async def _send_payload(self, source: IO[bytes], length: int) -> None:
+        """
+        Exactly C{length} bytes of C{source}, a chunk each time the
+        transport has taken the last; each one taken pushes the heartbeat
+        deadline back.
+        """
+        heartbeat = self.settings.heartbeat_timeout
+        sender = self._payload = PayloadSender(self._link, source, length, on_chunk=lambda: self._arm(heartbeat))
+        try:
+            await sender.start()
+        except ConnectionClosed:
+            raise self._failure or ConnectionClosed(f"the connection closed while {self._sending}") from None
+        finally:
+            self._payload = None
+        if self._finished:
+            raise self._failure or ConnectionClosed(f"the connection closed while {self._sending}")
 
     # --- ending ----------------------------------------------------------------------
 
@@ -597,7 +666,7 @@ class HalibutConnection(Protocol):
 
     def _timed_out(self) -> None:
         state = self.activity
-        what = "it took nothing" if self._sending else "nothing received"
+        what = "it took nothing" if self._sending is not None else "nothing received"
         self.log.info(
             "Closing the connection from {peer}: {what} while {state}",
             peer=self.label,
@@ -624,6 +693,8 @@ class HalibutConnection(Protocol):
         self._fail(error or ProtocolError(why))
 
     def _fail(self, error: Exception, drop: bool = True) -> None:
+        if self._failure is None and isinstance(error, ConnectionClosed):
+            self._failure = error
         self._finished = True
         self._disarm()
         reader, d = self._reader, self._waiting
@@ -634,6 +705,8 @@ class HalibutConnection(Protocol):
             self._link.abortConnection()
         for guarded in list(self._guarded):
             guarded.cancel()
+        if self._payload is not None:
+            self._payload.stopProducing()  # whatever the transport does about it
         if d is not None:
             d.errback(error)
 
@@ -702,6 +775,7 @@ __all__ = [
     "Envelope",
     "ExchangeSettings",
     "HalibutConnection",
+    "KeepAlive",
     "PayloadSender",
     "Role",
     "SinkChooser",

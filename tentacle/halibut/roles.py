@@ -26,9 +26,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from tentacle.halibut.connection import (
+    ConnectionClosed,
     DiscardingSink,
     Envelope,
     HalibutConnection,
+    TimedOut,
     UndecodableMessage,
 )
 from tentacle.halibut.errors import ProtocolError
@@ -123,10 +125,16 @@ class _Answerer:
 
 async def _next_or_end(connection: HalibutConnection, wait: float) -> bool:
     """
-    The asking side's word after an answer: C{NEXT} (answered C{PROCEED};
-    C{True}) or C{END} (the connection closes; C{False}).
+    The asking side's word after an answer: C{NEXT} (answered C{PROCEED} at
+    once; C{True}), or C{END} or the end of the connection (it closes;
+    C{False}): Halibut's C{ExpectNextOrEnd} takes all three.
     """
-    word = await connection.read_control(first=wait, what="NEXT or END")
+    try:
+        word = await connection.read_control(first=wait, what="NEXT or END")
+    except TimedOut:
+        raise
+    except ConnectionClosed:
+        return False  # the peer closed instead of saying END: as good as END
     if word == "END":
         connection.close()
         return False
@@ -152,6 +160,10 @@ class ListeningService:
                 envelope = await self._answerer.read(connection, first=settings.heartbeat_timeout)
             except UndecodableMessage as e:
                 await self._answerer.refuse(connection, e)
+                return
+            if envelope.message is None:
+                # A NULL request: Halibut's listening service ends there.
+                connection.close()
                 return
             assert isinstance(envelope.message, RequestMessage)
             await self._answerer.answer(connection, envelope.message, envelope.streams)

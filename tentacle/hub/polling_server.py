@@ -119,7 +119,8 @@ class PollingServer(Service):
             log=self.log,
         )
         self.factory = ListenerFactory(
-            self.trust, reactor, handshake_timeout, self._track(sessions), log=self.log
+            self.trust, reactor, handshake_timeout, self._track(sessions), log=self.log,
+            keepalive=settings.keepalive,
         )
         self.port: IListeningPort | None = None
 

@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from tentacle.contracts import DataStream, UploadResult
 from tentacle import events
 from tentacle.dispatch import CallContext, RequestError
-from tentacle.fsutil import fsync_directory, private_folder
+from tentacle.fsutil import Writeback, fsync_directory, private_folder
 from tentacle.halibut.streams import ExpectedStream
 
 __all__ = [
@@ -155,6 +155,11 @@ def _describe(error: OSError) -> str:
 #: Payload is written in batches of this size rather than as the TLS layer
 #: delivers it (16 KiB records): 64 times fewer system calls.
 WRITE_BATCH = 1024 * 1024
+#: At most this much of an upload waits in the page cache for the disk:
+#: each batch is handed to the disk as it is written, so the fsync before
+#: the answer is short whatever the upload's size, and the answer starts
+#: well within the Server's five minutes (L{tentacle.fsutil.Writeback}).
+WRITEBACK_WINDOW = 32 * WRITE_BATCH
 #: Files up to this size are read whole before a download is answered.
 READ_AHEAD = 64 * 1024
 
@@ -165,6 +170,10 @@ class UploadSink:
     One upload's payload, written to a temp file beside its destination as
     it arrives (in L{WRITE_BATCH} pieces) and hashed on the way.  L{commit}
     makes it the destination.
+
+    Each batch is handed to the disk as it is written, and the sink waits
+    for the disk when more than L{WRITEBACK_WINDOW} is unwritten, so the
+    commit's fsync is short however large the upload.
 
     A failed write (disk full, file-size limit) does not stop the stream:
     the temp file is removed at once, the rest of the payload is read past
@@ -188,10 +197,15 @@ class UploadSink:
     received: int = attrs.field(init=False, default=0)
     _written: int = attrs.field(init=False, default=0)
     error: FileTransferError | None = attrs.field(init=False, default=None)
+    _writeback: Writeback | None = attrs.field(init=False, default=None)
     _finished: bool = attrs.field(init=False, default=False)
     _committed: bool = attrs.field(init=False, default=False)
     _removed: bool = attrs.field(init=False, default=False)
     _discarded: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self._fd is not None:
+            self._writeback = Writeback(self._fd, WRITEBACK_WINDOW)
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
@@ -222,6 +236,8 @@ class UploadSink:
         try:
             while done < len(batch):
                 done += os.write(self._fd, view[done:])
+            if self._writeback is not None:
+                self._writeback.wrote(self._written, done)
         except OSError as e:
             self._fail(
                 f"Could not write {self.target.full_path} after {self._written + done} of "

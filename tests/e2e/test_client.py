@@ -15,8 +15,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tentacle.client.api import RemoteError, RetryPolicy, Target, TentacleClient
-from tentacle.client.connection import AgentRefused, ConnectionFailed, Pin, UnexpectedCertificate
+from tentacle.client.api import RemoteError, RetryPolicy, RpcRetryPolicy, Target, TentacleClient
+from tentacle.client.connection import AgentRefused, Pin, UnexpectedCertificate
+from tentacle.dialer import ConnectionRefused
 from tentacle.contracts import SCRIPT_SERVICE, ProcessOutputSource
 from tentacle.dispatch import Dispatcher
 from tentacle.hub.queues import NotCollected, WrongAgent
@@ -213,11 +214,12 @@ class ClientTests(TestCase):
             Target("127.0.0.1", port, Pin(identity("agent").thumbprint)), identity("server"), reactor,
             retry=RetryPolicy(attempts=3, interval=0.05),
         )
-        with self.assertRaises(ConnectionFailed) as caught:
+        with self.assertRaises(ConnectionRefused) as caught:
             await client.capabilities()
         self.assertIn("after 3 tries", str(caught.exception))
         retries = [e for e in self.logs.events if "trying again" in e.get("log_format", "")]
         self.assertEqual(len(retries), 2)
+        self.assertEqual(self.logs.matching(event="call_retried"), [], "nothing listens: not sent again")
 
 
 class PollingClientTests(ClientTests):
@@ -282,7 +284,9 @@ class PollingClientTests(ClientTests):
         client = TentacleClient(
             Target.polling(SUBSCRIPTION), identity("server"), reactor, hub=server,
             retry=RetryPolicy(attempts=3, interval=0.05),
+            rpc_retry=RpcRetryPolicy(window=0.5, backoff=lambda n: 0.05, min_remaining=0.0),
         )
         with self.assertRaises(NotCollected) as caught:
             await client.capabilities()
         self.assertIn("did not collect the request", str(caught.exception))
+        self.assertGreaterEqual(len(self.logs.matching(event="call_retried")), 2, "as Octopus Server retries it")

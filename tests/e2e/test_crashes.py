@@ -226,7 +226,7 @@ class UploadCrashTests(CrashTestCase):
                 link.pause()
 
         forwarder.watch(hold_midway)
-        client = self.client(port=forwarded_port, retry=RetryPolicy(attempts=1))
+        client = self.client(port=forwarded_port, retry=RetryPolicy(attempts=1), rpc_retry=None)
         upload = Deferred.fromCoroutine(client.upload(big, "Packages/big.bin"))
 
         def temp_files() -> list[Path]:
