@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import IO, Any, Awaitable, Callable, NoReturn, Sequence
 
 import attrs
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 
-from tentacle import __version__
+from tentacle import __version__, events
 from tentacle.client import deploy_cli
 from tentacle.client.api import RemoteError, Target, TentacleClient
 from tentacle.client.connection import AgentRefused, ClientError, Pin
@@ -515,13 +516,24 @@ def _run_reactor(args: argparse.Namespace, console: Console, plan: Plan) -> int:
 
     ended: dict[str, Any] = {}
 
+    def retried(event: Any) -> None:
+        # The client retries as Octopus Server does, for up to 2.5 minutes:
+        # say so, rather than sit silent.
+        if event.get("event") == events.CALL_RETRIED:
+            console.err.write(f"tentacle-client: {formatEvent(event)}\n")
+
+    globalLogPublisher.addObserver(retried)  # type: ignore[arg-type]
+
     def start() -> None:
         d = Deferred.fromCoroutine(_main(reactor, args, console, plan))
         d.addCallbacks(lambda code: ended.update(code=code), lambda f: ended.update(failure=f))
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(start)
-    reactor.run()
+    try:
+        reactor.run()
+    finally:
+        globalLogPublisher.removeObserver(retried)  # type: ignore[arg-type]
     if "failure" in ended:
         ended["failure"].raiseException()
     return int(ended.get("code", 1))

@@ -498,3 +498,28 @@ class PausedConnectionTests(NetworkFaultTestCase):
         record(self, "network", "connection paused mid-download",
                "agent dropped it after one heartbeat instead of holding it for ever; resent download intact",
                faults=1, retries=self.retries)
+
+
+class CommandLineRetryTests(NetworkFaultTestCase):
+    """
+    C{tentacle-client} says when it sends a call again (it may retry for
+    up to 2.5 minutes, as Octopus Server does), rather than sit silent.
+    """
+
+    async def test_a_retry_is_reported(self) -> None:
+        from tentacle.identity import IdentityStore
+        from tests.e2e.test_client_cli import client_cli
+
+        forwarder = self.forwarder()
+        on_event(self, lambda _: forwarder.kill_existing(), event="request_served", method="GetCapabilities")
+        home = Path(self.mktemp()).absolute()
+        IdentityStore(home).save(identity("server"))
+        assert forwarder._port is not None
+        code, out, err = await client_cli(
+            "run", "--home", str(home), "--thumbprint", identity("agent").thumbprint,
+            f"127.0.0.1:{forwarder._port.getHost().port}", "-c", "echo after the retry",
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn("after the retry", out)
+        self.assertIn("ICapabilitiesServiceV2.GetCapabilities on 127.0.0.1", err)
+        self.assertIn("retry 1 in", err)
