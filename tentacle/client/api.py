@@ -71,9 +71,10 @@ from tentacle.halibut.errors import CodecError, ProtocolError
 from tentacle.halibut.failures import RPC_RETRY_WINDOW, classify, retry_delay
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMessage, ServerError
-from tentacle.halibut.streams import ReceivedStream
+from tentacle.halibut.connection import SinkChooser
+from tentacle.halibut.streams import ExpectedStream, ReceivedStream, StreamSink
 from tentacle.identity import Identity
-from tentacle.fsutil import fsync_directory
+from tentacle.fsutil import Writeback, fsync_directory
 
 
 class RemoteError(ClientError):
@@ -209,25 +210,92 @@ def retried(error: Exception) -> bool:
 Progress = Callable[[int, int], None]
 
 
-class _CountingReader:
+class _HashingReader:
     """
-    A file wrapper that reports how much has been read, for progress.
+    A file as it is sent: SHA-1 over what was read, and progress.
     """
 
-    def __init__(self, f: IO[bytes], total: int, progress: Progress) -> None:
+    def __init__(self, f: IO[bytes], total: int, progress: Progress | None) -> None:
         self._f = f
         self._total = total
         self._done = 0
         self._progress = progress
+        self._sha1 = hashlib.sha1(usedforsecurity=False)
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
+        self._sha1.update(data)
         self._done += len(data)
-        self._progress(self._done, self._total)
+        if self._progress is not None:
+            self._progress(self._done, self._total)
         return data
+
+    def hexdigest(self) -> str:
+        return self._sha1.hexdigest()
 
     def close(self) -> None:
         self._f.close()
+
+
+#: How far a download may run ahead of the disk before it waits.
+_WRITEBACK_WINDOW = 32 * 1024 * 1024
+
+
+class _DownloadSink:
+    """
+    A downloaded stream, written as it arrives to a temp file beside its
+    destination (created 0600), hashed on the way, and handed to the disk
+    as it goes so the final fsync is short.  L{commit} puts it in place;
+    L{discard} removes it.
+    """
+
+    def __init__(self, local: Path, length: int, progress: Progress | None) -> None:
+        self._local = local
+        self._length = length
+        self._progress = progress
+        self.temp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+        self._fd: int | None = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._writeback = Writeback(self._fd, _WRITEBACK_WINDOW)
+        self._sha1 = hashlib.sha1(usedforsecurity=False)
+        self.received = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        offset = self.received
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._sha1.update(data)
+        self.received += len(data)
+        self._writeback.wrote(offset, len(data))
+        if self._progress is not None:
+            self._progress(self.received, self._length)
+
+    def finish(self) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._sha1.hexdigest()
+
+    def commit(self) -> None:
+        """
+        @raise TransferError: fewer bytes than declared arrived.
+        """
+        if self.received != self._length:
+            raise TransferError(f"received {self.received} bytes of {self._length}")
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self.temp, self._local)
+        fsync_directory(self._local.parent)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.temp.unlink(missing_ok=True)
 
 
 class Hub(TypingProtocol):
@@ -397,11 +465,14 @@ class TentacleClient:
         method: str,
         *params: Any,
         payloads: Mapping[uuid.UUID, PayloadOpener] | None = None,
+        sinks: SinkChooser | None = None,
     ) -> tuple[Any, list[ReceivedStream]]:
         """
         One request; the result and any data streams that came with it
         (the caller discards their sinks).
 
+        @param sinks: where the answer's data streams go as they arrive
+            (spooled by default; a polling agent's always are).
         @raise RemoteError: the agent answered with an error.
         @raise ClientError: the connection failed.
         """
@@ -411,7 +482,7 @@ class TentacleClient:
         else:
             connection = await self.connect()
             try:
-                response, streams = await connection.call(request, payloads)
+                response, streams = await connection.call(request, payloads, sinks)
             except CancelledError:
                 connection.end()  # the answer would arrive on a connection nobody reads
                 raise
@@ -444,6 +515,7 @@ class TentacleClient:
         *params: Any,
         payloads: Mapping[uuid.UUID, PayloadOpener] | None = None,
         long_running: bool = False,
+        sinks: SinkChooser | None = None,
     ) -> tuple[Any, list[ReceivedStream]]:
         """
         L{call} for a call that is safe to repeat: when it fails in a way
@@ -459,12 +531,12 @@ class TentacleClient:
         """
         policy = self._rpc_retry
         if policy is None:
-            return await self.call(service, method, *params, payloads=payloads)
+            return await self.call(service, method, *params, payloads=payloads, sinks=sinks)
         started = self._reactor.seconds()
         retries = 0
         last: ClientError | None = None
         while True:
-            attempt = Deferred.fromCoroutine(self.call(service, method, *params, payloads=payloads))
+            attempt = Deferred.fromCoroutine(self.call(service, method, *params, payloads=payloads, sinks=sinks))
             cut_off: list[bool] = []
             timer: IDelayedCall | None = None
             if last is not None and not long_running:
@@ -650,15 +722,14 @@ class TentacleClient:
         @raise TransferError: the agent's hash or length differ from ours.
         """
         size = local.stat().st_size
-        digest = hashlib.sha1()
-        with local.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
         ref = DataStream.fresh(size)
+        sent: list[_HashingReader] = []
 
         def opener() -> Any:
-            f = local.open("rb")
-            return _CountingReader(f, size, progress) if progress else f
+            # Hashed as it is sent (each try afresh), not read twice.
+            reader = _HashingReader(local.open("rb"), size, progress)
+            sent.append(reader)
+            return reader
 
         # Storing the same bytes at the same path again changes nothing, and
         # the agent drops an interrupted upload's temp file: safe to resend.
@@ -666,10 +737,11 @@ class TentacleClient:
             "IFileTransferService", "UploadFile", remote, ref, payloads={ref.id: opener}, long_running=True
         )
         assert isinstance(result, UploadResult)
-        if result.length != size or result.hash.lower() != digest.hexdigest():
+        ours = sent[-1].hexdigest() if sent else hashlib.sha1(b"").hexdigest()
+        if result.length != size or result.hash.lower() != ours:
             raise TransferError(
                 f"the agent stored {result.length} bytes with SHA-1 {result.hash}; "
-                f"we sent {size} bytes with SHA-1 {digest.hexdigest()}"
+                f"we sent {size} bytes with SHA-1 {ours}"
             )
         return result
 
@@ -680,12 +752,22 @@ class TentacleClient:
         @return: its length and SHA-1.
         @raise RemoteError: the file does not exist on the agent.
         """
+        def sink(message: Any, stream: ExpectedStream) -> StreamSink:
+            # Straight into a temp file beside the destination, hashed on
+            # the way: no spool, no second copy.
+            return _DownloadSink(local, stream.length, progress)
+
         result, streams = await self.call_idempotent(
-            "IFileTransferService", "DownloadFile", remote, long_running=True
+            "IFileTransferService", "DownloadFile", remote, long_running=True, sinks=sink
         )
         if result is None:
+            for stream in streams:
+                stream.sink.discard()
             raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
         [stream] = streams
+        if isinstance(stream.sink, _DownloadSink):
+            return await self._commit(stream.sink)
+        # Through a polling server: the stream was spooled there.
         digest = hashlib.sha1()
         temp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
         done = 0
@@ -707,3 +789,16 @@ class TentacleClient:
             stream.sink.discard()
             temp.unlink(missing_ok=True)
         return done, digest.hexdigest()
+
+    async def _commit(self, sink: _DownloadSink) -> tuple[int, str]:
+        """
+        A downloaded file made durable (fsync, in a thread: little is left
+        to write back) and put in place.
+        """
+        from twisted.internet.threads import deferToThreadPool
+
+        try:
+            await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), sink.commit)
+        finally:
+            sink.discard()
+        return sink.received, sink.hexdigest()

@@ -33,6 +33,7 @@ from tentacle.halibut.connection import (
     ExchangeSettings,
     HalibutConnection,
     KeepAlive,
+    SinkChooser,
     TimedOut,
 )
 from tentacle.halibut.errors import CodecError, CodecLimits, ProtocolError
@@ -149,7 +150,10 @@ class ClientConnection:
     # --- calls -------------------------------------------------------------------
 
     def call(
-        self, request: RequestMessage, payloads: Mapping[uuid.UUID, PayloadOpener] | None = None
+        self,
+        request: RequestMessage,
+        payloads: Mapping[uuid.UUID, PayloadOpener] | None = None,
+        sinks: SinkChooser | None = None,
     ) -> Deferred[tuple[ResponseMessage, list[ReceivedStream]]]:
         """
         Send one request and its streams; fires with the response and the
@@ -157,13 +161,16 @@ class ClientConnection:
         Cancelling it drops the connection.
         """
         self._take("call")
-        return Deferred.fromCoroutine(self._call(request, payloads))
+        return Deferred.fromCoroutine(self._call(request, payloads, sinks))
 
     async def _call(
-        self, request: RequestMessage, payloads: Mapping[uuid.UUID, PayloadOpener] | None
+        self,
+        request: RequestMessage,
+        payloads: Mapping[uuid.UUID, PayloadOpener] | None,
+        sinks: SinkChooser | None,
     ) -> tuple[ResponseMessage, list[ReceivedStream]]:
         try:
-            result = await self._role.call(request, payloads)
+            result = await self._role.call(request, payloads, sinks)
         except _BROKEN as e:
             self.protocol.abort()
             raise RequestFailed(_describe(e, "the agent's response could not be read")) from None

@@ -30,6 +30,7 @@ from tentacle.halibut.connection import (
     DiscardingSink,
     Envelope,
     HalibutConnection,
+    SinkChooser,
     TimedOut,
     UndecodableMessage,
 )
@@ -212,6 +213,7 @@ async def _ask(
     connection: HalibutConnection,
     request: RequestMessage,
     payloads: Mapping[uuid.UUID, Callable[[], IO[bytes]]] | None,
+    sinks: SinkChooser | None = None,
 ) -> tuple[ResponseMessage, list[ReceivedStream]]:
     """
     Send one request and its streams; read the response and its streams.
@@ -220,7 +222,7 @@ async def _ask(
     """
     await connection.send_envelope(request, payloads)
     envelope = await connection.read_envelope(
-        ResponseMessage, first=connection.settings.response_timeout, what="a response"
+        ResponseMessage, first=connection.settings.response_timeout, what="a response", sinks=sinks
     )
     response = envelope.message
     if not isinstance(response, ResponseMessage):
@@ -250,9 +252,15 @@ class ListeningClient:
         return await connection.read_identity(_SERVER, first=connection.settings.heartbeat_timeout)
 
     async def call(
-        self, request: RequestMessage, payloads: Mapping[uuid.UUID, Callable[[], IO[bytes]]] | None = None
+        self,
+        request: RequestMessage,
+        payloads: Mapping[uuid.UUID, Callable[[], IO[bytes]]] | None = None,
+        sinks: SinkChooser | None = None,
     ) -> tuple[ResponseMessage, list[ReceivedStream]]:
-        return await _ask(self.connection, request, payloads)
+        """
+        @param sinks: where the response's data streams go; spooled by default.
+        """
+        return await _ask(self.connection, request, payloads, sinks)
 
     async def next(self) -> None:
         connection = self.connection
