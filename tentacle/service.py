@@ -25,7 +25,6 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
@@ -41,7 +40,7 @@ from tentacle.halibut.connection import ExchangeSettings
 from tentacle.config import ConfigError, ConfigFile, PolledServer, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
-from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut_sessions
+from tentacle.listener import Accepted, ListenerFactory, ListeningTLSFactory, SessionFactory, halibut_sessions
 from tentacle.polling import PollingService
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
@@ -163,8 +162,7 @@ class TentacleService(MultiService):
         self.config = config
         self.trust = TrustList(config.trusted)
         self.listener_factory = ListenerFactory(
-            self.trust, self.reactor, config.handshake_timeout, session_factory,
-            max_connections=config.max_connections, log=self._logger("tentacle.listener"),
+            self.trust, self.reactor, config.admission, session_factory, log=self._logger("tentacle.listener"),
         )
         self.port: IListeningPort | None = None
         self._privileged_started = False
@@ -270,10 +268,7 @@ class TentacleService(MultiService):
         super().privilegedStartService()
 
     def _listen(self) -> None:
-        tls = TLSMemoryBIOFactory(
-            AgentTLSOptions(self.identity), False, self.listener_factory, clock=self.reactor
-        )
-        tls.noisy = False
+        tls = ListeningTLSFactory(AgentTLSOptions(self.identity), self.listener_factory, clock=self.reactor)
         self._accepting.wrappedFactory = tls
         factory = self._accepting
         errors: list[BaseException] = []

@@ -6,6 +6,8 @@ file-size limit).
 Child side: C{python -m tests.agent_process --home H --trust T
 [--allowed-root R]... [--file-size-limit BYTES] [--port N] [--scripts]
 [--handshake-timeout S] [--heartbeat-timeout S] [--max-connections N]
+[--max-unauthenticated-connections N] [--max-unauthenticated-per-address N]
+[--first-byte-timeout S]
 [--crash-writing-state STATE]} listens on a loopback port (a free one
 unless given), prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
 Parent side: L{spawn_agent}.
@@ -51,6 +53,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0)
     parser.add_argument("--max-connections", type=int)
+    parser.add_argument("--max-unauthenticated-connections", type=int, default=250)
+    parser.add_argument("--max-unauthenticated-per-address", type=int, default=50)
+    parser.add_argument("--first-byte-timeout", type=float, default=5.0)
     parser.add_argument("--crash-writing-state")
     args = parser.parse_args(argv)
     if args.crash_writing_state:
@@ -81,6 +86,9 @@ def main(argv: list[str]) -> None:
         allowed_roots=tuple(Path(r) for r in args.allowed_root),
         handshake_timeout=args.handshake_timeout,
         max_connections=args.max_connections,
+        max_unauthenticated_connections=args.max_unauthenticated_connections,
+        max_unauthenticated_per_address=args.max_unauthenticated_per_address,
+        first_byte_timeout=args.first_byte_timeout,
     )
     dispatcher: Dispatcher | None = None
     if not args.scripts:
