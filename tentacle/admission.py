@@ -34,6 +34,15 @@ DEFAULT_FIRST_BYTE_TIMEOUT = 5.0
 #: Seconds from the accept to a trusted identity line (C{handshake-timeout}).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
+#: Connections the kernel may queue before a listener (the agent's, a
+#: hub's) accepts them (capped by net.core.somaxconn, 4096 by default since
+#: Linux 5.4).  Twisted's 50 made a burst of connections wait out SYN
+#: retransmits of a second or more, a trusted server's among them; and a
+#: flood of more sockets than the unauthenticated budget plus this queue
+#: keeps the queue full, so new connections (a trusted server's too) wait
+#: out SYN retransmits.
+LISTEN_BACKLOG = 4096
+
 # The reasons logged (and counted) for each way a connection is closed
 # here: the name of the setting that closed it.
 MAX_CONNECTIONS = "max-connections"

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     ITransport,
 )
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -105,6 +106,22 @@ def reset_connection(transport: ITransport) -> None:
         except OSError:
             pass
     transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def drop_at_once(transport: ITransport) -> None:
+    """
+    Reset a connection and release its socket now, not on the reactor's
+    next turn: an accept that evicts must not hold two descriptors for a
+    whole batch of accepts (Twisted's batch grows by 20 at each full one,
+    without bound, under a flood).
+
+    The TCP transport's own C{connectionLost}, run now, closes the socket;
+    the one C{abortConnection} scheduled finds it gone and does nothing.
+    """
+    tcp: Any = getattr(transport, "transport", transport)
+    transport.abortConnection()  # type: ignore[attr-defined]
+    if getattr(tcp, "socket", None) is not None and getattr(tcp, "_aborting", False):
+        tcp.connectionLost(Failure(ConnectionAborted()))
 
 
 @implementer(IHandshakeListener)
@@ -321,7 +338,9 @@ class AgentConnection(Protocol):
             limit=limit,
             event=events.CONNECTION_EVICTED,
         )
-        self._reset()
+        self._finished = True
+        self._cancel_timeout()
+        drop_at_once(self._link)
 
     def revoke(self) -> None:
         """
@@ -478,6 +497,33 @@ class ListenerFactory(Factory):
                 connection.revoke()
 
 
+#: Most connections a listening port accepts in one turn of the reactor.
+ACCEPTS_PER_TURN = 32
+
+
+def take_turns(port: Any, most: int = ACCEPTS_PER_TURN) -> None:
+    """
+    Make a listening port accept at most C{most} connections a turn.
+
+    Twisted's port accepts up to C{numberAccepts} in one go and adds 20 to
+    it after each full batch, without bound.  Under a flood the batch grows
+    to the whole accept queue, and a turn of the reactor takes seconds, so
+    a trusted server's handshake, which needs a turn per round trip, takes
+    seconds a step.  Capped, the established connections get a turn after
+    every few dozen accepts.  A port without C{numberAccepts} (not
+    Twisted's TCP port) is left alone.
+    """
+    if not hasattr(port, "numberAccepts"):
+        return
+    accept = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = min(port.numberAccepts, most)
+        return accept()
+
+    port.doRead = doRead
+
+
 class ListeningTLS(BufferingTLSTransport):
     """
     TLS on an accepted connection that tells its L{AgentConnection} when
@@ -485,6 +531,13 @@ class ListeningTLS(BufferingTLSTransport):
     """
 
     _heard = False
+
+    def _checkHandshakeStatus(self) -> None:
+        # A server has nothing to say before the ClientHello, and OpenSSL's
+        # first handshake step allocates its buffers (some 50 KB): a silent
+        # connection costs none of that until its first byte.
+        if self._heard:
+            super()._checkHandshakeStatus()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._heard:

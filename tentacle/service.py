@@ -40,7 +40,15 @@ from tentacle.halibut.connection import ExchangeSettings
 from tentacle.config import ConfigError, ConfigFile, PolledServer, TentacleConfig
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
-from tentacle.listener import Accepted, ListenerFactory, ListeningTLSFactory, SessionFactory, halibut_sessions
+from tentacle.admission import LISTEN_BACKLOG
+from tentacle.listener import (
+    Accepted,
+    ListenerFactory,
+    ListeningTLSFactory,
+    SessionFactory,
+    halibut_sessions,
+    take_turns,
+)
 from tentacle.polling import PollingService
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
@@ -54,10 +62,6 @@ from tentacle.workspace import remove_stale_workspaces
 CONFIG_POLL_INTERVAL = 2.0
 #: Tentacle looks for old workspaces every two hours.
 WORKSPACE_CLEANING_INTERVAL = 7200.0
-#: Connections the kernel may queue before the agent accepts them (capped by
-#: net.core.somaxconn).  Twisted's 50 made a burst of connections wait out
-#: SYN retransmits of a second or more, a trusted server's among them.
-LISTEN_BACKLOG = 1024
 #: How often the agent proves it is alive (the heartbeat file for
 #: C{tentacle livez}) and publishes its metrics for C{tentacle metrics}.
 HEARTBEAT_INTERVAL = 10.0
@@ -278,6 +282,7 @@ class TentacleService(MultiService):
             result.addCallbacks(ports.append, lambda f: errors.append(f.value))
             if ports:
                 self.port = ports[0]
+                take_turns(self.port)
                 break
         if self.port is None:
             raise errors[-1]

@@ -68,7 +68,9 @@ def main(argv: list[str]) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, hard))
 
     from twisted.internet import reactor as the_reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
+
+    from tentacle.logs import make_observer
 
     from tentacle.config import TentacleConfig
     from tentacle.dispatch import Dispatcher
@@ -77,7 +79,8 @@ def main(argv: list[str]) -> None:
     from tentacle.services import register_tentacle_services
 
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    # As `tentacle run` logs: text, info and above.
+    globalLogBeginner.beginLoggingTo([make_observer("text", None, 0)])
     config = TentacleConfig(
         home=Path(args.home),
         port=args.port,
@@ -139,7 +142,8 @@ class ChildAgent(ProcessProtocol):
     """
 
     def __init__(self) -> None:
-        self.output = b""
+        # A bytearray, so a flood's thousands of log lines append in O(1).
+        self.output = bytearray()
         self.port: Deferred[int] = Deferred()
         self.ended: Deferred[Any] = Deferred()
 

@@ -31,8 +31,8 @@ from tentacle.halibut.serializer import RequestMessage, ResponseMessage
 from tentacle.halibut.streams import ReceivedStream
 from tentacle.hub.queues import DEFAULT_COLLECT_TIMEOUT, PollingQueues
 from tentacle.identity import Identity, normalize_thumbprint
-from tentacle.admission import AdmissionLimits
-from tentacle.listener import Accepted, ListenerFactory, ListeningTLSFactory, halibut_sessions
+from tentacle.admission import LISTEN_BACKLOG, AdmissionLimits
+from tentacle.listener import Accepted, ListenerFactory, ListeningTLSFactory, halibut_sessions, take_turns
 from tentacle.tls import AgentTLSOptions
 from tentacle.trust import PeerIdentity, TrustList
 
@@ -209,7 +209,8 @@ class PollingServer(Service):
     def privilegedStartService(self) -> None:
         if self.port is None:
             tls = ListeningTLSFactory(AgentTLSOptions(self.identity), self.factory, clock=self.reactor)
-            self.port = self.reactor.listenTCP(self._port_number, tls, backlog=1024, interface=self._interface)
+            self.port = self.reactor.listenTCP(self._port_number, tls, backlog=LISTEN_BACKLOG, interface=self._interface)
+            take_turns(self.port)
         super().privilegedStartService()
 
     def startService(self) -> None:
