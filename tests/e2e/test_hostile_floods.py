@@ -242,7 +242,7 @@ class FloodTests(TestCase):
             "fds back to baseline",
             trusted_calls=len(latencies), trusted_median_ms=round(median * 1000),
             trusted_max_ms=round(max(latencies) * 1000), flood_connections=flood.opened,
-            refused=per_address + budget, fds_baseline=baseline, fds_peak=peak[0],
+            evicted=per_address + budget, fds_baseline=baseline, fds_peak=peak[0],
         )
 
     async def test_1500_silent_sockets_reopened_never_lock_the_trusted_server_out(self) -> None:

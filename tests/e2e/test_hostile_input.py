@@ -309,7 +309,7 @@ class ConnectionBudgetTests(TestCase):
         self.assertEqual(len(logs.matching(event="connection_evicted")), 3)
         record(self, "hostile", "7 silent connections against max-unauthenticated-connections=5, then a "
                "trusted server", "the oldest two evicted (logged with address and reason), the newest kept; "
-               "the trusted server evicts one more and is served", refused=3)
+               "the trusted server evicts one more and is served", evicted=3)
 
     async def test_one_address_over_its_share_only_evicts_its_own(self) -> None:
         logs = LogCapture.install(self)
@@ -327,6 +327,9 @@ class ConnectionBudgetTests(TestCase):
         evicted = logs.matching(event="connection_evicted")
         self.assertEqual([e["reason"] for e in evicted], ["max-unauthenticated-per-address"] * 2)
         self.assertTrue(all(e["peer"].startswith("127.0.0.2:") for e in evicted))
+        record(self, "hostile", "5 silent connections from one address and 2 from another, against "
+               "max-unauthenticated-per-address=3", "the crowded address's oldest two evicted and logged "
+               "with its address; the other address untouched", evicted=len(evicted))
 
     async def test_refused_before_tls_only_when_every_place_is_authenticated(self) -> None:
         logs = LogCapture.install(self)
