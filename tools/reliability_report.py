@@ -126,6 +126,9 @@ def run_tests(figures: Path, fuzz_seconds: float, flood_seconds: float) -> tuple
     env["TENTACLE_FLOOD_SECONDS"] = str(flood_seconds)
     env["PYTHONPATH"] = str(CHECKOUT) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="tentacle-reliability-") as temp:
+        # Made 0700; the tests that run an agent as another user (nobody)
+        # open the folders up to trial's own, and this one is above it.
+        os.chmod(temp, 0o755)
         result = subprocess.run(
             [sys.executable, "-m", "twisted.trial", "--temp-directory", str(Path(temp) / "trial"), *MODULES],
             cwd=CHECKOUT, env=env, capture_output=True, text=True,
