@@ -365,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
         "'default' (the machine's own)",
     )
     configure.add_argument(
+        "--max-unauthenticated-connections", type=_argument(_count), metavar="N",
+        help="of the open connections, how many may not have shown a trusted certificate yet",
+    )
+    configure.add_argument(
+        "--max-unauthenticated-per-address", type=_argument(_count), metavar="N",
+        help="of those, how many from one address (an IPv6 /64 counts as one)",
+    )
+    configure.add_argument(
+        "--first-byte-timeout", type=_argument(_seconds), metavar="SECONDS",
+        help="seconds a new connection has to send its first byte of TLS",
+    )
+    configure.add_argument(
         "--tcp-keepalive", type=_argument(_or_none(_keepalive)), default=_NOT_GIVEN, metavar="IDLE,INTERVAL,COUNT",
         help="TCP keepalive on every connection: seconds idle, seconds between probes, probes "
         "(default 15,5,10, as Halibut; 'none': off)",
@@ -603,6 +615,9 @@ class _Command:
             "port": args.port, "listen_ip": args.listen_ip, "app": args.app,
             "handshake_timeout": args.handshake_timeout, "workspace_max_age": args.workspace_max_age,
             "audit_log": args.audit_log, "instance_name": args.instance_name, "proxy": args.proxy,
+            "max_unauthenticated_connections": args.max_unauthenticated_connections,
+            "max_unauthenticated_per_address": args.max_unauthenticated_per_address,
+            "first_byte_timeout": args.first_byte_timeout,
         }
         optional = (
             "max_concurrent_scripts", "script_timeout", "max_connections", "metrics_port", "script_output_limit",
@@ -651,7 +666,10 @@ class _Command:
             changed["listen_address"] = None if args.listen_ip == "any" else args.listen_ip
         if args.app is not None:
             changed["application_directory"] = Path(args.app).expanduser().absolute()
-        for name in ("handshake_timeout", "workspace_max_age", "audit_log", "instance_name", "proxy"):
+        for name in (
+            "handshake_timeout", "workspace_max_age", "audit_log", "instance_name", "proxy",
+            "max_unauthenticated_connections", "max_unauthenticated_per_address", "first_byte_timeout",
+        ):
             if settings[name] is not None:
                 changed[name] = settings[name]
         for name in given:
@@ -876,8 +894,11 @@ _LABELS = {
     "proxy": "Proxy",
     "script-output-limit": "Script output limit",
     "tcp-keepalive": "TCP keepalive",
+    "max-unauthenticated-connections": "Max unauthenticated connections",
+    "max-unauthenticated-per-address": "Max unauthenticated per address",
+    "first-byte-timeout": "First byte timeout",
 }
-_UNITS = {"handshake-timeout": " s", "script-timeout": " s", "workspace-max-age": " s"}
+_UNITS = {"handshake-timeout": " s", "script-timeout": " s", "workspace-max-age": " s", "first-byte-timeout": " s"}
 
 
 def _named(changed: Mapping[str, Any], key: str) -> bool:
@@ -905,6 +926,9 @@ def _settings_text(command: _Command, config: TentacleConfig, identity: Identity
         ("Application directory", str(config.applications)),
         ("Handshake timeout", f"{config.handshake_timeout:g} s"),
         ("Max connections", str(config.max_connections) if config.max_connections else "no limit"),
+        ("Max unauthenticated", f"{config.max_unauthenticated_connections}, "
+                                f"{config.max_unauthenticated_per_address} per address"),
+        ("First byte timeout", f"{config.first_byte_timeout:g} s"),
         ("Max concurrent scripts", str(config.max_concurrent_scripts) if config.max_concurrent_scripts else "no limit"),
         ("Script timeout", f"{config.script_timeout:g} s" if config.script_timeout else "none (scripts may run forever)"),
         ("Workspace max age", f"{config.workspace_max_age:g} s"),

@@ -17,6 +17,14 @@ from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 
+from tentacle.admission import (
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    AdmissionLimits,
+)
 from tentacle.fsutil import atomic_write, private_folder
 from tentacle.halibut.connection import KeepAlive
 from tentacle.halibut.handshake import normalize_subscription
@@ -25,9 +33,7 @@ from tentacle.systemd import check_instance
 
 DEFAULT_PORT = 10933
 DEFAULT_INSTANCE = "default"
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_WORKSPACE_MAX_AGE = 86400.0
-DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_POLLING_PORT = 10943
 MAX_POLLING_CONNECTIONS = 512
 #: Overrides every polling server's connection count, as in Tentacle.
@@ -282,8 +288,11 @@ class TentacleConfig:
         interface (IPv6 and IPv4 through one dual-stack socket).
     @ivar trusted_thumbprints: canonical upper-case SHA-1 or SHA-256 digests
         of the servers' certificates; several at once allow rotation.
-    @ivar handshake_timeout: seconds a new connection has to finish TLS and
-        send its first request before it is cut off.
+    @ivar handshake_timeout: seconds a new connection has to finish TLS,
+        send its first request and, if it is a trusted server, its identity
+        line, before it is cut off.
+    @ivar first_byte_timeout: seconds a new connection has to send its
+        first byte of TLS.
     @ivar allowed_roots: when not empty, file transfers are confined to
         these folders; empty means any path, as Tentacle allows.
     @ivar max_concurrent_scripts: scripts beyond this many wait as Pending
@@ -292,8 +301,15 @@ class TentacleConfig:
         and ends with -44 (None: never, as Tentacle).
     @ivar workspace_max_age: finished script workspaces older than this
         many seconds are removed.
-    @ivar max_connections: connections beyond this many open at once are
-        refused before TLS (None: no limit).
+    @ivar max_connections: connections open at once, authenticated or not
+        (None: no limit); a newcomer beyond it closes the oldest
+        unauthenticated one, and is refused before TLS only when all are
+        authenticated.
+    @ivar max_unauthenticated_connections: of those, how many may not have
+        shown a trusted certificate yet; beyond it the oldest of the most
+        crowded address is closed.
+    @ivar max_unauthenticated_per_address: of those, how many from one
+        address (an IPv6 /64); beyond it that address's oldest is closed.
     @ivar audit_log: keep C{<home>/Logs/audit.log}.
     @ivar metrics_port: serve Prometheus metrics on this loopback port.
     @ivar listen: accept connections on C{port}; off for an agent that
@@ -322,6 +338,9 @@ class TentacleConfig:
     script_timeout: float | None = None
     workspace_max_age: float = DEFAULT_WORKSPACE_MAX_AGE
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
     audit_log: bool = True
     metrics_port: int | None = None
     listen: bool = True
@@ -330,6 +349,19 @@ class TentacleConfig:
     proxy: ProxySetting = ProxySetting()
     script_output_limit: int | None = None
     tcp_keepalive: KeepAlive | None = KeepAlive()
+
+    @property
+    def admission(self) -> AdmissionLimits:
+        """
+        The listener's connection budgets and deadlines.
+        """
+        return AdmissionLimits(
+            max_connections=self.max_connections,
+            max_unauthenticated=self.max_unauthenticated_connections,
+            max_unauthenticated_per_address=self.max_unauthenticated_per_address,
+            first_byte_timeout=self.first_byte_timeout,
+            handshake_timeout=self.handshake_timeout,
+        )
 
     @property
     def trusted(self) -> tuple[str, ...]:
@@ -438,6 +470,9 @@ class TentacleConfig:
             "script-timeout": self.script_timeout,
             "workspace-max-age": self.workspace_max_age,
             "max-connections": self.max_connections,
+            "max-unauthenticated-connections": self.max_unauthenticated_connections,
+            "max-unauthenticated-per-address": self.max_unauthenticated_per_address,
+            "first-byte-timeout": self.first_byte_timeout,
             "audit-log": self.audit_log,
             "metrics-port": self.metrics_port,
             "listen": self.listen,
@@ -540,6 +575,9 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "script-timeout": ("script_timeout", lambda v: _optional(v, check_timeout)),
     "workspace-max-age": ("workspace_max_age", check_timeout),
     "max-connections": ("max_connections", lambda v: _optional(v, _count)),
+    "max-unauthenticated-connections": ("max_unauthenticated_connections", lambda v: _count(v)),
+    "max-unauthenticated-per-address": ("max_unauthenticated_per_address", lambda v: _count(v)),
+    "first-byte-timeout": ("first_byte_timeout", check_timeout),
     "audit-log": ("audit_log", lambda v: _boolean(v)),
     "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
     "listen": ("listen", lambda v: _boolean(v)),
@@ -556,6 +594,7 @@ _KNOWN_KEYS = frozenset(_SETTINGS)
 LIVE_SETTINGS = frozenset({
     "trusted-thumbprints", "allowed-roots", "max-concurrent-scripts", "script-timeout",
     "handshake-timeout", "max-connections", "workspace-max-age", "polling-servers",
+    "max-unauthenticated-connections", "max-unauthenticated-per-address", "first-byte-timeout",
 })
 
 

@@ -15,8 +15,14 @@ from tentacle.halibut.connection import CONNECTION_TIMED_OUT, PROTOCOL_ERROR
 
 # --- connections (listener) ---------------------------------------------------
 CONNECTION_ACCEPTED = "connection_accepted"
-#: Closed before TLS: over a connection budget.
+#: Closed before TLS: every place is held by an authenticated connection.
 CONNECTION_REFUSED = "connection_refused"
+#: An unauthenticated connection closed to make room for a newer one
+#: (C{reason}: the budget that was full).
+CONNECTION_EVICTED = "connection_evicted"
+#: An unauthenticated connection that sent no TLS, or no trusted identity,
+#: in time (C{reason}: C{first-byte-timeout} or C{handshake-timeout}).
+HANDSHAKE_TIMED_OUT = "handshake_timed_out"
 #: An MX exchange without a trusted certificate.
 CLIENT_DENIED = "client_denied"
 CLIENT_AUTHENTICATED = "client_authenticated"
@@ -54,9 +60,11 @@ __all__ = [
     "CLIENT_AUTHENTICATED",
     "CLIENT_DENIED",
     "CONNECTION_ACCEPTED",
+    "CONNECTION_EVICTED",
     "CONNECTION_REFUSED",
     "CONNECTION_TIMED_OUT",
     "DOWNLOAD_STARTED",
+    "HANDSHAKE_TIMED_OUT",
     "POLLING_CONNECTED",
     "POLLING_DISCONNECTED",
     "POLLING_REFUSED",

@@ -4,7 +4,13 @@ serves it: the agent's listener, and a hub's polling port, alike.
 
 The order of checks follows Halibut's listener, and is the security model:
 
-  0. Over the connection cap (C{max-connections}): closed before TLS, logged.
+  0. Admission (L{tentacle.admission}): a new connection is counted in the
+     budget of unauthenticated connections, closing the oldest of the most
+     crowded address when that budget (or its address's share) is full; it
+     is refused before TLS only when every place is held by an
+     authenticated connection.  From here, its first TLS byte must come
+     within C{first-byte-timeout}, and its identity line within
+     C{handshake-timeout}.
   1. TLS handshake (any client certificate, or none, completes it).
   2. Read the initial request up to a blank line (at most 20,000 characters).
   3. Not C{MX}: a browser or curl; send the friendly page and close.
@@ -25,18 +31,30 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.interfaces import (
+    IHandshakeListener,
     IProtocol,
     IReactorTime,
     ISSLTransport,
     ITransport,
 )
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from OpenSSL import SSL
+from zope.interface import implementer
 
 from tentacle import events
 from tentacle.addresses import describe_address
+from tentacle.admission import (
+    FIRST_BYTE_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    Admission,
+    AdmissionLimits,
+    source_of,
+)
 from tentacle.halibut.handshake import (
     MAX_INITIAL_REQUEST,
     SERVER_IDENTITY,
@@ -91,6 +109,23 @@ def reset_connection(transport: ITransport) -> None:
     transport.abortConnection()  # type: ignore[attr-defined]
 
 
+def drop_at_once(transport: ITransport) -> None:
+    """
+    Reset a connection and release its socket now, not on the reactor's
+    next turn: an accept that evicts must not hold two descriptors for a
+    whole batch of accepts (Twisted's batch grows by 20 at each full one,
+    without bound, under a flood).
+
+    The TCP transport's own C{connectionLost}, run now, closes the socket;
+    the one C{abortConnection} scheduled finds it gone and does nothing.
+    """
+    tcp: Any = getattr(transport, "transport", transport)
+    transport.abortConnection()  # type: ignore[attr-defined]
+    if getattr(tcp, "socket", None) is not None and getattr(tcp, "_aborting", False):
+        tcp.connectionLost(Failure(ConnectionAborted()))
+
+
+@implementer(IHandshakeListener)
 class AgentConnection(Protocol):
     """
     One connection, from the TLS handshake to the hand-over to the exchange.
@@ -106,6 +141,7 @@ class AgentConnection(Protocol):
         self._peer: PeerIdentity | None = None
         self._session: IProtocol | None = None
         self._timeout: Deadline | None = None
+        self._first_byte: Deadline | None = None
         self._address = "?"
         self._finished = False
         self._refused = False
@@ -128,13 +164,29 @@ class AgentConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.log = self.factory.log
-        self._address = describe_address(self._link.getPeer())
-        if not self.factory.admit(self):
+        peer = self._link.getPeer()
+        self._address = describe_address(peer)
+        if not self.factory.admit(self, source_of(getattr(peer, "host", self._address))):
             self._refuse()
             return
+        limits = self.factory.limits
+        self._first_byte = Deadline(self.factory.clock, self._no_first_byte)
+        self._first_byte.arm(limits.first_byte_timeout)
         self._timeout = Deadline(self.factory.clock, self._timed_out)
-        self._timeout.arm(self.factory.handshake_timeout)
+        self._timeout.arm(limits.handshake_timeout)
         set_keepalive(self.transport, self.factory.keepalive)
+
+    def tls_bytes_received(self) -> None:
+        """
+        The first bytes of TLS arrived (told by L{ListeningTLS}): the peer
+        is no longer silent, and has the rest of C{handshake-timeout}.
+        """
+        if self._first_byte is not None:
+            self._first_byte.cancel()
+            self._first_byte = None
+
+    def handshakeCompleted(self) -> None:
+        self.tls_bytes_received()
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -252,13 +304,45 @@ class AgentConnection(Protocol):
         )
         self._abort()
 
-    def _timed_out(self) -> None:
+    def _no_first_byte(self) -> None:
+        self._first_byte = None
         self.log.info(
-            "Disconnected {peer}: no complete request within {timeout} seconds",
+            "Disconnected {peer}: no TLS within {timeout} seconds ({reason})",
             peer=self._address,
-            timeout=self.factory.handshake_timeout,
+            timeout=self.factory.limits.first_byte_timeout,
+            reason=FIRST_BYTE_TIMEOUT,
+            event=events.HANDSHAKE_TIMED_OUT,
         )
         self._abort()
+
+    def _timed_out(self) -> None:
+        self.log.info(
+            "Disconnected {peer}: no complete request within {timeout} seconds ({reason})",
+            peer=self._address,
+            timeout=self.factory.limits.handshake_timeout,
+            reason=HANDSHAKE_TIMEOUT,
+            event=events.HANDSHAKE_TIMED_OUT,
+        )
+        self._abort()
+
+    def evict(self, reason: str, limit: int) -> None:
+        """
+        Closed, unauthenticated, to make room for a newer connection: with a
+        TCP reset, so neither side keeps the socket in TIME_WAIT.
+        """
+        if self._finished:
+            return
+        self.log.warn(
+            "Closed the unauthenticated connection from {peer} to make room for a new one "
+            "({reason}: {limit})",
+            peer=self._address,
+            reason=reason,
+            limit=limit,
+            event=events.CONNECTION_EVICTED,
+        )
+        self._finished = True
+        self._cancel_timeout()
+        drop_at_once(self._link)
 
     def revoke(self) -> None:
         """
@@ -273,17 +357,18 @@ class AgentConnection(Protocol):
 
     def _refuse(self) -> None:
         """
-        Over the connection cap: close the TCP connection under TLS before
-        a byte of TLS is exchanged, so the excess costs no handshake.
+        Every place is held by an authenticated connection: close the TCP
+        connection under TLS before a byte of TLS is exchanged, so the
+        excess costs no handshake.
         """
         self._finished = True
         self._refused = True
         self.log.warn(
-            "Refused a connection from {peer}: {reason}",
+            "Refused a connection from {peer}: all {limit} places are held by authenticated "
+            "connections ({reason})",
             peer=self._address,
-            reason=f"{self.factory.max_connections} connections are open, the most allowed "
-            "(max-connections)",
-            limit=self.factory.max_connections,
+            reason=MAX_CONNECTIONS,
+            limit=self.factory.limits.max_connections,
             event=events.CONNECTION_REFUSED,
         )
         tcp = getattr(self._link, "transport", self._link)
@@ -304,6 +389,7 @@ class AgentConnection(Protocol):
     def _cancel_timeout(self) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
+        self.tls_bytes_received()
 
     def _close(self) -> None:
         self._finished = True
@@ -338,14 +424,14 @@ class AgentConnection(Protocol):
 
 class ListenerFactory(Factory):
     """
-    Builds L{AgentConnection}s and keeps track of the authenticated ones,
-    so removing a thumbprint from the trust list cuts its servers off.
+    Builds L{AgentConnection}s, admits them within their budgets
+    (L{tentacle.admission}), and keeps track of the authenticated ones, so
+    removing a thumbprint from the trust list cuts its servers off.
 
+    @ivar limits: the connection budgets and the deadlines before a
+        connection authenticates.
     @ivar session_factory: builds the message exchange for an authenticated
         peer; when C{None}, the connection closes after the identity answer.
-    @ivar max_connections: connections beyond this many open at once are
-        closed as they arrive, before TLS (C{None}: no limit), so a flood
-        cannot exhaust the agent's file descriptors.
     @ivar keepalive: TCP keepalive on every accepted connection (C{None}: off).
     """
 
@@ -357,9 +443,8 @@ class ListenerFactory(Factory):
         self,
         trust: TrustList,
         clock: IReactorTime,
-        handshake_timeout: float,
+        limits: AdmissionLimits = AdmissionLimits(),
         session_factory: SessionFactory | None = None,
-        max_connections: int | None = None,
         log: Logger | None = None,
         keepalive: KeepAlive | None = KeepAlive(),
     ) -> None:
@@ -368,12 +453,17 @@ class ListenerFactory(Factory):
         self.keepalive = keepalive
         self.trust = trust
         self.clock = clock
-        self.handshake_timeout = handshake_timeout
+        self.limits = limits
         self.session_factory = session_factory
-        self.max_connections = max_connections
-        self._open: set[AgentConnection] = set()
-        self._authenticated: set[AgentConnection] = set()
+        self._admission: Admission[AgentConnection] = Admission(limits)
         self._unsubscribe: Callable[[], None] | None = None
+
+    def set_limits(self, limits: AdmissionLimits) -> None:
+        """
+        New limits, from the next connection on (a running agent's reload).
+        """
+        self.limits = limits
+        self._admission.limits = limits
 
     def startFactory(self) -> None:
         self._unsubscribe = self.trust.on_removal(self._trust_removed)
@@ -383,36 +473,103 @@ class ListenerFactory(Factory):
             self._unsubscribe()
             self._unsubscribe = None
 
-    def admit(self, connection: AgentConnection) -> bool:
+    def admit(self, connection: AgentConnection, source: str) -> bool:
         """
-        Count a new connection in, unless the cap is reached.
+        Count a new connection in, closing the unauthenticated connections
+        that must make room for it; C{False} when it must be refused.
         """
-        if self.max_connections is not None and len(self._open) >= self.max_connections:
-            return False
-        self._open.add(connection)
-        return True
+        decision = self._admission.admit(connection, source)
+        for eviction in decision.evict:
+            eviction.connection.evict(eviction.reason, eviction.limit)
+        return decision.admitted
 
     @property
     def open_connections(self) -> int:
-        return len(self._open)
+        return self._admission.open
+
+    @property
+    def unauthenticated_connections(self) -> int:
+        return self._admission.unauthenticated
 
     def authenticated(self, connection: AgentConnection) -> None:
-        self._authenticated.add(connection)
+        self._admission.authenticate(connection)
 
     def disconnected(self, connection: AgentConnection) -> None:
-        self._open.discard(connection)
-        self._authenticated.discard(connection)
+        self._admission.forget(connection)
 
     @property
     def authenticated_connections(self) -> frozenset[AgentConnection]:
-        return frozenset(self._authenticated)
+        return self._admission.authenticated
 
     def _trust_removed(self, removed: frozenset[str]) -> None:
-        for connection in list(self._authenticated):
+        for connection in self._admission.authenticated:
             peer = connection.peer
             if peer is not None and not self.trust.trusts(peer):
-                self._authenticated.discard(connection)
+                self._admission.forget(connection)
                 connection.revoke()
+
+
+#: Most connections a listening port accepts in one turn of the reactor.
+ACCEPTS_PER_TURN = 32
+
+
+def take_turns(port: Any, most: int = ACCEPTS_PER_TURN) -> None:
+    """
+    Make a listening port accept at most C{most} connections a turn.
+
+    Twisted's port accepts up to C{numberAccepts} in one go and adds 20 to
+    it after each full batch, without bound.  Under a flood the batch grows
+    to the whole accept queue, and a turn of the reactor takes seconds, so
+    a trusted server's handshake, which needs a turn per round trip, takes
+    seconds a step.  Capped, the established connections get a turn after
+    every few dozen accepts.  A port without C{numberAccepts} (not
+    Twisted's TCP port) is left alone.
+    """
+    if not hasattr(port, "numberAccepts"):
+        return
+    accept = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = min(port.numberAccepts, most)
+        return accept()
+
+    port.doRead = doRead
+
+
+class ListeningTLS(BufferingTLSTransport):
+    """
+    TLS on an accepted connection that tells its L{AgentConnection} when
+    the first bytes arrive, before any of them make a handshake message.
+    """
+
+    _heard = False
+
+    def _checkHandshakeStatus(self) -> None:
+        # A server has nothing to say before the ClientHello, and OpenSSL's
+        # first handshake step allocates its buffers (some 50 KB): a silent
+        # connection costs none of that until its first byte.
+        if self._heard:
+            super()._checkHandshakeStatus()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._heard:
+            self._heard = True
+            told = getattr(self.wrappedProtocol, "tls_bytes_received", None)
+            if told is not None:
+                told()
+        super().dataReceived(data)
+
+
+class ListeningTLSFactory(TLSMemoryBIOFactory):
+    """
+    The server side of TLS for a L{ListenerFactory}: see L{ListeningTLS}.
+    """
+
+    protocol = ListeningTLS
+    noisy = False
+
+    def __init__(self, tls: Any, factory: ListenerFactory, clock: IReactorTime | None = None) -> None:
+        super().__init__(tls, False, factory, clock=clock)
 
 
 def halibut_sessions(

@@ -64,6 +64,8 @@ class Metrics:
         """
         self.connections_accepted = 0
         self.connections_refused: Counter[str] = Counter()
+        self.connections_evicted: Counter[str] = Counter()
+        self.handshakes_timed_out: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.scripts_finished: Counter[int] = Counter()
         self.bytes_uploaded = 0
@@ -101,6 +103,12 @@ class Metrics:
         metric("tentacle_connections_refused_total", "counter",
                "Connections refused, by reason.",
                [({"reason": r}, n) for r, n in sorted(self.connections_refused.items())])
+        metric("tentacle_connections_evicted_total", "counter",
+               "Unauthenticated connections closed to make room for newer ones, by the budget that was full.",
+               [({"reason": r}, n) for r, n in sorted(self.connections_evicted.items())])
+        metric("tentacle_handshakes_timed_out_total", "counter",
+               "Unauthenticated connections cut off at a deadline, by the deadline.",
+               [({"reason": r}, n) for r, n in sorted(self.handshakes_timed_out.items())])
         metric("tentacle_requests_total", "counter",
                "Requests answered, by service, method and outcome.",
                [({"service": s, "method": m, "outcome": o}, n) for (s, m, o), n in sorted(self.requests.items())])

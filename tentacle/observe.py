@@ -93,6 +93,10 @@ class AgentObserver:
             m.connections_refused["untrusted" if event.get("thumbprint") else "no_certificate"] += 1
         elif kind == events.CONNECTION_REFUSED:
             m.connections_refused[str(event.get("reason") or "refused")] += 1
+        elif kind == events.CONNECTION_EVICTED:
+            m.connections_evicted[str(event.get("reason"))] += 1
+        elif kind == events.HANDSHAKE_TIMED_OUT:
+            m.handshakes_timed_out[str(event.get("reason"))] += 1
         elif kind == events.REQUEST_SERVED:
             m.requests[(event["service"], event["method"], event["outcome"])] += 1
             m.observe_latency(float(event.get("duration", 0.0)))

@@ -28,7 +28,6 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
@@ -44,7 +43,15 @@ from tentacle.halibut.connection import ExchangeSettings
 from tentacle.config import LIVE_SETTINGS, ConfigError, ConfigFile, PolledServer, TentacleConfig, changed_settings
 from tentacle.identity import Identity, IdentityStore
 from tentacle.addresses import describe_address
-from tentacle.listener import Accepted, ListenerFactory, SessionFactory, halibut_sessions
+from tentacle.admission import LISTEN_BACKLOG
+from tentacle.listener import (
+    Accepted,
+    ListenerFactory,
+    ListeningTLSFactory,
+    SessionFactory,
+    halibut_sessions,
+    take_turns,
+)
 from tentacle.polling import PollingService
 from tentacle.tls import AgentTLSOptions
 from tentacle.services import register_tentacle_services
@@ -59,10 +66,6 @@ from tentacle.workspace import remove_stale_workspaces
 CONFIG_POLL_INTERVAL = 2.0
 #: Tentacle looks for old workspaces every two hours.
 WORKSPACE_CLEANING_INTERVAL = 7200.0
-#: Connections the kernel may queue before the agent accepts them (capped by
-#: net.core.somaxconn).  Twisted's 50 made a burst of connections wait out
-#: SYN retransmits of a second or more, a trusted server's among them.
-LISTEN_BACKLOG = 1024
 #: How often the agent proves it is alive (the heartbeat file for
 #: C{tentacle livez}) and publishes its metrics for C{tentacle metrics}.
 HEARTBEAT_INTERVAL = 10.0
@@ -170,8 +173,7 @@ class TentacleService(MultiService):
         self.config = config
         self.trust = TrustList(config.trusted)
         self.listener_factory = ListenerFactory(
-            self.trust, self.reactor, config.handshake_timeout, session_factory,
-            max_connections=config.max_connections, log=self._logger("tentacle.listener"),
+            self.trust, self.reactor, config.admission, session_factory, log=self._logger("tentacle.listener"),
             keepalive=config.tcp_keepalive,
         )
         self.port: IListeningPort | None = None
@@ -286,10 +288,7 @@ class TentacleService(MultiService):
         super().privilegedStartService()
 
     def _listen(self) -> None:
-        tls = TLSMemoryBIOFactory(
-            AgentTLSOptions(self.identity), False, self.listener_factory, clock=self.reactor
-        )
-        tls.noisy = False
+        tls = ListeningTLSFactory(AgentTLSOptions(self.identity), self.listener_factory, clock=self.reactor)
         self._accepting.wrappedFactory = tls
         factory = self._accepting
         errors: list[BaseException] = []
@@ -299,6 +298,7 @@ class TentacleService(MultiService):
             result.addCallbacks(ports.append, lambda f: errors.append(f.value))
             if ports:
                 self.port = ports[0]
+                take_turns(self.port)
                 break
         if self.port is None:
             raise errors[-1]
@@ -492,6 +492,9 @@ class TentacleService(MultiService):
             script_timeout=config.script_timeout,
             handshake_timeout=config.handshake_timeout,
             max_connections=config.max_connections,
+            max_unauthenticated_connections=config.max_unauthenticated_connections,
+            max_unauthenticated_per_address=config.max_unauthenticated_per_address,
+            first_byte_timeout=config.first_byte_timeout,
             workspace_max_age=config.workspace_max_age,
         )
         if not live:
@@ -501,8 +504,7 @@ class TentacleService(MultiService):
         for implementation in self.dispatcher.implementations:
             if isinstance(implementation, FileTransferService):
                 implementation.allowed_roots = config.allowed_roots
-        self.listener_factory.handshake_timeout = config.handshake_timeout
-        self.listener_factory.max_connections = config.max_connections
+        self.listener_factory.set_limits(config.admission)
 
     def apply_trust(self, thumbprints: tuple[str, ...] | frozenset[str]) -> None:
         added, removed = self.trust.replace(thumbprints)

@@ -6,6 +6,8 @@ file-size limit).
 Child side: C{python -m tests.agent_process --home H --trust T
 [--allowed-root R]... [--file-size-limit BYTES] [--port N] [--scripts]
 [--handshake-timeout S] [--heartbeat-timeout S] [--max-connections N]
+[--max-unauthenticated-connections N] [--max-unauthenticated-per-address N]
+[--first-byte-timeout S]
 [--crash-writing-state STATE]} listens on a loopback port (a free one
 unless given), prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
 Parent side: L{spawn_agent}.
@@ -51,6 +53,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0)
     parser.add_argument("--max-connections", type=int)
+    parser.add_argument("--max-unauthenticated-connections", type=int, default=250)
+    parser.add_argument("--max-unauthenticated-per-address", type=int, default=50)
+    parser.add_argument("--first-byte-timeout", type=float, default=5.0)
     parser.add_argument("--crash-writing-state")
     args = parser.parse_args(argv)
     if args.crash_writing_state:
@@ -63,7 +68,9 @@ def main(argv: list[str]) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, hard))
 
     from twisted.internet import reactor as the_reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
+
+    from tentacle.logs import make_observer
 
     from tentacle.config import TentacleConfig
     from tentacle.dispatch import Dispatcher
@@ -72,7 +79,8 @@ def main(argv: list[str]) -> None:
     from tentacle.services import register_tentacle_services
 
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    # As `tentacle run` logs: text, info and above.
+    globalLogBeginner.beginLoggingTo([make_observer("text", None, 0)])
     config = TentacleConfig(
         home=Path(args.home),
         port=args.port,
@@ -81,6 +89,9 @@ def main(argv: list[str]) -> None:
         allowed_roots=tuple(Path(r) for r in args.allowed_root),
         handshake_timeout=args.handshake_timeout,
         max_connections=args.max_connections,
+        max_unauthenticated_connections=args.max_unauthenticated_connections,
+        max_unauthenticated_per_address=args.max_unauthenticated_per_address,
+        first_byte_timeout=args.first_byte_timeout,
     )
     dispatcher: Dispatcher | None = None
     if not args.scripts:
@@ -131,7 +142,8 @@ class ChildAgent(ProcessProtocol):
     """
 
     def __init__(self) -> None:
-        self.output = b""
+        # A bytearray, so a flood's thousands of log lines append in O(1).
+        self.output = bytearray()
         self.port: Deferred[int] = Deferred()
         self.ended: Deferred[Any] = Deferred()
 

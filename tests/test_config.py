@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tentacle.admission import AdmissionLimits
 from tentacle.halibut.connection import KeepAlive
 from tentacle.config import (
     DEFAULT_PORT,
@@ -37,7 +38,8 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertIsNone(config.listen_address)
         self.assertEqual(config.trusted_thumbprints, ())
         self.assertEqual(config.applications, self.home / "Applications")
-        self.assertEqual(config.handshake_timeout, 30.0)
+        self.assertEqual(config.handshake_timeout, 10.0)
+        self.assertEqual(config.first_byte_timeout, 5.0)
 
     def test_round_trip(self) -> None:
         config = TentacleConfig(
@@ -92,6 +94,39 @@ class ConfigFileTests(SynchronousTestCase):
         self.file.path.write_text(json.dumps({"max-connections": 0}))
         e = self.assertRaises(ConfigError, self.file.load)
         self.assertIn("max-connections: expected a whole number of at least 1", str(e))
+
+    def test_unauthenticated_budgets(self) -> None:
+        """
+        The budgets and deadlines before authentication: defaults, a file's
+        values, their checks, and the listener's view of them.
+        """
+        defaults = self.file.load().admission
+        self.assertEqual(
+            (defaults.max_connections, defaults.max_unauthenticated, defaults.max_unauthenticated_per_address,
+             defaults.first_byte_timeout, defaults.handshake_timeout),
+            (1000, 250, 50, 5.0, 10.0),
+        )
+        self.write({
+            "max-connections": 2000, "max-unauthenticated-connections": 300,
+            "max-unauthenticated-per-address": 20, "first-byte-timeout": 2, "handshake-timeout": 8,
+        })
+        loaded = self.file.load()
+        self.assertEqual(
+            loaded.admission,
+            AdmissionLimits(max_connections=2000, max_unauthenticated=300, max_unauthenticated_per_address=20,
+                            first_byte_timeout=2.0, handshake_timeout=8.0),
+        )
+        self.file.save(loaded)
+        self.assertEqual(self.file.load().admission, loaded.admission)
+        for key, value, message in [
+            ("max-unauthenticated-connections", 0, "expected a whole number of at least 1"),
+            ("max-unauthenticated-connections", None, "expected a whole number of at least 1"),
+            ("max-unauthenticated-per-address", 1.5, "expected a whole number of at least 1"),
+            ("first-byte-timeout", 0, "a timeout must be a positive number"),
+        ]:
+            self.file.path.write_text(json.dumps({key: value}))
+            e = self.assertRaises(ConfigError, self.file.load)
+            self.assertIn(f"{key}: {message}", str(e))
 
     def test_signature_changes_on_save(self) -> None:
         self.assertIsNone(self.file.signature())

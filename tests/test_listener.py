@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -25,7 +27,8 @@ from tentacle.halibut.handshake import (
     normalize_subscription,
 )
 from tentacle.identity import Identity
-from tentacle.listener import Accepted, AgentConnection, ListenerFactory, describe_address
+from tentacle.admission import AdmissionLimits
+from tentacle.listener import Accepted, AgentConnection, ListenerFactory, ListeningTLSFactory, describe_address
 from tentacle.page import FRIENDLY_PAGE
 from tentacle.tls import AgentTLSOptions
 from tentacle.trust import PeerIdentity, TrustList
@@ -138,6 +141,7 @@ class InMemoryAgent:
         trusted: tuple[str, ...] = (),
         handshake_timeout: float = 30.0,
         with_sessions: bool = False,
+        limits: AdmissionLimits = AdmissionLimits(),
     ) -> None:
         self.clock = Clock()
         self.trust = TrustList(trusted)
@@ -145,13 +149,12 @@ class InMemoryAgent:
         self.factory = ListenerFactory(
             self.trust,
             self.clock,
-            handshake_timeout,
+            attrs.evolve(limits, handshake_timeout=handshake_timeout),
             self._session if with_sessions else None,
         )
         self.factory.doStart()
-        self.tls = TLSMemoryBIOFactory(
-            AgentTLSOptions(identity("agent")), False, self.factory, clock=self.clock
-        )
+        self.tls = ListeningTLSFactory(AgentTLSOptions(identity("agent")), self.factory, clock=self.clock)
+        self._port = 50122
 
     def _session(self, accepted: Accepted) -> Session | None:
         if accepted.identity.kind is not IdentityKind.CLIENT:
@@ -160,20 +163,30 @@ class InMemoryAgent:
         self.sessions.append(session)
         return session
 
-    def connect(self, client: Identity | None = None) -> tuple[Recorder, Any, IOPump]:
+    def connect(self, client: Identity | None = None, host: str = "192.0.2.7") -> tuple[Recorder, Any, IOPump]:
         recorder = Recorder()
         client_factory = TLSMemoryBIOFactory(
             client_tls_options(client), True, _Once(recorder), clock=self.clock
         )
-        tls_client, tls_server, pump = connectedServerAndClient(
+        return (recorder, *self._connected(client_factory.buildProtocol(None), host))
+
+    def connect_raw(self, host: str = "192.0.2.7") -> tuple[Recorder, Any, IOPump]:
+        """
+        A TCP peer that sends whatever the test writes, TLS or not.
+        """
+        recorder = Recorder()
+        return (recorder, *self._connected(recorder, host))
+
+    def _connected(self, client: Protocol, host: str) -> tuple[Any, IOPump]:
+        self._port += 1
+        address = IPv4Address("TCP", host, self._port)
+        _, tls_server, pump = connectedServerAndClient(
             lambda: self.tls.buildProtocol(None),
-            lambda: client_factory.buildProtocol(None),
-            serverTransportFactory=lambda p: FakeTransport(
-                p, isServer=True, peerAddress=IPv4Address("TCP", "192.0.2.7", 50123)
-            ),
+            lambda: client,
+            serverTransportFactory=lambda p: FakeTransport(p, isServer=True, peerAddress=address),
             clock=self.clock,
         )
-        return recorder, tls_server, pump
+        return tls_server, pump
 
 
 class _Once:
@@ -394,3 +407,110 @@ class ListenerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(recorder.received, b"")
         self.assertIsNotNone(recorder.lost)
+
+
+class UnauthenticatedBudgetTests(SynchronousTestCase):
+    """
+    The deadlines and budgets of connections that have not authenticated,
+    on a fake clock.
+    """
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+
+    def test_silent_peer_is_cut_at_the_first_byte_timeout(self) -> None:
+        agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=5), handshake_timeout=30)
+        recorder, _, pump = agent.connect_raw()
+        agent.clock.advance(4.9)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+        agent.clock.advance(0.1)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        [event] = self.logs.matching(event="handshake_timed_out")
+        self.assertEqual((event["peer"], event["reason"], event["timeout"]), ("192.0.2.7:50123", "first-byte-timeout", 5))
+        self.assertEqual(agent.factory.open_connections, 0)
+
+    def test_half_a_client_hello_gets_the_handshake_timeout(self) -> None:
+        """
+        A byte of TLS stops the first-byte clock; the rest of the handshake
+        must still come within the handshake timeout.
+        """
+        agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=5), handshake_timeout=30)
+        recorder, _, pump = agent.connect_raw()
+        recorder.transport.write(b"\x16\x03\x01\x02\x00\x01")
+        pump.flush()
+        agent.clock.advance(29)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+        agent.clock.advance(1)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        [event] = self.logs.matching(event="handshake_timed_out")
+        self.assertEqual(event["reason"], "handshake-timeout")
+
+    def test_trusted_server_is_never_cut_by_the_first_byte_timeout(self) -> None:
+        agent = InMemoryAgent(
+            trusted=(identity("server").thumbprint,), with_sessions=True,
+            limits=AdmissionLimits(first_byte_timeout=1),
+        )
+        recorder, _, pump = agent.connect(identity("server"))
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        agent.clock.advance(3600)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+        self.assertEqual(len(agent.sessions), 1)
+
+    def test_full_budget_evicts_the_oldest_and_admits_the_newest(self) -> None:
+        agent = InMemoryAgent(limits=AdmissionLimits(max_unauthenticated=3))
+        silent = [agent.connect_raw(host=f"192.0.2.{n}") for n in range(1, 4)]
+        newest, _, pump = agent.connect_raw(host="192.0.2.4")
+        for _, _, p in silent:
+            p.flush()
+        self.assertEqual([r.lost is not None for r, _, _ in silent], [True, False, False])
+        self.assertIsNone(newest.lost)
+        [event] = self.logs.matching(event="connection_evicted")
+        self.assertEqual(
+            (event["peer"], event["reason"], event["limit"]),
+            ("192.0.2.1:50123", "max-unauthenticated-connections", 3),
+        )
+        self.assertEqual(agent.factory.unauthenticated_connections, 3)
+
+    def test_trusted_server_gets_in_past_a_full_budget(self) -> None:
+        """
+        Every unauthenticated place is held by one address; the trusted
+        server's connection evicts the oldest of them, is served, and
+        leaves the unauthenticated budget when it authenticates.
+        """
+        agent = InMemoryAgent(
+            trusted=(identity("server").thumbprint,), with_sessions=True,
+            limits=AdmissionLimits(max_unauthenticated=4, max_unauthenticated_per_address=4),
+        )
+        crowd = [agent.connect_raw(host="198.51.100.9") for _ in range(4)]
+        recorder, _, pump = agent.connect(identity("server"), host="192.0.2.7")
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertEqual(recorder.received, IDENTITY_ANSWER)
+        self.assertEqual(len(agent.sessions), 1)
+        for _, _, p in crowd:
+            p.flush()
+        self.assertEqual(sum(r.lost is not None for r, _, _ in crowd), 1)
+        self.assertEqual((agent.factory.unauthenticated_connections, len(agent.factory.authenticated_connections)), (3, 1))
+
+    def test_every_place_authenticated_refuses_before_tls(self) -> None:
+        agent = InMemoryAgent(
+            trusted=(identity("server").thumbprint,), with_sessions=True,
+            limits=AdmissionLimits(max_connections=2),
+        )
+        for _ in range(2):
+            recorder, _, pump = agent.connect(identity("server"))
+            recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+            pump.flush()
+        late, _, pump = agent.connect_raw()
+        pump.flush()
+        self.assertIsNotNone(late.lost)
+        self.assertEqual(late.received, b"")
+        [event] = self.logs.matching(event="connection_refused")
+        self.assertEqual((event["reason"], event["limit"]), ("max-connections", 2))
+        self.assertEqual(len(agent.sessions), 2)

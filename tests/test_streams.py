@@ -18,6 +18,7 @@ from tentacle.halibut.errors import CodecError, CodecLimits
 from tentacle.halibut.streams import (
     DataStreamReader,
     ExpectedStream,
+    MemoryBudget,
     SpoolingSink,
     StreamSink,
     stream_header,
@@ -179,6 +180,32 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual(b"".join(sink.read_chunks(1000)), payload)
         sink.discard()
 
+    def test_streams_of_one_message_share_a_memory_budget(self) -> None:
+        """
+        150 files of 600 bytes, each under the per-stream threshold, hold
+        at most the message's total in memory; the rest spill, intact.
+        """
+        payloads = [os.urandom(600) for _ in range(150)]
+        ids = [uuid.uuid4() for _ in payloads]
+        limits = CodecLimits(max_stream_memory_bytes=1000, max_streams_memory_bytes=4000)
+        reader = DataStreamReader([ExpectedStream(i, len(p)) for i, p in zip(ids, payloads)], limits=limits)
+        held = []
+        data = b"".join(frame(i, p) for i, p in zip(ids, payloads))
+        for start in range(0, len(data), 997):
+            reader.feed(data[start : start + 997])
+            sinks = [s.sink for s in reader.received]
+            held.append(sum(s.buffered_bytes for s in sinks if isinstance(s, SpoolingSink)))
+        self.assertTrue(reader.done)
+        self.assertLessEqual(max(held), 4000)
+        self.assertEqual(reader.memory.used, held[-1])
+        sinks = [s.sink for s in reader.received]
+        assert all(isinstance(s, SpoolingSink) for s in sinks)
+        self.assertEqual(sum(not s.spilled for s in sinks), 6, "the first six fit, then they spill")
+        self.assertEqual([b"".join(s.read_chunks()) for s in sinks], payloads)
+        for sink in sinks:
+            sink.discard()
+        self.assertEqual(reader.memory.used, 0, "discarding gives the memory back")
+
     @PROPERTY
     @given(
         st.lists(st.binary(max_size=300), min_size=1, max_size=4),
@@ -241,6 +268,29 @@ class SpoolingSinkTests(SynchronousTestCase):
         sink.discard()
         self.assertRaises(ValueError, sink.write, b"x")
         self.assertRaises(ValueError, sink.fileobj)
+
+    def test_budget_shared_between_sinks(self) -> None:
+        budget = MemoryBudget(limit=10)
+        first, second = SpoolingSink(memory_limit=8, budget=budget), SpoolingSink(memory_limit=8, budget=budget)
+        first.write(b"123456")
+        second.write(b"abcd")
+        self.assertEqual((budget.used, first.spilled, second.spilled), (10, False, False))
+        second.write(b"e")
+        self.assertTrue(second.spilled, "over the shared budget: spilled though under its own limit")
+        self.assertEqual(budget.used, 6, "what it held is given back")
+        first.write(b"78")
+        self.assertEqual(budget.used, 8)
+        first.write(b"9")
+        self.assertTrue(first.spilled, "over its own limit")
+        self.assertEqual(budget.used, 0)
+        self.assertEqual((first.fileobj().read(), second.fileobj().read()), (b"123456789", b"abcde"))
+        third = SpoolingSink(memory_limit=8, budget=budget)
+        third.write(b"xyz")
+        third.discard()
+        third.discard()
+        self.assertEqual(budget.used, 0)
+        first.discard()
+        second.discard()
 
     def test_spillDirectoryMustExist(self) -> None:
         sink = SpoolingSink(memory_limit=1, directory=self.mktemp())

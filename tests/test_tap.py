@@ -181,7 +181,8 @@ class ServiceTests(SynchronousTestCase):
         root = self.home / "allowed"
         config = attrs.evolve(
             self.config_file.load(), script_timeout=5.0, max_concurrent_scripts=2, allowed_roots=(root,),
-            handshake_timeout=10.0, max_connections=7, workspace_max_age=100.0,
+            handshake_timeout=12.0, max_connections=7, workspace_max_age=100.0,
+            max_unauthenticated_connections=5, first_byte_timeout=2.0,
         )
         self.config_file.save(config)
         self.reactor.advance(CONFIG_POLL_INTERVAL)
@@ -189,12 +190,17 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual((service.scripts._slots.limit, service.scripts._script_timeout), (2, 5.0))
         [files] = [i for i in service.dispatcher.implementations if isinstance(i, FileTransferService)]
         self.assertEqual(files.allowed_roots, (root,))
-        self.assertEqual((service.listener_factory.handshake_timeout, service.listener_factory.max_connections), (10.0, 7))
+        limits = service.listener_factory.limits
+        self.assertEqual(
+            (limits.handshake_timeout, limits.max_connections, limits.max_unauthenticated, limits.first_byte_timeout),
+            (12.0, 7, 5, 2.0),
+        )
         self.assertEqual(service.config.workspace_max_age, 100.0)
         applied = {e["setting"]: e["new"] for e in self.logs.matching(event="setting_applied")}
         self.assertEqual(applied, {
             "allowed-roots": [str(root)], "max-concurrent-scripts": 2, "script-timeout": 5.0,
-            "handshake-timeout": 10.0, "max-connections": 7, "workspace-max-age": 100.0,
+            "handshake-timeout": 12.0, "max-connections": 7, "workspace-max-age": 100.0,
+            "max-unauthenticated-connections": 5, "first-byte-timeout": 2.0,
         })
         self.assertEqual(self.logs.matching(event="setting_needs_restart"), [])
 

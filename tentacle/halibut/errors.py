@@ -45,12 +45,17 @@ class CodecLimits:
     @ivar max_string_bytes: Largest UTF-8 string or key, in bytes.
     @ivar max_stream_memory_bytes: DataStream bytes kept in memory before a
         sink spills to a temporary file.
+    @ivar max_streams_memory_bytes: DataStream bytes of one message (a
+        request, or a response), all its streams together, kept in memory;
+        each stream past it spills to a temporary file, so 150 files of
+        0.6 MB hold 4 MiB of memory, not 90 MB.
     """
 
     max_message_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
     max_depth: int = attrs.field(default=64, validator=_positive)
     max_string_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
     max_stream_memory_bytes: int = attrs.field(default=1 * MiB, validator=_positive)
+    max_streams_memory_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
 
 
 class ProtocolError(Exception):

@@ -44,7 +44,7 @@ from tentacle.halibut.serializer import (
     ResponseMessage,
     encode_message,
 )
-from tentacle.halibut.streams import ExpectedStream, ReceivedStream, SpoolingSink, StreamSink
+from tentacle.halibut.streams import ExpectedStream, MemoryBudget, ReceivedStream, SpoolingSink, StreamSink
 
 log = Logger()
 
@@ -64,6 +64,7 @@ class _Answerer:
         self._handler = handler
         self._refusal: BaseException | None = None
         self._spool_memory = 1 << 20
+        self._memory = MemoryBudget()
 
     def sinks(self, message: Message, stream: ExpectedStream) -> StreamSink:
         """
@@ -78,12 +79,15 @@ class _Answerer:
             except Exception as e:
                 self._refusal = e
             else:
-                return sink if sink is not None else SpoolingSink(self._spool_memory)
+                return sink if sink is not None else SpoolingSink(self._spool_memory, budget=self._memory)
         return DiscardingSink()
 
     async def read(self, connection: HalibutConnection, *, first: float) -> Envelope:
         self._refusal = None
-        self._spool_memory = connection.settings.limits.max_stream_memory_bytes
+        limits = connection.settings.limits
+        self._spool_memory = limits.max_stream_memory_bytes
+        # One budget per request: its spooled streams together hold at most this.
+        self._memory = MemoryBudget(limits.max_streams_memory_bytes)
         return await connection.read_envelope(RequestMessage, first=first, what="a request", sinks=self.sinks)
 
     async def answer(self, connection: HalibutConnection, request: RequestMessage, streams: list[ReceivedStream]) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "ExpectedStream",
     "ReceivedStream",
     "StreamSink",
+    "MemoryBudget",
     "SpoolingSink",
     "DataStreamReader",
 ]
@@ -106,6 +107,30 @@ class StreamSink(Protocol):
 
 
 @attrs.define(eq=False)
+class MemoryBudget:
+    """
+    The memory the sinks of one message may hold together: each takes from
+    it before buffering, and gives back what it frees (by spilling or being
+    discarded).
+    """
+
+    limit: int = _DEFAULT_LIMITS.max_streams_memory_bytes
+    used: int = 0
+
+    def take(self, size: int) -> bool:
+        """
+        Reserve C{size} bytes; C{False}, reserving nothing, when they do not fit.
+        """
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+
+
+@attrs.define(eq=False)
 class SpoolingSink:
     """
     Keeps a stream in memory up to a threshold, then in an anonymous
@@ -117,10 +142,14 @@ class SpoolingSink:
     @ivar memory_limit: Most bytes held in memory before spilling.
     @ivar directory: Where the temporary file goes; the system default when
         L{None}.
+    @ivar budget: Shared with the other sinks of the same message: the
+        stream spills as soon as the message's streams together would hold
+        more than it allows.
     """
 
     memory_limit: int = _DEFAULT_LIMITS.max_stream_memory_bytes
     directory: str | None = None
+    budget: MemoryBudget | None = None
     _buffer: bytearray | None = attrs.field(init=False, repr=False, factory=bytearray)
     _file: IO[bytes] | None = attrs.field(init=False, repr=False, default=None)
     _size: int = attrs.field(init=False, default=0)
@@ -151,7 +180,9 @@ class SpoolingSink:
         self._check_live()
         if self._file is None:
             assert self._buffer is not None
-            if len(self._buffer) + len(data) <= self.memory_limit:
+            if len(self._buffer) + len(data) <= self.memory_limit and (
+                self.budget is None or self.budget.take(len(data))
+            ):
                 self._buffer += data
                 self._size += len(data)
                 return
@@ -161,6 +192,7 @@ class SpoolingSink:
             except BaseException:
                 spill.close()
                 raise
+            self._release()
             self._file, self._buffer = spill, None
         self._file.write(data)
         self._size += len(data)
@@ -197,10 +229,15 @@ class SpoolingSink:
         Free memory and close (thus delete) the file; safe to repeat.
         """
         self._discarded = True
+        self._release()
         self._buffer = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _release(self) -> None:
+        if self.budget is not None and self._buffer:
+            self.budget.give_back(len(self._buffer))
 
     def _check_live(self) -> None:
         if self._discarded:
@@ -237,7 +274,8 @@ class DataStreamReader:
     @ivar expected: The streams the decoded message declared, in order.
     @ivar sink_factory: Makes the sink for each stream as its header
         arrives; by default a L{SpoolingSink} keeping
-        C{limits.max_stream_memory_bytes} in memory.
+        C{limits.max_stream_memory_bytes} in memory, and all of them
+        together C{limits.max_streams_memory_bytes} (L{memory}).
     """
 
     expected: Sequence[ExpectedStream]
@@ -250,11 +288,13 @@ class DataStreamReader:
     _sink: StreamSink | None = attrs.field(init=False, repr=False, default=None)
     _remaining: int = attrs.field(init=False, repr=False, default=0)
     _state: int = attrs.field(init=False, repr=False, default=_HEADER)
+    memory: MemoryBudget = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         """
         @raise CodecError: A declared length is negative.
         """
+        self.memory = MemoryBudget(self.limits.max_streams_memory_bytes)
         for stream in self.expected:
             if stream.length < 0:
                 raise CodecError(f"DataStream {stream.id} declares negative length")
@@ -264,7 +304,7 @@ class DataStreamReader:
 
     def _new_sink(self, stream: ExpectedStream) -> StreamSink:
         if self.sink_factory is None:
-            return SpoolingSink(self.limits.max_stream_memory_bytes)
+            return SpoolingSink(self.limits.max_stream_memory_bytes, budget=self.memory)
         return self.sink_factory(stream)
 
     @property

@@ -21,7 +21,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from tentacle.contracts import tentacle_registry
@@ -32,7 +31,8 @@ from tentacle.halibut.serializer import RequestMessage, ResponseMessage
 from tentacle.halibut.streams import ReceivedStream
 from tentacle.hub.queues import DEFAULT_COLLECT_TIMEOUT, PollingQueues
 from tentacle.identity import Identity, normalize_thumbprint
-from tentacle.listener import Accepted, ListenerFactory, halibut_sessions
+from tentacle.admission import DEFAULT_MAX_UNAUTHENTICATED, LISTEN_BACKLOG, AdmissionLimits
+from tentacle.listener import Accepted, ListenerFactory, ListeningTLSFactory, halibut_sessions, take_turns
 from tentacle.tls import AgentTLSOptions
 from tentacle.trust import PeerIdentity, TrustList
 
@@ -69,6 +69,9 @@ class PollingServer(Service):
     @param trusted: the thumbprints of the agents (and, on a hub, of the
         CLI users) allowed in.
     @param bindings: subscription -> the thumbprints allowed to claim it.
+    @param admission: the connection budgets and deadlines before a peer
+        authenticates (L{tentacle.admission}); the defaults, with
+        C{handshake_timeout}, when not given.
     @param on_collected: told each request's wait in the queue (metrics).
     @ivar handler: serves MX-CLIENT connections (a hub forwards them to
         the queues); while C{None}, only subscribers are served.
@@ -87,6 +90,7 @@ class PollingServer(Service):
         bindings: Mapping[str, Iterable[str]] | None = None,
         collect_timeout: float = DEFAULT_COLLECT_TIMEOUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        admission: AdmissionLimits | None = None,
         settings: ExchangeSettings = ExchangeSettings(),
         on_collected: Callable[[float], None] | None = None,
         log: Logger | None = None,
@@ -118,8 +122,14 @@ class PollingServer(Service):
             source_for=self._source_for,
             log=self.log,
         )
-        self.factory = ListenerFactory(
-            self.trust, reactor, handshake_timeout, self._track(sessions), log=self.log,
+        if admission is None:
+            # Polling agents are the ones behind NAT: hundreds may share one
+            # address, and all come back at once after a restart.  So no
+            # cap per address, only the unauthenticated budget itself.
+            admission = AdmissionLimits(
+                handshake_timeout=handshake_timeout, max_unauthenticated_per_address=DEFAULT_MAX_UNAUTHENTICATED
+            )
+        self.factory = ListenerFactory(self.trust, reactor, admission, self._track(sessions), log=self.log,
             keepalive=settings.keepalive,
         )
         self.port: IListeningPort | None = None
@@ -205,9 +215,9 @@ class PollingServer(Service):
 
     def privilegedStartService(self) -> None:
         if self.port is None:
-            tls = TLSMemoryBIOFactory(AgentTLSOptions(self.identity), False, self.factory, clock=self.reactor)
-            tls.noisy = False
-            self.port = self.reactor.listenTCP(self._port_number, tls, backlog=1024, interface=self._interface)
+            tls = ListeningTLSFactory(AgentTLSOptions(self.identity), self.factory, clock=self.reactor)
+            self.port = self.reactor.listenTCP(self._port_number, tls, backlog=LISTEN_BACKLOG, interface=self._interface)
+            take_turns(self.port)
         super().privilegedStartService()
 
     def startService(self) -> None:

@@ -48,7 +48,15 @@ from tentacle.halibut.streams import stream_header, stream_trailer
 from tests.agent_process import spawn_agent
 from tests.e2e.test_scripts import v2_command
 from tests.figures import record
-from tests.support import LogCapture, agent_port, client_context, identity, in_thread, start_agent
+from tests.support import (
+    LogCapture,
+    agent_port,
+    client_context,
+    client_tls_options,
+    identity,
+    in_thread,
+    start_agent,
+)
 from tests.waiting import until, within
 from tests.wire_client import request
 
@@ -153,25 +161,34 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
-def attack(port: int, make: Callable[[], Attacker], tls: bool = False) -> Attacker:
+def attack(port: int, make: Callable[[], Attacker], tls: bool = False, source: str | None = None) -> Attacker:
+    """
+    @param source: the loopback address to connect from (any of 127/8).
+    """
     attacker = make()
     factory: Any = _One(attacker)
     if tls:
         factory = TLSMemoryBIOFactory(CertificateOptions(), True, factory)
-    reactor.connectTCP("127.0.0.1", port, factory)
+    reactor.connectTCP("127.0.0.1", port, factory, bindAddress=(source, 0) if source else None)
     return attacker
 
 
 class StallingPeerTests(TestCase):
     """
     200 of each kind of stalling peer at once, against an agent in its own
-    process so its file descriptors can be counted.
+    process so its file descriptors can be counted.  The budgets are raised
+    so all 600 are held: this is the test of the deadlines (the floods below
+    test the budgets).
     """
 
     async def test_stalled_connections_are_cut_off_and_the_server_still_served(self) -> None:
         agent, home, port = await spawn_agent(
             self, AGENT, (SERVER.thumbprint,),
-            options=("--handshake-timeout", str(HANDSHAKE_TIMEOUT)),
+            options=(
+                "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
+                "--max-unauthenticated-connections", "1000",
+                "--max-unauthenticated-per-address", "1000",
+            ),
         )
         baseline = agent.open_files()
         hello = client_hello()
@@ -225,37 +242,129 @@ class StallingPeerTests(TestCase):
                fds_baseline=baseline, fds_peak=peak[0])
 
 
-class ConnectionCapTests(TestCase):
-    async def test_excess_connections_are_refused_and_logged(self) -> None:
+class Handshaker(Protocol):
+    """
+    A trusted server's connection that authenticates and then stays open
+    (the agent's session is L{HoldOpen}).
+    """
+
+    def __init__(self) -> None:
+        self.answered: Deferred[None] = Deferred()
+        self.gone: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"MX\r\n\r\nMX-CLIENT 1.0\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered.called:
+            self.answered.callback(None)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.gone.callback(None)
+
+
+class HoldOpen(Protocol):
+    """
+    A message exchange that does nothing, so an authenticated connection stays open.
+    """
+
+
+def trusted_connection(port: int) -> Handshaker:
+    handshaker = Handshaker()
+    factory = TLSMemoryBIOFactory(client_tls_options(SERVER), True, _One(handshaker))
+    reactor.connectTCP("127.0.0.1", port, factory)
+    return handshaker
+
+
+class ConnectionBudgetTests(TestCase):
+    """
+    The budgets on a real socket, in the agent's own process, with small
+    limits so each is reached exactly.
+    """
+
+    async def test_silent_connections_over_the_budget_evict_the_oldest(self) -> None:
+        logs = LogCapture.install(self)
+        service = start_agent(self, trusted=(SERVER.thumbprint,), max_unauthenticated_connections=5)
+        port = agent_port(service)
+        held = [attack(port, Attacker) for _ in range(5)]
+        self.addCleanup(_abort_all, held)
+        await gatherResults([a.made for a in held])
+        await until(lambda: service.listener_factory.unauthenticated_connections == 5, "the agent counting them")
+        newer = [attack(port, Attacker) for _ in range(2)]
+        self.addCleanup(_abort_all, newer)
+        await within(5, gatherResults([a.gone for a in held[:2]]), "the two oldest evicted")
+        self.assertTrue(all(a.lost_at is None for a in held[2:] + newer), "the newest five are kept")
+        evicted = logs.matching(event="connection_evicted")
+        self.assertEqual(len(evicted), 2)
+        self.assertTrue(all(e["peer"].startswith("127.0.0.1:") for e in evicted))
+        self.assertEqual({e["reason"] for e in evicted}, {"max-unauthenticated-connections"})
+
+        # The trusted server's connection makes room the same way, and is served.
+        client = TentacleClient(
+            Target("127.0.0.1", port, Pin(AGENT.thumbprint)), SERVER, reactor, retry=RetryPolicy(attempts=1)
+        )
+        self.addCleanup(client.close)
+        self.assertIn("IScriptServiceV2", await client.capabilities())
+        self.assertEqual(len(logs.matching(event="connection_evicted")), 3)
+        record(self, "hostile", "7 silent connections against max-unauthenticated-connections=5, then a "
+               "trusted server", "the oldest two evicted (logged with address and reason), the newest kept; "
+               "the trusted server evicts one more and is served", evicted=3)
+
+    async def test_one_address_over_its_share_only_evicts_its_own(self) -> None:
+        logs = LogCapture.install(self)
+        service = start_agent(self, trusted=(SERVER.thumbprint,), max_unauthenticated_per_address=3)
+        port = agent_port(service)
+        bystanders = [attack(port, Attacker, source="127.0.0.3") for _ in range(2)]
+        crowd = [attack(port, Attacker, source="127.0.0.2") for _ in range(3)]
+        self.addCleanup(_abort_all, bystanders + crowd)
+        await gatherResults([a.made for a in bystanders + crowd])
+        crowd += [attack(port, Attacker, source="127.0.0.2") for _ in range(2)]
+        self.addCleanup(_abort_all, crowd[3:])
+        await within(5, gatherResults([a.gone for a in crowd[:2]]), "the crowd's oldest two evicted")
+        await until(lambda: service.listener_factory.unauthenticated_connections == 5, "the agent counting them")
+        self.assertTrue(all(a.lost_at is None for a in crowd[2:] + bystanders))
+        evicted = logs.matching(event="connection_evicted")
+        self.assertEqual([e["reason"] for e in evicted], ["max-unauthenticated-per-address"] * 2)
+        self.assertTrue(all(e["peer"].startswith("127.0.0.2:") for e in evicted))
+        record(self, "hostile", "5 silent connections from one address and 2 from another, against "
+               "max-unauthenticated-per-address=3", "the crowded address's oldest two evicted and logged "
+               "with its address; the other address untouched", evicted=len(evicted))
+
+    async def test_refused_before_tls_only_when_every_place_is_authenticated(self) -> None:
         logs = LogCapture.install(self)
         cap = 5
-        service = start_agent(self, trusted=(SERVER.thumbprint,), max_connections=cap)
+        service = start_agent(
+            self, trusted=(SERVER.thumbprint,), max_connections=cap,
+            service_options={"session_factory": lambda accepted: HoldOpen()},
+        )
         port = agent_port(service)
-        held = [attack(port, Attacker) for _ in range(cap)]
-        await gatherResults([a.made for a in held])
-        await until(lambda: service.listener_factory.open_connections == cap, "the agent counting them")
+        servers = [trusted_connection(port) for _ in range(cap)]
+        await gatherResults([s.answered for s in servers])
+        self.assertEqual(len(service.listener_factory.authenticated_connections), cap)
         excess = [attack(port, lambda: Attacker(client_hello())) for _ in range(2)]
         await within(5, gatherResults([a.gone for a in excess]), "the excess closed")
         for a in excess:
             self.assertEqual(a.received, b"", "refused before TLS: not even a ServerHello")
-            self.assertLess(a.held, 0.5)
         refused = logs.matching(event="connection_refused")
         self.assertEqual(len(refused), 2)
         self.assertTrue(all(e["peer"].startswith("127.0.0.1:") for e in refused))
-        self.assertIn("max-connections", refused[0]["reason"])
-        self.assertTrue(all(a.lost_at is None for a in held), "the first five are untouched")
+        self.assertEqual({(e["reason"], e["limit"]) for e in refused}, {("max-connections", cap)})
+        self.assertFalse(any(s.gone.called for s in servers), "the authenticated five are untouched")
 
         # One leaves; a trusted server gets its place.
-        assert held[0].transport is not None
-        held[0].transport.loseConnection()
+        assert servers[0].transport is not None
+        servers[0].transport.loseConnection()
+        await servers[0].gone
         await until(lambda: service.listener_factory.open_connections == cap - 1, "a place freed")
-        client = TentacleClient(Target("127.0.0.1", port, Pin(AGENT.thumbprint)), SERVER, reactor)
-        self.addCleanup(client.close)
-        self.assertIn("IScriptServiceV2", await client.capabilities())
-        for a in held[1:]:
-            assert a.transport is not None
-            a.transport.loseConnection()
-        record(self, "hostile", f"{cap + 2} connections against max-connections={cap}",
+        again = trusted_connection(port)
+        await again.answered
+        for s in servers[1:] + [again]:
+            assert s.transport is not None
+            s.transport.loseConnection()
+        await gatherResults([s.gone for s in servers[1:] + [again]])
+        record(self, "hostile", f"{cap + 2} connections against max-connections={cap}, all {cap} places "
+               "held by authenticated connections",
                "the 2 beyond the cap closed before TLS and logged; a freed place is served",
                refused=len(refused))
 

@@ -1,20 +1,32 @@
 """
 Hostile transfers from a trusted server: downloads of files that are not
 what their size says (/proc, /sys), of FIFOs and devices, of a name swapped
-for a symlink mid-request, and an upload to a folder's name.
+for a symlink mid-request, an upload to a folder's name, and a StartScript
+with 150 files that would each stay in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tentacle.client.api import Target, TentacleClient
+from tentacle.client.connection import Pin
+from tentacle.contracts import ProcessState, ScriptFile, ScriptStatusRequestV2, StartScriptCommandV2
+from tentacle.halibut.errors import MiB, CodecLimits
+from tentacle.halibut.serializer import DataStream
 from tentacle.services.files import FileTransferError, FileTransferService
+from tests.agent_process import spawn_agent
+from tests.e2e.test_scripts import v2_command
 from tests.figures import record
 from tests.support import agent_port, client_context, identity, in_thread, start_agent
 from tests.test_files import context_with
@@ -157,3 +169,74 @@ class FolderNameUploadTests(TestCase):
             self.assertIn("ends with a '/', so it names a folder", str(error))
         self.assertFalse((home / "Packages").exists())
         self.assertFalse((home / "new-folder").exists())
+
+
+def _file_content(index: int, size: int) -> bytes:
+    """
+    A script file's bytes, different for each file and made again on demand.
+    """
+    seed = hashlib.sha256(f"script file {index}".encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+class ScriptFilesMemoryTests(TestCase):
+    """
+    Many script files in one StartScript, each under the per-stream
+    threshold, against an agent in its own process so its memory can be
+    measured: together they may hold only the request's budget in memory.
+    """
+
+    async def test_150_script_files_of_600_kb_hold_at_most_the_request_budget_in_memory(self) -> None:
+        files, size = 150, 600_000
+        limits = CodecLimits()
+        self.assertLess(size, limits.max_stream_memory_bytes, "each file alone would stay in memory")
+        agent, home, port = await spawn_agent(self, identity("agent"), (SERVER.thumbprint,), options=("--scripts",))
+        self.addCleanup(shutil.rmtree, home / "Work", True)
+        client = TentacleClient(Target("127.0.0.1", port, Pin(identity("agent").thumbprint)), SERVER, reactor)
+        self.addCleanup(client.close)
+
+        async def run(command: StartScriptCommandV2, payloads: dict[Any, Any]) -> list[str]:
+            await client.call("IScriptServiceV2", "StartScript", command, payloads=payloads)
+            lines: list[str] = []
+            after = 0
+            while True:
+                status, _ = await client.call(
+                    "IScriptServiceV2", "GetStatus", ScriptStatusRequestV2(command.script_ticket, after)
+                )
+                lines += [e.text for e in status.logs]
+                after = status.next_log_sequence
+                if status.state is ProcessState.Complete:
+                    assert status.exit_code == 0, lines
+                    return lines
+                await deferLater(reactor, 0.05, lambda: None)
+
+        # Warm up (modules, threads, a file through the same path) before the baseline.
+        warm = DataStream.fresh(1000)
+        await run(v2_command("cat warm.bin > /dev/null", files=(ScriptFile("warm.bin", warm),)),
+                  {warm.id: lambda: io.BytesIO(_file_content(-1, 1000))})
+        before = agent.status("VmRSS")
+
+        refs = [DataStream.fresh(size) for _ in range(files)]
+        names = [f"f{n:03}.bin" for n in range(files)]
+        expected = {name: hashlib.sha256(_file_content(n, size)).hexdigest() for n, name in enumerate(names)}
+        command = v2_command(
+            "sha256sum f*.bin", files=tuple(ScriptFile(name, ref) for name, ref in zip(names, refs)),
+        )
+        payloads = {
+            ref.id: (lambda n=n: io.BytesIO(_file_content(n, size))) for n, ref in enumerate(refs)
+        }
+        lines = await run(command, payloads)
+        growth = agent.status("VmHWM") - before
+
+        seen = dict(reversed(line.split()) for line in lines if line.strip())
+        self.assertEqual(seen, expected, "the script saw every file intact")
+        budget = limits.max_streams_memory_bytes
+        # Without the request's budget it grew by 87 MiB.
+        self.assertLess(growth, 8 * MiB, f"the agent's peak RSS grew by {growth / MiB:.1f} MiB")
+        record(
+            self, "hostile", f"{files} script files of {size / 1e6:.1f} MB ({files * size / 1e6:.0f} MB) in "
+            "one StartScript, each under the 1 MiB per-stream threshold",
+            f"agent peak RSS +{growth / MiB:.1f} MiB (the request's streams hold at most "
+            f"{budget // MiB} MiB in memory; the rest spool to temporary files); the script saw every "
+            "file intact", rss_growth_mib=round(growth / MiB, 1), inputs=files,
+        )
