@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tentacle.deploy.packages import MAX_LINK, PackageError, PackageLimits, extract
 from tentacle.deploy.releases import CURRENT, JOURNAL, LOCK, ReleaseError, ReleaseStore
 from tentacle.fsutil import sync_tree
+from tests.support import remove_big_files
 from tests.bombs import MiB, empty_zip_entries, targz_of_zeros, zip_of_zeros
 from tests.figures import record
 from tests.test_deploy_packages import make_tar, make_zip, tar_dir, tar_file, tar_link, zip_entry
@@ -32,6 +33,7 @@ def peak_rss() -> int:
 
 class BombTests(SynchronousTestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.folder = Path(self.mktemp())
         self.folder.mkdir()
         self.destination = self.folder / "out"

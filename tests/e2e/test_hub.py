@@ -23,6 +23,7 @@ from tentacle.hub.service import HubService
 from tentacle.identity import IdentityStore
 from tests.e2e.test_client_cli import client_cli
 from tests.support import (
+    remove_big_files,
     SUBSCRIPTION,
     LogCapture,
     identity,
@@ -62,6 +63,7 @@ class HubTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
 
     async def agent_on(self, hub: HubService, **changes: Any) -> Any:

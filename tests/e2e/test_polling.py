@@ -30,6 +30,7 @@ from tentacle.page import FRIENDLY_PAGE
 from tests.connect_proxy import ConnectProxy
 from tests.e2e.test_scripts import _processes_with
 from tests.support import (
+    remove_big_files,
     SUBSCRIPTION,
     LogCapture,
     agent_port,
@@ -46,6 +47,7 @@ from tests.support import (
 class PollingTests(TestCase):
     timeout = 20
     def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
 
     async def connected(self, agent: Any, count: int = 1) -> None:

@@ -29,7 +29,7 @@ from tentacle.halibut.streams import stream_header, stream_trailer
 from tentacle.listener import Accepted
 from tests.e2e.test_exchange_sockets import TEST_SERVICE, TestService
 from tests.e2e.test_network_faults import on_event
-from tests.support import LogCapture, agent_port, identity, start_agent
+from tests.support import LogCapture, agent_port, identity, start_agent, remove_big_files
 
 MiB = 1024 * 1024
 #: Retries a moment apart, so a test does not wait for the Server's backoff.
@@ -38,6 +38,7 @@ QUICK = RpcRetryPolicy(window=30.0, backoff=lambda n: 0.05)
 
 class StreamLengthTests(TestCase):
     def setUp(self) -> None:
+        remove_big_files(self)
         self.logs = LogCapture.install(self)
         self.base = Path(self.mktemp()).absolute()
         self.home = self.base / "home"
