@@ -578,8 +578,8 @@ def bench_service() -> tuple[Any, Any]:
 def start_agent(identity_path: str, trusted: str, home: Path, dispatcher: Any) -> tuple[Any, int]:
     """
     A started L{TentacleService} on 127.0.0.1 (a free port) serving
-    C{dispatcher} to one trusted server, and its port. It stops with the
-    reactor.
+    C{dispatcher} (Tentacle's own services when C{None}, as the deployed
+    agent) to one trusted server, and its port. It stops with the reactor.
     """
     from twisted.internet import reactor
 
