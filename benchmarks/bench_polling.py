@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import ssl
 import statistics
 import tempfile
 import time
