@@ -11,8 +11,9 @@ on its standard input, for C{bench_stall.py}:
 
   - C{watch}: start a stall watchdog, a timer due every millisecond in the
     agent's reactor that notes how late it runs; answers C{watching};
-  - C{stall}: stop it; answers C{"<longest lateness> <ticks>"} (seconds,
-    and how many times it ran).
+  - C{stall}: stop it; answers C{"<longest lateness> <ticks> <most CPU>"}
+    (seconds; how many times it ran; the most CPU time the reactor thread
+    used between two ticks, in seconds).
 
 ::
 
@@ -63,36 +64,44 @@ from common import bench_service, quiet_logging, say, start_agent, stop_on_eof
 class Watchdog:
     """
     A timer due every C{interval} seconds in this reactor: how late it ran
-    at worst is the longest the reactor was kept from its timers.
+    at worst is the longest the reactor was kept from its timers.  It also
+    notes the most CPU time the reactor thread used between two ticks, which
+    tells the reactor's own work from time the machine gave to others.
     """
 
     def __init__(self, interval: float = 0.001) -> None:
         self.interval = interval
         self.call: Any = None
         self.worst = 0.0
+        self.worst_cpu = 0.0
         self.ticks = 0
         self.due = 0.0
+        self.cpu_mark = 0.0
 
     def start(self) -> None:
-        self.worst, self.ticks = 0.0, 0
+        self.worst, self.worst_cpu, self.ticks = 0.0, 0.0, 0
         self._next()
 
     def _next(self) -> None:
         self.due = time.perf_counter() + self.interval
+        self.cpu_mark = time.thread_time()
         self.call = reactor.callLater(self.interval, self._tick)  # type: ignore[attr-defined]
 
-    def _tick(self) -> None:
+    def _note(self) -> None:
         self.worst = max(self.worst, time.perf_counter() - self.due)
+        self.worst_cpu = max(self.worst_cpu, time.thread_time() - self.cpu_mark)
+
+    def _tick(self) -> None:
+        self._note()
         self.ticks += 1
         self._next()
 
-    def stop(self) -> tuple[float, int]:
+    def stop(self) -> tuple[float, int, float]:
         if self.call is not None and self.call.active():
             self.call.cancel()
-            # The pending tick may be late already.
-            self.worst = max(self.worst, time.perf_counter() - self.due)
+            self._note()  # the pending tick may be late already
         self.call = None
-        return self.worst, self.ticks
+        return self.worst, self.ticks, self.worst_cpu
 
 
 def agent(identity_path: str, trusted: str, home: str) -> None:
@@ -116,8 +125,8 @@ def agent(identity_path: str, trusted: str, home: str) -> None:
             watchdog.start()
             say("watching")
         elif line == "stall":
-            worst, ticks = watchdog.stop()
-            say(f"{worst:.6f} {ticks}")
+            worst, ticks, cpu = watchdog.stop()
+            say(f"{worst:.6f} {ticks} {cpu:.6f}")
 
     say(f"port {port}")
     stop_on_eof(command)
