@@ -1,54 +1,54 @@
 """
-New connections per second, and the agent's memory (idle, and per idle
-authenticated connection), each against a bare Twisted mutual-TLS server
-measured in the same run.
+New connections, idle memory, and a busy connection beside many idle ones:
+the agent as deployed (C{python -m tentacle run}) driven through
+L{TentacleClient}, each against a bare Twisted mutual-TLS server measured
+in the same run; the raw-wire figures beside them.
 
-Two child processes serve on 127.0.0.1, both with the same certificate and
-TLS policy (L{AgentTLSOptions}, which asks for the client's certificate):
+Servers, each its own child process on 127.0.0.1, pinned to one CPU (with
+C{--pin split}; this process and its client children on the other), with
+the same certificate and TLS policy (L{AgentTLSOptions}, which asks for the
+client's certificate):
 
-  - C{agent}: the agent as it is deployed, C{python -m tentacle --home HOME
-    run} (twistd, Tentacle's default services, info-level log to a file),
-    HOME holding its certificate and a configuration that trusts the
-    client's certificate;
+  - C{agent}: C{python -m tentacle --home HOME run} (twistd, Tentacle's
+    default services, info-level log to a file), trusting our certificate;
   - C{bare}: C{benchmarks/bare_server.py}, a bare Twisted TLS echo server
     that loads nothing of Tentacle but the TLS policy and the identity.
 
-This process is the client, on blocking C{ssl} sockets that present a
-client certificate, so every connection is mutual TLS; no session is ever
-resumed. By default (C{--pin split}) it is pinned to one CPU and both
-servers to another.
+B{Memory}, C{--memory-rounds} (3) rounds, each on a fresh agent and a fresh
+bare server:
 
-Memory, first, while both children are fresh:
+  - idle RSS: C{VmRSS} a second after the server listens, before any
+    connection;
+  - a child (C{client_worker.py}) opens and closes C{--warmup} (5)
+    connections; C{VmRSS} is read; another child opens C{--idle} (200)
+    connections and holds them; after a second C{VmRSS} is read again.  The
+    difference over N is the RSS per idle connection.  An agent connection
+    is a L{TentacleClient}'s pooled connection after one call
+    (C{GetCapabilities}, the first call Octopus Server makes), waiting for
+    C{NEXT}; a bare one is a bare Twisted mTLS connection that echoed a byte.
 
-  - idle RSS: C{VmRSS} from C{/proc/<pid>/status} a second after the
-    server starts listening, before any connection;
-  - then C{--warmup} connections are opened and closed, C{VmRSS} is read,
-    C{--idle} (200) connections are opened one after the other and kept
-    open, and after a second C{VmRSS} is read again. The difference over N
-    is the RSS per idle connection. An agent connection has done its TLS
-    handshake, the MX preamble and identity lines, and one call
-    (C{ICapabilitiesServiceV2.GetCapabilities}, the first call Octopus
-    Server makes), so it waits for C{NEXT} as a pooled connection does. A
-    bare connection has done its handshake and echoed one byte.
+B{New connections}, C{--rounds} (5) rounds on one fresh agent and bare
+server, the kinds interleaved; in each, C{--count} (500) connections, at
+most C{--concurrency} (8) at once, timed from the first connect to the last
+close; the server's CPU time is read from C{/proc} after a short settle:
 
-Then the rate, C{--rounds} rounds, agent and bare interleaved, one sample
-each per round: C{--count} new connections made by C{--concurrency}
-threads (the handshakes and socket waits run without the GIL), timed from
-the first connect to the last close:
+  - C{client}: L{TentacleClient} (no pooling: C{max_idle=0}) in this
+    process: TCP, TLS, the pin check, MX identity lines, one
+    C{GetCapabilities}, C{END}, close;
+  - C{bare-twisted}: a bare Twisted mTLS client in this process: TCP, TLS,
+    one byte echoed (so the server finished its side of the handshake),
+    close.  The goal's baseline;
+  - C{wire} and C{bare}: the same two on blocking C{ssl} sockets from
+    C{--concurrency} threads (the raw figures: a pre-encoded request, the
+    response read to its end).
 
-  - C{agent}: TCP connect, TLS handshake, MX preamble and identity, one
-    pre-encoded C{GetCapabilities} call and its whole response, END, close;
-  - C{bare}: TCP connect, TLS handshake, one byte echoed (so that the
-    server has finished its side of the handshake), close.
+B{A busy connection beside idle ones}, C{--rounds} rounds: C{--active}
+(1000) pooled C{GetCapabilities} calls through one L{TentacleClient},
+timed one by one, with no other connection open, and with C{--many-idle}
+(500) idle authenticated connections held by a child (as above); the p50
+of each, the order turning from round to round.
 
-The rate is count / seconds; the median over the rounds is reported, with
-the server's CPU time per connection (from C{/proc/<pid>/stat}) and how
-busy the client was (its CPU seconds over the wall-clock seconds; near 1.0
-the client, not the server, sets the pace).
-
-Run from the repository root::
-
-    python benchmarks/bench_connections.py [--rounds 5] [--count 500] [--concurrency 8] [--idle 200] [--pin split]
+    python benchmarks/bench_connections.py [--rounds 5] [--count 500] [--idle 200] [--many-idle 500] [--pin split]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ from tentacle.identity import IdentityStore
 LISTENING = "Tentacle listening on port"
 #: In every GetCapabilities answer of an agent with Tentacle's services.
 CAPABILITY = b"IScriptServiceV2"
+CALL = ("ICapabilitiesServiceV2", "GetCapabilities")
 
 
 # --- the servers ---------------------------------------------------------------------
@@ -87,9 +88,10 @@ def free_port() -> int:
 
 def start_agent(folder: Path, certs: Certificates, cpu: int | None) -> tuple[subprocess.Popen[str], int]:
     """
-    The real agent, C{tentacle run}, in its own home; its log goes to a file.
+    The real agent, C{tentacle run}, in a home of its own; its log goes to
+    a file.
     """
-    home = folder / "agent-home"
+    home = Path(tempfile.mkdtemp(prefix="agent-home-", dir=folder))
     IdentityStore(home).save(certs.agent)
     port = free_port()
     ConfigFile(home).save(
@@ -97,7 +99,7 @@ def start_agent(folder: Path, certs: Certificates, cpu: int | None) -> tuple[sub
             home=home, port=port, listen_address="127.0.0.1", trusted_thumbprints=(certs.server.thumbprint,)
         )
     )
-    log = folder / "agent.log"
+    log = home / "agent.log"
     with log.open("w") as out:
         child = common.start_child(
             [sys.executable, "-m", "tentacle", "--home", str(home), "run"],
@@ -208,131 +210,282 @@ def burst(kind: Agent | Bare, count: int, concurrency: int) -> tuple[float, floa
     return elapsed, server, client
 
 
-def memory(kind: Agent | Bare, idle: int, warmup: int) -> dict[str, float]:
+async def twisted_burst(reactor: Any, kind: str, pid: int, port: int, certs: Certificates, count: int,
+                        concurrency: int) -> tuple[float, float, float]:
     """
-    RSS idle, then with C{idle} idle connections open (bytes).
+    C{count} new connections from this process's reactor, C{concurrency}
+    at once: L{TentacleClient} calls (C{kind} C{client}) or bare Twisted
+    mTLS echoes of a byte (C{bare-twisted}).  As L{burst}.
     """
-    time.sleep(1.0)
-    fresh = common.proc_status(kind.pid, "VmRSS")
-    kind.prepare(max(idle, warmup))
-    for i in range(warmup):
-        kind.close(kind.open(i))
-    time.sleep(0.5)
-    before = common.proc_status(kind.pid, "VmRSS")
-    held = [kind.open(i) for i in range(idle)]
-    time.sleep(1.0)
-    after = common.proc_status(kind.pid, "VmRSS")
-    for connection in held:
-        kind.close(connection)
+    from twisted.internet.defer import Deferred, gatherResults
+
+    tls = common.client_tls(certs.server)
+    client = common.tentacle_client(reactor, port, certs, max_idle=0)
+    numbers = itertools.count()
+
+    async def one_client() -> None:
+        result, _ = await client.call(*CALL)
+        if "IScriptServiceV2" not in result.supported_capabilities:
+            raise AssertionError("GetCapabilities did not list IScriptServiceV2")
+
+    async def one_bare() -> None:
+        connection = await common.BareTLSClient.connect(reactor, port, tls)
+        if await connection.exchange(b"x") != b"x":
+            raise AssertionError("the bare server did not echo")
+        await connection.close()
+
+    one = one_client if kind == "client" else one_bare
+
+    async def worker() -> None:
+        while next(numbers) < count:
+            await one()
+
+    server_before, client_before = common.cpu_seconds(pid), time.process_time()
+    started = time.perf_counter()
+    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(concurrency)], consumeErrors=True)
+    elapsed = time.perf_counter() - started
+    await common.sleep(reactor, 0.3)  # let the last connections' teardown be counted
+    return elapsed, common.cpu_seconds(pid) - server_before, time.process_time() - client_before
+
+
+def settled_burst(kind: Agent | Bare, count: int, concurrency: int) -> tuple[float, float, float]:
+    """
+    L{burst}, with the same settle as L{twisted_burst} before the server's
+    CPU time is read.
+    """
+    server_before = common.cpu_seconds(kind.pid)
+    elapsed, _, client = burst(kind, count, concurrency)
+    time.sleep(0.3)
+    return elapsed, common.cpu_seconds(kind.pid) - server_before, client
+
+
+class Holder:
+    """
+    A C{client_worker.py} child holding N idle connections.
+    """
+
+    def __init__(self, kind: str, port: int, certs: Certificates, count: int) -> None:
+        identity = [str(certs.server_cert), str(certs.server_key)]
+        args = ["agent", port, certs.agent.thumbprint, *identity, count] if kind == "agent" else \
+            ["bare", port, *identity, count]
+        self.child = common.start_child(common.server_command("client_worker.py", *args))
+        [held] = common.read_ready(self.child, "ready", 1)
+        if held != count:
+            self.stop()
+            raise RuntimeError(f"only {held} of {count} connections opened")
+
+    def stop(self) -> None:
+        common.stop_child(self.child, timeout=30)
+
+
+def memory_round(folder: Path, certs: Certificates, server_cpu: int | None, idle: int,
+                 warmup: int) -> dict[str, dict[str, float]]:
+    """
+    A fresh agent and bare server: RSS idle, then before and with C{idle}
+    idle connections (bytes).
+    """
+    agent, agent_port = start_agent(folder, certs, server_cpu)
+    bare = common.start_child(common.server_command("bare_server.py", certs.agent_pem), server_cpu)
+    out = {}
+    try:
+        [bare_port] = common.read_ready(bare, "port", 1)
+        for name, pid, port in (("agent", agent.pid, agent_port), ("bare", bare.pid, bare_port)):
+            time.sleep(1.0)
+            fresh = common.proc_status(pid, "VmRSS")
+            Holder(name, port, certs, warmup).stop()
+            time.sleep(0.5)
+            before = common.proc_status(pid, "VmRSS")
+            holder = Holder(name, port, certs, idle)
+            time.sleep(1.0)
+            after = common.proc_status(pid, "VmRSS")
+            holder.stop()
+            out[name] = {
+                "idle_rss": fresh, "rss_before": before, "rss_with_idle": after,
+                "per_connection": (after - before) / idle,
+            }
+    finally:
+        common.stop_child(bare)
+        common.stop_child(agent, terminate=True)
+    return out
+
+
+async def active_p50(reactor: Any, client: Any, count: int) -> float:
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        await client.call(*CALL)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
+    certs = Certificates(folder)
+    client_cpu, server_cpu, where = common.placement(args.pin, "agent and bare server")
+    common.pin_self(client_cpu)
+    print(f"# placement: {where}; load average at start {common.loadavg()}", flush=True)
+
+    # -- memory, on fresh servers --
+    memory = []
+    for r in range(args.memory_rounds):
+        m = await common.in_thread(memory_round, folder, certs, server_cpu, args.idle, args.warmup)
+        memory.append(m)
+        print(
+            f"#   memory round {r + 1}: idle RSS agent {m['agent']['idle_rss'] / MiB:.1f} MiB, bare "
+            f"{m['bare']['idle_rss'] / MiB:.1f} MiB; per idle connection agent "
+            f"{m['agent']['per_connection'] / 1024:.1f} KiB, bare {m['bare']['per_connection'] / 1024:.1f} KiB",
+            flush=True,
+        )
+
+    agent_child, agent_port = start_agent(folder, certs, server_cpu)
+    bare_child = common.start_child(common.server_command("bare_server.py", certs.agent_pem), server_cpu)
+    library = None
+    try:
+        [bare_port] = common.read_ready(bare_child, "port", 1)
+        raw = {
+            "wire": Agent("agent", agent_child.pid, agent_port, certs.context),
+            "bare": Bare("bare", bare_child.pid, bare_port, certs.context),
+        }
+        twisted = {"client": (agent_child.pid, agent_port), "bare-twisted": (bare_child.pid, bare_port)}
+        probe = HalibutClient(agent_port, certs.context, timeout=30)
+        cipher = probe.sock.cipher()
+        tls = f"{probe.sock.version()} {cipher[0] if cipher else '?'}"
+        probe.end()
+
+        async def burst_of(kind: str, count: int) -> tuple[float, float, float]:
+            if kind in raw:
+                return settled_burst(raw[kind], count, args.concurrency)
+            pid, port = twisted[kind]
+            return await twisted_burst(reactor, kind, pid, port, certs, count, args.concurrency)
+
+        # -- new connections --
+        print(
+            f"# new connections: {args.rounds} rounds x {args.count} per kind, {args.concurrency} in flight; {tls}",
+            flush=True,
+        )
+        order = ["client", "bare-twisted", "wire", "bare"]
+        for kind in order:
+            await burst_of(kind, min(100, args.count))  # warm-up
+        rate: dict[str, list[tuple[float, float, float]]] = {k: [] for k in order}
+        for r in range(args.rounds):
+            for kind in order[r % 4:] + order[: r % 4]:
+                elapsed, server, client_cpu_s = await burst_of(kind, args.count)
+                rate[kind].append((elapsed, server, client_cpu_s))
+                print(
+                    f"#   round {r + 1} {kind:12s} {args.count / elapsed:7.1f} conn/s; CPU per connection: "
+                    f"server {server / args.count * 1e3:.2f} ms, client {client_cpu_s / args.count * 1e3:.2f} ms; "
+                    f"client busy {client_cpu_s / elapsed:.2f}",
+                    flush=True,
+                )
+
+        # -- a busy connection beside idle ones --
+        print(f"# a busy connection: {args.rounds} rounds x {args.active} pooled GetCapabilities, "
+              f"with 0 and with {args.many_idle} idle connections", flush=True)
+        library = common.tentacle_client(reactor, agent_port, certs)
+        await active_p50(reactor, library, 200)  # warm-up
+        active: dict[str, list[float]] = {"none": [], "many": []}
+        for r in range(args.rounds):
+            for setting in (("none", "many") if r % 2 == 0 else ("many", "none")):
+                holder = None
+                if setting == "many":
+                    holder = await common.in_thread(Holder, "agent", agent_port, certs, args.many_idle)
+                    await common.sleep(reactor, 1.0)
+                try:
+                    p50 = await active_p50(reactor, library, args.active)
+                finally:
+                    if holder is not None:
+                        await common.in_thread(holder.stop)
+                        await common.sleep(reactor, 1.0)
+                active[setting].append(p50)
+                print(f"#   round {r + 1} {setting:4s} idle: p50 {p50 * 1e6:.0f} us", flush=True)
+        await library.close()
+        library = None
+        agent_rss_after = common.proc_status(agent_child.pid, "VmRSS")
+    finally:
+        if library is not None:
+            await library.close()
+        common.stop_child(bare_child)
+        common.stop_child(agent_child, terminate=True)
     return {
-        "idle_rss": fresh,
-        "rss_before": before,
-        "rss_with_idle": after,
-        "per_connection": (after - before) / idle,
+        "where": where, "tls": tls, "memory": memory, "rate": rate, "active": active,
+        "agent_rss_after": agent_rss_after,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory-rounds", type=int, default=3, help="fresh agent and bare server pairs for memory")
     parser.add_argument("--count", type=int, default=500, help="new connections per kind per round")
-    parser.add_argument("--concurrency", type=int, default=8, help="connections in flight (client threads)")
+    parser.add_argument("--concurrency", type=int, default=8, help="connections in flight")
     parser.add_argument("--idle", type=int, default=200, help="idle connections held for the memory figure")
     parser.add_argument("--warmup", type=int, default=5, help="connections opened and closed before memory is read")
+    parser.add_argument("--many-idle", type=int, default=500, help="idle connections beside the busy one")
+    parser.add_argument("--active", type=int, default=1000, help="calls timed on the busy connection per round")
     common.add_pin_option(parser)
     common.add_json_option(parser)
     args = parser.parse_args(argv)
-    client_cpu, server_cpu, where = common.placement(args.pin, "agent and bare server")
-    common.pin_self(client_cpu)
+    common.quiet_logging()
+    print(common.header("bench_connections"), flush=True)
 
-    print(f"# bench_connections: {common.machine()}")
-    print(f"# placement: {where}; load average at start {common.loadavg()}")
-    with tempfile.TemporaryDirectory(prefix="tentacle-bench-connections-") as tmp:
-        folder = Path(tmp)
-        certs = Certificates(folder)
-        agent_child, agent_port = start_agent(folder, certs, server_cpu)
-        bare_child = common.start_child(common.server_command("bare_server.py", certs.agent_pem), server_cpu)
-        try:
-            [bare_port] = common.read_ready(bare_child, "port", 1)
-            kinds: dict[str, Agent | Bare] = {
-                "agent": Agent("agent", agent_child.pid, agent_port, certs.context),
-                "bare": Bare("bare", bare_child.pid, bare_port, certs.context),
-            }
-            # -- memory, while both are fresh --
-            mem = {name: memory(kind, args.idle, args.warmup) for name, kind in kinds.items()}
+    async def run(reactor: Any) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="tentacle-bench-connections-") as tmp:
+            return await measure(reactor, args, Path(tmp))
 
-            probe = HalibutClient(agent_port, certs.context, timeout=30)
-            capabilities = common.wire(common.request("ICapabilitiesServiceV2", "GetCapabilities"))
-            offered = common.result(probe.round_trip(capabilities)).supported_capabilities
-            cipher = probe.sock.cipher()
-            tls = f"{probe.sock.version()} {cipher[0] if cipher else '?'}"
-            probe.end()
-
-            # -- the rate --
-            print(
-                f"# rate: {args.rounds} rounds x {args.count} new connections per kind, "
-                f"{args.concurrency} in flight; agent offers {', '.join(offered)}"
-            )
-            for kind in kinds.values():
-                burst(kind, min(100, args.count), args.concurrency)  # warm-up
-            samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in kinds}
-            order = list(kinds)
-            for r in range(args.rounds):
-                for name in order[r % 2:] + order[:r % 2]:
-                    elapsed, server, client_cpu_s = burst(kinds[name], args.count, args.concurrency)
-                    samples[name].append((elapsed, server, client_cpu_s))
-                    print(
-                        f"#   round {r + 1} {name:5s} {args.count / elapsed:7.1f} conn/s; CPU per "
-                        f"connection: server {server / args.count * 1e3:.2f} ms, client "
-                        f"{client_cpu_s / args.count * 1e3:.2f} ms; client busy {client_cpu_s / elapsed:.2f}"
-                    )
-            agent_rss_after = common.proc_status(agent_child.pid, "VmRSS")
-        finally:
-            common.stop_child(bare_child)
-            common.stop_child(agent_child, terminate=True)
-
+    out = common.react(run)
+    rate, memory, active = out["rate"], out["memory"], out["active"]
+    n = args.count
     print(f"# load average at the end {common.loadavg()}\n")
-    rate = {n: statistics.median(args.count / s[0] for s in v) for n, v in samples.items()}
-    server_ms = {n: statistics.median(s[1] / args.count * 1e3 for s in v) for n, v in samples.items()}
-    busy = {n: statistics.median(s[2] / s[0] for s in v) for n, v in samples.items()}
-    print(f"New connections per second (median over {args.rounds} rounds; {tls})")
-    for name in kinds:
-        rates = [args.count / s[0] for s in samples[name]]
+    print(f"New connections ({out['tls']}; median over {args.rounds} rounds)")
+    for kind, samples in rate.items():
         print(
-            f"  {name:5s} {rate[name]:7.1f} conn/s  ({min(rates):.1f}..{max(rates):.1f}); "
-            f"server CPU {server_ms[name]:.2f} ms per connection; client busy {busy[name]:.2f}"
+            f"  {kind:12s} {statistics.median(n / s[0] for s in samples):7.1f} conn/s; server CPU "
+            f"{statistics.median(s[1] / n * 1e3 for s in samples):.2f} ms per connection; client busy "
+            f"{statistics.median(s[2] / s[0] for s in samples):.2f}"
         )
-    print(f"  agent / bare (rate, median)                     {rate['agent'] / rate['bare']:.3f}")
-    for name in kinds:
-        if busy[name] > 0.9:
+    cpu = {k: [s[1] / n * 1e3 for s in v] for k, v in rate.items()}
+    per_second = {k: [n / s[0] for s in v] for k, v in rate.items()}
+    print(f"Memory ({args.idle} idle connections held, after {args.warmup} opened and closed)")
+    for r, m in enumerate(memory):
+        for name in ("agent", "bare"):
+            x = m[name]
             print(
-                f"  (the client was busy {busy[name]:.2f} of the time for {name}: it may have set the pace; "
-                "the server CPU per connection does not depend on it)"
+                f"  round {r + 1} {name:5s} idle {x['idle_rss'] / MiB:6.1f} MiB; {x['rss_before'] / MiB:6.1f} -> "
+                f"{x['rss_with_idle'] / MiB:6.1f} MiB: {x['per_connection'] / 1024:5.1f} KiB per connection"
             )
-    print(f"  agent / bare (server CPU per connection, median) {server_ms['agent'] / server_ms['bare']:.2f}")
-    print()
-    print(f"Memory (VmRSS; {args.idle} idle connections held, after {args.warmup} opened and closed)")
-    for name, m in mem.items():
-        print(
-            f"  {name:5s} idle {m['idle_rss'] / MiB:6.1f} MiB; {m['rss_before'] / MiB:6.1f} MiB -> "
-            f"{m['rss_with_idle'] / MiB:6.1f} MiB with {args.idle} idle: "
-            f"{m['per_connection'] / 1024:5.1f} KiB per connection"
-        )
-    print(f"  agent / bare (idle RSS)            {mem['agent']['idle_rss'] / mem['bare']['idle_rss']:.2f}")
-    print(
-        f"  agent / bare (RSS per connection)  "
-        f"{mem['agent']['per_connection'] / mem['bare']['per_connection']:.2f}"
-    )
-    print(f"  agent RSS after the rate test: {agent_rss_after / MiB:.1f} MiB")
+    print(f"  agent RSS after the connection tests: {out['agent_rss_after'] / MiB:.1f} MiB")
+    rows = [
+        common.row("new connection + identity + 1 request via TentacleClient: agent CPU per connection "
+                   "(vs bare Twisted mTLS handshake)", cpu["client"], cpu["bare-twisted"], "ms", "lower",
+                   key="connection", fmt="{:.2f}"),
+        common.row(f"new connections per second via TentacleClient, {args.concurrency} in flight "
+                   "(vs bare Twisted mTLS handshakes)", per_second["client"], per_second["bare-twisted"],
+                   "conn/s", "higher", fmt="{:.0f}"),
+        common.row("new connection + identity + 1 request, raw wire: agent CPU per connection "
+                   "(vs bare mTLS handshake, blocking ssl)", cpu["wire"], cpu["bare"], "ms", "lower", fmt="{:.2f}"),
+        common.row(f"new connections per second, raw wire, {args.concurrency} threads (vs bare, blocking ssl)",
+                   per_second["wire"], per_second["bare"], "conn/s", "higher", fmt="{:.0f}"),
+        common.row("idle agent RSS, `tentacle run` (vs bare Twisted TLS listener)",
+                   [m["agent"]["idle_rss"] / MiB for m in memory], [m["bare"]["idle_rss"] / MiB for m in memory],
+                   "MiB", "lower", key="idle_rss"),
+        common.row(f"RSS per idle authenticated TentacleClient connection, {args.idle} held (vs bare TLS)",
+                   [m["agent"]["per_connection"] / 1024 for m in memory],
+                   [m["bare"]["per_connection"] / 1024 for m in memory], "KiB", "lower", key="connection_rss"),
+        common.row(f"busy connection p50 via TentacleClient with {args.many_idle} idle connections (vs with none)",
+                   [x * 1e6 for x in active["many"]], [x * 1e6 for x in active["none"]], "µs", "lower",
+                   key="many_idle", fmt="{:.0f}"),
+    ]
+    for r in rows:
+        print(common.describe_row(r))
     common.write_json(args.json, {
-        "placement": where,
+        "placement": out["where"],
         "concurrency": args.concurrency,
         "idle": args.idle,
+        "many_idle": args.many_idle,
+        "memory": memory,
         "rate": rate,
-        "server_ms_per_connection": server_ms,
-        "client_busy": busy,
-        "memory": mem,
-        "agent_rss_after": agent_rss_after,
+        "active": active,
+        "agent_rss_after": out["agent_rss_after"],
+        "rows": rows,
     })
     return 0
 

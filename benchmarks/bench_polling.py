@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import ssl
 import statistics
 import tempfile
 import time
@@ -231,15 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     common.add_json_option(parser)
     args = parser.parse_args(argv)
     common.quiet_logging()
-    from twisted.internet import task
-
+    print(common.header("bench_polling"), flush=True)
     from tentacle.identity import Identity
 
     figures: dict[str, Any] = {}
 
     async def run(reactor: Any) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix="tentacle-bench-polling-") as tmp:
             folder = Path(tmp)
+            # The children's temp folders (their homes) go inside this one.
+            os.environ["TMPDIR"] = tmp
             certs = Certificates(folder)
             hub_identity = Identity.generate("hub")
             hub_pem = folder / "hub.pem"
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             figures["memory"] = await _in_thread(memory, args, certs, hub_pem, hub_identity)
             figures["upload"] = await uploads(reactor, args, certs, hub_pem, hub_identity, folder)
 
-    task.react(lambda reactor: _start(reactor, run))
+    common.react(run)
     common.write_json(args.json, figures)
     return 0
 
@@ -257,12 +257,6 @@ async def _in_thread(f: Any, *args: Any) -> Any:
     from twisted.internet.threads import deferToThread
 
     return await deferToThread(f, *args)
-
-
-def _start(reactor: Any, run: Any) -> Any:
-    from twisted.internet.defer import Deferred
-
-    return Deferred.fromCoroutine(run(reactor))
 
 
 if __name__ == "__main__":

@@ -1,60 +1,57 @@
 """
-Scripts through C{IScriptServiceV2} on loopback: 200 concurrent C{sleep 1}
-scripts, and the latency from StartScript to the first log line of
-C{echo hello}, each against bare Twisted process spawning measured in the
-same run.
+Scripts on loopback, as users run them: 200 concurrent C{sleep 1} scripts
+and the first log line of C{echo hello}, each through
+L{TentacleClient.run_script}, against bare Twisted C{posix_spawn} measured
+in the same run; the raw wire figures and C{tentacle-client run} beside
+them.
 
-Two child processes (C{benchmarks/scripts_server.py}) do the serving, so
-that this process, the client, shares a GIL with neither:
+Child processes, so that this process (the client) shares a GIL with none:
 
-  - C{agent}: a real agent (L{TentacleService}) whose dispatcher serves
-    C{IScriptServiceV2} (L{ScriptServiceV2} over a L{ScriptRunner}) and a
-    trivial C{IBenchService.Echo};
-  - C{bare}: a bare Twisted program that spawns C{setsid -- /bin/bash -c
-    SCRIPT} with C{reactor.spawnProcess}, as the agent spawns a script, and
-    times it itself.
+  - C{agent} (C{scripts_server.py agent}): a real agent (L{TentacleService})
+    with Tentacle's own services, as deployed, plus a trivial
+    C{IBenchService.Echo};
+  - C{bare} (C{scripts_server.py bare}): a bare Twisted program that spawns
+    C{setsid -- /bin/bash -c SCRIPT} with C{reactor.spawnProcess} and no
+    working folder, so Twisted uses C{posix_spawnp}, as the agent does, and
+    times the processes itself;
+  - C{pipe.py serve}, for the C{tentacle-client run} row's baseline.
 
-The client uses blocking C{ssl} sockets and pooled Halibut calls
-(C{NEXT}/C{PROCEED}) as Octopus Server makes them. Requests are encoded
-before the clock starts.
+B{Concurrent scripts}, one sample per kind per round, the order turning:
 
-Concurrent scripts, one sample per round, rounds interleaved:
+  - C{client}: 200 C{TentacleClient.run_script("sleep 1")} at once on one
+    client (default settings: StartScript waits up to 1 s for the script,
+    then GetStatus at once, then every 300 ms x 1.15 up to 5 s while
+    nothing new arrives; CompleteScript at the end).  Timed from the first
+    call until the last returned.  The goal's figure.
+  - C{bare-spawnp}: the bare program spawns the same 200 at once; timed
+    from the first C{spawnProcess} to the last C{processEnded}.  The goal's
+    baseline.
+  - C{wire}: the raw wire, blocking C{ssl}: C{--connections} (8) threads
+    send StartScript (no wait) as fast as they can, then poll GetStatus
+    every C{--poll} (10 ms) until all are Complete.
 
-  - C{agent}: N (200) NoIsolation C{sleep 1} scripts, started as fast as
-    C{--connections} (8) threads, each with its own pooled connection, can
-    send StartScript. Each thread then polls GetStatus for its scripts in
-    the order it started them, sleeping C{--poll} seconds between polls
-    while one is still Running, until every one is Complete. Timed from the
-    first StartScript sent to the last Complete seen.
-  - C{bare}: the same N processes, C{setsid -- /bin/bash -c "sleep 1"}, each
-    with the same environment and a working directory (so Twisted forks,
-    as it does for the agent, which passes each script's workspace). Timed
-    in the bare program from the first C{spawnProcess} to the last
-    C{processEnded}.
-  - C{bare-spawnp}: the same without a working directory, so Twisted uses
-    C{posix_spawnp} instead of forking.
+B{First log line of C{echo hello}}, C{--rounds} rounds of C{--count}
+samples per kind, the kinds taking turns:
 
-First log line, one sample per kind in turn, C{--count} (50) of each:
+  - C{client-first-line}: C{TentacleClient.run_script("echo hello",
+    on_log=...)}, timed from the call until C{on_log} sees the first line.
+  - C{client-rt}: one pooled C{GetCapabilities} through the same client.
+  - C{spawn-first-byte}, C{spawn-exit}: the bare program spawns
+    C{setsid -- /bin/bash -c "echo hello"} (posix_spawnp) and times its
+    first stdout byte and C{processEnded}.
+  - raw wire: C{wire-wait} (StartScript waiting up to 10 s, until its
+    answer), C{wire-poll} (StartScript without a wait, then GetStatus back
+    to back until the line comes), C{wire-rt} (a pooled C{Echo("x")}).
 
-  - C{agent-poll}: StartScript for C{echo hello} without
-    DurationToWaitForScriptToFinish, then GetStatus from LastLogSequence 0
-    back to back, until the answer carries the line. Timed from sending
-    StartScript until that answer is read.
-  - C{agent-wait}: StartScript for C{echo hello} with
-    DurationToWaitForScriptToFinish of 10 s; the agent answers when the
-    script has finished, with the line. Timed from sending StartScript until
-    the answer is read.
-  - C{spawn-first-byte} and C{spawn-exit}: the bare program spawns
-    C{setsid -- /bin/bash -c "echo hello"} (with a working directory, as
-    the agent) and times the first stdout byte and C{processEnded}.
-  - C{halibut-rt}: a pooled call of C{IBenchService.Echo("x")} on the same
-    connection as the scripts: the price of one Halibut call.
+The goal's ratio, per round: C{client-first-line} / (C{spawn-first-byte}
++ C{client-rt}).
 
-Each script is CompleteScript'd once it is done, outside the clock.
+B{The command}: C{tentacle-client run -c "echo hello" 127.0.0.1:PORT},
+whole (start-up included), C{--cli-count} per round, against a bare
+Twisted mTLS client command (C{pipe.py put} of an empty file: start-up,
+TLS, one exchange) plus C{spawn-exit}.
 
-Run from the repository root::
-
-    python benchmarks/bench_scripts.py [--rounds 5] [--scripts 200] [--count 50] [--pin none]
+    python benchmarks/bench_scripts.py [--rounds 3] [--scripts 200] [--count 30] [--pin none]
 """
 
 from __future__ import annotations
@@ -62,6 +59,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -69,7 +67,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 import common
 from common import Certificates, HalibutClient, percentile, request, result, wire
@@ -83,6 +81,8 @@ from tentacle.contracts import (
     StartScriptCommandV2,
 )
 from tentacle.halibut.dotnet import TimeSpan
+
+CALL = ("ICapabilitiesServiceV2", "GetCapabilities")
 
 # --- the client ----------------------------------------------------------------
 
@@ -274,7 +274,201 @@ def halibut_rt(client: HalibutClient) -> float:
     return elapsed
 
 
-# --- reporting ---------------------------------------------------------------------------
+# --- through TentacleClient --------------------------------------------------------------------
+
+
+async def client_many(library: Any, n: int, body: str) -> float:
+    """
+    C{n} C{run_script(body)} at once; the seconds until the last returned.
+    """
+    from twisted.internet.defer import Deferred, gatherResults
+
+    started = time.perf_counter()
+    codes = await gatherResults(
+        [Deferred.fromCoroutine(library.run_script(body)) for _ in range(n)], consumeErrors=True
+    )
+    elapsed = time.perf_counter() - started
+    if any(code != 0 for code in codes):
+        raise AssertionError(f"scripts failed: exit codes {sorted(set(codes))}")
+    return elapsed
+
+
+async def client_first_line(library: Any) -> float:
+    seen: list[float] = []
+    lines: list[str] = []
+
+    def on_log(line: Any) -> None:
+        if not seen:
+            seen.append(time.perf_counter())
+        lines.append(line.text)
+
+    started = time.perf_counter()
+    code = await library.run_script("echo hello", on_log=on_log)
+    if code != 0 or lines != ["hello"]:
+        raise AssertionError(f"echo hello: exit code {code}, log {lines!r}")
+    return seen[0] - started
+
+
+async def client_rt(library: Any) -> float:
+    started = time.perf_counter()
+    await library.call(*CALL)
+    return time.perf_counter() - started
+
+
+def command_seconds(command: list[str], expect: str | None = None) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0 or (expect is not None and expect not in done.stdout):
+        raise AssertionError(f"{command[0]} exited {done.returncode}: {done.stdout[-500:]}{done.stderr[-2000:]}")
+    return elapsed
+
+
+# --- the measurements --------------------------------------------------------------------------
+
+
+async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
+    client_cpu, server_cpu, where = common.placement(args.pin, "agent, bare spawner and their scripts")
+    common.pin_self(client_cpu)
+    print(f"# placement: {where}; load average at start {common.loadavg()}", flush=True)
+    sleep_body = f"sleep {args.sleep:g}"
+    workdir = folder / "bare"
+    workdir.mkdir()
+    pipe_folder = folder / "pipe"
+    pipe_folder.mkdir()
+    empty = folder / "empty"
+    empty.write_bytes(b"")
+    certs = Certificates(folder)
+    home = folder / "home"
+    home.mkdir()
+    agent = common.start_child(
+        common.server_command("scripts_server.py", "agent", certs.agent_pem, certs.server.thumbprint, home),
+        server_cpu,
+    )
+    bare: Bare | None = None
+    pipe = None
+    clients: list[HalibutClient] = []
+    library = None
+    try:
+        [port] = common.read_ready(agent, "port", 1)
+        bare = spawner = Bare(workdir, server_cpu)
+        pipe = common.start_child(common.server_command("pipe.py", "serve", certs.agent_pem, pipe_folder), server_cpu)
+        [pipe_port] = common.read_ready(pipe, "port", 1)
+        clients = [HalibutClient(port, certs.context) for _ in range(args.connections)]
+        for client in clients:
+            halibut_rt(client)
+        library = common.tentacle_client(reactor, port, certs)
+
+        # -- concurrent scripts --
+        print(
+            f"# concurrent: {args.scripts} x NoIsolation '{sleep_body}', {args.rounds} rounds; TentacleClient "
+            f"(default settings); raw wire over {args.connections} connections polling every {args.poll * 1e3:g} ms",
+            flush=True,
+        )
+        # Warm up every side (imports, caches, the workspace folder) on a small batch.
+        await client_many(library, min(20, args.scripts), "true")
+        agent_many(clients, min(20, args.scripts), "true", args.poll)
+        spawner.many(min(20, args.scripts), "nocwd", "true")
+
+        async def run_client() -> tuple[float, float]:
+            return float("nan"), await client_many(library, args.scripts, sleep_body)
+
+        async def run_sync(f: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+            return f()
+
+        runs: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {
+            "client": run_client,
+            "bare-spawnp": lambda: run_sync(lambda: spawner.many(args.scripts, "nocwd", sleep_body)),
+            "wire": lambda: run_sync(lambda: agent_many(clients, args.scripts, sleep_body, args.poll)),
+        }
+        server_pid = {"client": agent.pid, "wire": agent.pid, "bare-spawnp": spawner.child.pid}
+        many: dict[str, list[float]] = {k: [] for k in runs}
+        order = list(runs)
+        for r in range(args.rounds):
+            for kind in order[r % 3:] + order[: r % 3]:
+                await common.sleep(reactor, 0.3)  # let the last round's processes be reaped everywhere
+                server_before, client_before = common.cpu_seconds(server_pid[kind]), time.process_time()
+                started, ended = await runs[kind]()
+                server_time = common.cpu_seconds(server_pid[kind]) - server_before
+                client_time = time.process_time() - client_before
+                many[kind].append(ended)
+                all_started = "" if started != started else f"started all in {started:.3f} s, "
+                print(
+                    f"#   round {r + 1} {kind:12s} {all_started}all done in {ended:.3f} s; "
+                    f"CPU: server {server_time:.2f} s, client {client_time:.2f} s",
+                    flush=True,
+                )
+        work = home / "Work"
+        left = list(work.iterdir()) if work.exists() else []
+        if left:
+            raise AssertionError(f"{len(left)} workspaces were left behind")
+
+        # -- first log line --
+        raw = clients[0]
+
+        async def sync(f: Callable[[], Any]) -> Any:
+            return f()
+
+        kinds: dict[str, Callable[[], Awaitable[Any]]] = {
+            "client-first-line": lambda: client_first_line(library),
+            "client-rt": lambda: client_rt(library),
+            "spawn": lambda: sync(lambda: spawner.one("nocwd", "echo hello")),
+            "wire-wait": lambda: sync(lambda: echo_wait(raw)),
+            "wire-poll": lambda: sync(lambda: echo_poll(raw)),
+            "wire-rt": lambda: sync(lambda: halibut_rt(raw)),
+        }
+        names = {"spawn": ("spawn-first-byte", "spawn-exit")}
+        latency: list[dict[str, list[float]]] = []
+        order = list(kinds)
+        for r in range(args.rounds + 1):  # round 0 warms up
+            samples: dict[str, list[float]] = {}
+            for i in range(args.warmup if r == 0 else args.count):
+                for kind in order[i % len(order):] + order[: i % len(order)]:
+                    value = await kinds[kind]()
+                    for name, v in zip(names.get(kind, (kind,)), value if isinstance(value, tuple) else (value,)):
+                        samples.setdefault(name, []).append(v)
+            if r:
+                latency.append(samples)
+                print(
+                    f"#   first line round {r}: client {statistics.median(samples['client-first-line']) * 1e3:.1f} ms, "
+                    f"spawn first byte {statistics.median(samples['spawn-first-byte']) * 1e3:.1f} ms, "
+                    f"client round trip {statistics.median(samples['client-rt']) * 1e3:.2f} ms",
+                    flush=True,
+                )
+
+        # -- the command --
+        cli = [*common.tentacle_client_command(), *common.cli_identity(certs), "run", "-c", "echo hello",
+               f"127.0.0.1:{port}"]
+        pipe_put = common.server_command(
+            "pipe.py", "put", pipe_port, certs.server_cert, certs.server_key, empty, "empty"
+        )
+        command: dict[str, list[float]] = {"cli": [], "pipe": [], "spawn-exit": []}
+        command_seconds(cli, "hello")
+        for r in range(args.rounds):
+            cli_s, pipe_s, spawn_s = [], [], []
+            for _ in range(args.cli_count):
+                cli_s.append(command_seconds(cli, "hello"))
+                pipe_s.append(command_seconds(pipe_put))
+                spawn_s.append(spawner.one("nocwd", "echo hello")[1])
+            command["cli"].append(statistics.median(cli_s))
+            command["pipe"].append(statistics.median(pipe_s))
+            command["spawn-exit"].append(statistics.median(spawn_s))
+        await library.close()
+        library = None
+    finally:
+        if library is not None:
+            await library.close()
+        for client in clients:
+            try:
+                client.end()
+            except OSError:
+                pass
+        if pipe is not None:
+            common.stop_child(pipe)
+        if bare is not None:
+            common.stop_child(bare.child)
+        common.stop_child(agent)
+    return {"where": where, "many": many, "latency": latency, "command": command}
 
 
 def ms(seconds: float) -> str:
@@ -283,141 +477,79 @@ def ms(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the concurrent test")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each test")
     parser.add_argument("--scripts", type=int, default=200, help="concurrent scripts per round")
     parser.add_argument("--sleep", type=float, default=1.0, help="seconds each concurrent script sleeps")
-    parser.add_argument("--connections", type=int, default=8, help="client connections (threads)")
-    parser.add_argument("--poll", type=float, default=0.01, help="seconds between polls of a running script")
-    parser.add_argument("--count", type=int, default=50, help="first-log-line samples per kind")
+    parser.add_argument("--connections", type=int, default=8, help="raw-wire client connections (threads)")
+    parser.add_argument("--poll", type=float, default=0.01, help="raw wire: seconds between polls of a running script")
+    parser.add_argument("--count", type=int, default=30, help="first-log-line samples per kind per round")
     parser.add_argument("--warmup", type=int, default=5, help="first-log-line warm-up samples per kind")
+    parser.add_argument("--cli-count", type=int, default=5, help="tentacle-client run commands per round")
     common.add_pin_option(parser, default="none")
     common.add_json_option(parser)
     args = parser.parse_args(argv)
-    client_cpu, server_cpu, where = common.placement(args.pin, "agent, bare spawner and their scripts")
-    common.pin_self(client_cpu)
-    sleep_body = f"sleep {args.sleep:g}"
-
-    print(f"# bench_scripts: {common.machine()}")
-    print(f"# placement: {where}; load average at start {common.loadavg()}")
+    common.quiet_logging()
+    print(common.header("bench_scripts"), flush=True)
     clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tentacle-bench-") as tmp:
-        folder = Path(tmp)
-        workdir = folder / "bare"
-        workdir.mkdir()
-        certs = Certificates(folder)
-        home = folder / "home"
-        home.mkdir()
-        agent = common.start_child(
-            common.server_command("scripts_server.py", "agent", certs.agent_pem, certs.server.thumbprint, home),
-            server_cpu,
-        )
-        bare: Bare | None = None
-        clients: list[HalibutClient] = []
-        try:
-            [port] = common.read_ready(agent, "port", 1)
-            bare = spawner = Bare(workdir, server_cpu)
-            clients = [HalibutClient(port, certs.context) for _ in range(args.connections)]
-            for client in clients:
-                halibut_rt(client)
 
-            # -- concurrent scripts --
-            print(
-                f"# concurrent: {args.scripts} x NoIsolation '{sleep_body}', {args.rounds} rounds; "
-                f"agent over {args.connections} connections, polling every {args.poll * 1e3:g} ms"
-            )
-            # Warm up both sides (imports, caches, the workspace folder) on a small batch.
-            agent_many(clients, min(20, args.scripts), "true", args.poll)
-            spawner.many(min(20, args.scripts), "cwd", "true")
-            many: dict[str, list[float]] = {"agent": [], "bare": [], "bare-spawnp": []}
-            spawned: dict[str, list[float]] = {k: [] for k in many}
-            runs: dict[str, Callable[[], tuple[float, float]]] = {
-                "agent": lambda: agent_many(clients, args.scripts, sleep_body, args.poll),
-                "bare": lambda: spawner.many(args.scripts, "cwd", sleep_body),
-                "bare-spawnp": lambda: spawner.many(args.scripts, "nocwd", sleep_body),
-            }
-            server_pid = {"agent": agent.pid, "bare": spawner.child.pid, "bare-spawnp": spawner.child.pid}
-            order = list(runs)
-            for r in range(args.rounds):
-                for kind in order[r % 3:] + order[:r % 3]:
-                    time.sleep(0.3)  # let the last round's processes be reaped everywhere
-                    server_before, client_before = common.cpu_seconds(server_pid[kind]), time.process_time()
-                    started, ended = runs[kind]()
-                    server_time = common.cpu_seconds(server_pid[kind]) - server_before
-                    client_time = time.process_time() - client_before
-                    spawned[kind].append(started)
-                    many[kind].append(ended)
-                    print(
-                        f"#   round {r + 1} {kind:12s} started all in {started:.3f} s, all done in "
-                        f"{ended:.3f} s; CPU: server {server_time:.2f} s, client {client_time:.2f} s"
-                    )
-            left = list((folder / "home" / "Work").iterdir()) if (folder / "home" / "Work").exists() else []
-            if left:
-                raise AssertionError(f"{len(left)} workspaces were left behind")
+    async def run(reactor: Any) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="tentacle-bench-") as tmp:
+            return await measure(reactor, args, Path(tmp))
 
-            # -- first log line --
-            client = clients[0]
-            kinds: dict[str, Callable[[], tuple[float, ...]]] = {
-                "agent-poll": lambda: (echo_poll(client),),
-                "agent-wait": lambda: (echo_wait(client),),
-                "spawn": lambda: spawner.one("cwd", "echo hello"),
-                "halibut-rt": lambda: (halibut_rt(client),),
-            }
-            names = {"spawn": ("spawn-first-byte", "spawn-exit")}
-            latency: dict[str, list[float]] = {}
-            order = list(kinds)
-            for i in range(args.warmup + args.count):
-                for kind in order[i % 4:] + order[:i % 4]:
-                    sample = kinds[kind]()
-                    if i >= args.warmup:
-                        for name, value in zip(names.get(kind, (kind,)), sample):
-                            latency.setdefault(name, []).append(value)
-        finally:
-            for client in clients:
-                try:
-                    client.end()
-                except OSError:
-                    pass
-            if bare is not None:
-                common.stop_child(bare.child)
-            common.stop_child(agent)
-    elapsed = time.perf_counter() - clock
-
-    print(f"# measured in {elapsed:.1f} s; load average at the end {common.loadavg()}\n")
-    print(f"{args.scripts} concurrent '{sleep_body}' scripts, first start to last done "
+    out = common.react(run)
+    many, latency, command = out["many"], out["latency"], out["command"]
+    print(f"# measured in {time.perf_counter() - clock:.1f} s; load average at the end {common.loadavg()}\n")
+    print(f"{args.scripts} concurrent 'sleep {args.sleep:g}' scripts, first start to last done "
           f"(median and range over {args.rounds} rounds)")
-    med = {k: statistics.median(v) for k, v in many.items()}
     for kind, values in many.items():
-        print(
-            f"  {kind:12s} {med[kind]:6.3f} s  ({min(values):.3f}..{max(values):.3f}); "
-            f"all started after {statistics.median(spawned[kind]):.3f} s"
-        )
-    print(f"  agent / bare         (median) {med['agent'] / med['bare']:.3f}")
-    print(f"  agent / bare-spawnp  (median) {med['agent'] / med['bare-spawnp']:.3f}")
-    print(
-        f"  agent - bare         (median) {(med['agent'] - med['bare']) * 1e3:.0f} ms; "
-        f"beyond the {args.sleep:g} s sleep: agent {(med['agent'] - args.sleep) * 1e3:.0f} ms, "
-        f"bare {(med['bare'] - args.sleep) * 1e3:.0f} ms, "
-        f"bare-spawnp {(med['bare-spawnp'] - args.sleep) * 1e3:.0f} ms"
-    )
+        print(f"  {kind:12s} {statistics.median(values):6.3f} s  ({min(values):.3f}..{max(values):.3f})")
     print()
-    print(f"StartScript -> first log line of 'echo hello' ({args.count} samples each, one at a time)")
-    lat = {k: statistics.median(v) for k, v in latency.items()}
-    for kind in ("agent-poll", "agent-wait", "spawn-first-byte", "spawn-exit", "halibut-rt"):
-        ordered = sorted(latency[kind])
-        print(f"  {kind:16s} median {ms(lat[kind])}   p90 {ms(percentile(ordered, 0.9))}")
-    floor_poll = lat["spawn-first-byte"] + 2 * lat["halibut-rt"]
-    floor_wait = lat["spawn-exit"] + lat["halibut-rt"]
-    print(f"  agent-poll / spawn-first-byte           (median) {lat['agent-poll'] / lat['spawn-first-byte']:.2f}")
-    print(f"  agent-poll / (spawn-first-byte + 2 rt)  (median) {lat['agent-poll'] / floor_poll:.2f}")
-    print(f"  agent-wait / spawn-exit                 (median) {lat['agent-wait'] / lat['spawn-exit']:.2f}")
-    print(f"  agent-wait / (spawn-exit + 1 rt)        (median) {lat['agent-wait'] / floor_wait:.2f}")
-    print(f"  agent-poll / halibut-rt                 (median) {lat['agent-poll'] / lat['halibut-rt']:.1f}")
+    print(f"'echo hello', first log line ({args.rounds} rounds x {args.count} samples per kind)")
+    every: dict[str, list[float]] = {}
+    for samples in latency:
+        for k, v in samples.items():
+            every.setdefault(k, []).extend(v)
+    for kind, values in every.items():
+        ordered = sorted(values)
+        print(f"  {kind:18s} median {ms(statistics.median(values))}   p90 {ms(percentile(ordered, 0.9))}")
+    print()
+
+    def per_round(kind: str) -> list[float]:
+        return [statistics.median(samples[kind]) * 1e3 for samples in latency]
+
+    floor_client = [a + b for a, b in zip(per_round("spawn-first-byte"), per_round("client-rt"))]
+    floor_wait = [a + b for a, b in zip(per_round("spawn-exit"), per_round("wire-rt"))]
+    floor_poll = [a + b for a, b in zip(per_round("spawn-first-byte"), per_round("wire-rt"))]
+    floor_command = [(p + s) * 1e3 for p, s in zip(command["pipe"], command["spawn-exit"])]
+    rows = [
+        common.row(f"{args.scripts} x 'sleep {args.sleep:g}' via TentacleClient.run_script, start to all done "
+                   f"(vs {args.scripts} bare posix_spawn)", many["client"], many["bare-spawnp"], "s", "lower",
+                   key="scripts", fmt="{:.3f}"),
+        common.row(f"{args.scripts} x 'sleep {args.sleep:g}', raw wire, {args.connections} connections polling "
+                   f"every {args.poll * 1e3:g} ms (vs {args.scripts} bare posix_spawn)",
+                   many["wire"], many["bare-spawnp"], "s", "lower", fmt="{:.3f}"),
+        common.row("'echo hello' first log line via TentacleClient.run_script "
+                   "(vs bare posix_spawn first byte + 1 pooled TentacleClient round trip)",
+                   per_round("client-first-line"), floor_client, "ms", "lower", key="first_line", fmt="{:.2f}"),
+        common.row("'echo hello' StartScript waiting for the end, raw wire (vs bare spawn to exit + 1 raw round trip)",
+                   per_round("wire-wait"), floor_wait, "ms", "lower", fmt="{:.2f}"),
+        common.row("'echo hello' StartScript then GetStatus until the line, raw wire "
+                   "(vs bare first byte + 1 raw round trip)", per_round("wire-poll"), floor_poll, "ms", "lower",
+                   fmt="{:.2f}"),
+        common.row("`tentacle-client run -c 'echo hello'`, whole command "
+                   "(vs bare Twisted mTLS client command with one exchange + bare spawn to exit)",
+                   [c * 1e3 for c in command["cli"]], floor_command, "ms", "lower", fmt="{:.0f}"),
+    ]
+    for r in rows:
+        print(common.describe_row(r))
     common.write_json(args.json, {
         "scripts": args.scripts,
         "sleep": args.sleep,
-        "placement": where,
-        "concurrent": med,
-        "first_line": lat,
+        "placement": out["where"],
+        "concurrent": {k: statistics.median(v) for k, v in many.items()},
+        "first_line": {k: statistics.median(v) for k, v in every.items()},
+        "command": command,
+        "rows": rows,
     })
     return 0
 

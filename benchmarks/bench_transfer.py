@@ -1,51 +1,57 @@
 """
-File transfer throughput on loopback: a 1 GiB upload and download through
-the agent's C{IFileTransferService}, each against a bare Twisted mutual-TLS
-socket moving the same bytes in the same run (the ceiling).
+File transfer on loopback, as users run it: C{tentacle-client upload} and
+C{download} of a 1 GiB file, each command timed whole (a child process,
+start-up included), against a bare Twisted mutual-TLS pipe (C{pipe.py}: a
+client process and a separate server process) moving the same file, in
+the same run.  Beside them, L{TentacleClient} in this process, the pipe
+with the agent's hashing and fsyncs, and the raw wire figures.
 
-A child process (C{benchmarks/transfer_server.py}) runs, in one reactor, a
-real agent with Tentacle's services and a bare Twisted TLS server with the
-same TLS policy (L{AgentTLSOptions}) and certificate.  This process is the
-client, on blocking C{ssl} sockets presenting a client certificate, so
-client and agent never share a GIL.  Both kinds send and receive with the
-same client code: 256 KiB C{sendall}s of one pre-built block, and
-C{recv_into} a 1 MiB buffer.
+Children, on loopback: the agent (C{transfer_server.py}: a L{TentacleService}
+with Tentacle's services, and a raw bare TLS server for the raw rows), and
+the pipe's server (C{pipe.py serve}, its own process).  With C{--pin split}
+(the default) the servers run on one CPU and this process, with every
+client command it starts, on the other.
 
-Timed, per transfer, each on a fresh connection:
+Timed, each on a fresh connection (rounds interleave them; the order
+turns from round to round):
 
-  - C{upload}: C{UploadFile("bench/1GiB.bin", DataStream)} from the first
-    byte of the request until the C{UploadResult} is read; the agent writes
-    the file beside its destination, hashes it (SHA-1), fsyncs and renames
-    it before answering.  The returned hash and length are checked.
-  - C{put}: C{PUT <n>} then n bytes, until the bare server's C{OK}; the
-    bytes are read and dropped.  The issue's ceiling for uploads.
-  - C{store}: C{STORE <n>} then n bytes: the bare server hashes (SHA-1),
-    writes a new file in 1 MiB batches, fsyncs and renames it, as the agent
-    does, with no Halibut.
-    Not a ceiling but a reference: C{upload / store} is the price of the
-    protocol layers, C{store / put} that of hashing and the disk.
-  - C{download}: C{DownloadFile("bench/1GiB.bin")} from the request until
-    the stream's trailer is read (file from the page cache, 64 KiB chunks
-    through a pull producer).
-  - C{get}: C{GET <n>} until n bytes are read (64 KiB chunks from memory,
-    pull producer).
+  - C{cli-upload}: C{tentacle-client upload 127.0.0.1:PORT LOCAL REMOTE},
+    from start to exit.  The client hashes the file, sends it; the agent
+    hashes, writes, fsyncs and renames it; the client checks the hash.
+  - C{pipe-upload}: C{python pipe.py put ...}, from start to exit: the same
+    file read and sent by a bare Twisted mTLS client, written to a new file
+    by the bare server and renamed; no hash, no fsync.  The ceiling.
+  - C{pipe-upload-durable}: the same with SHA-1 on both sides, fsync, rename
+    and a folder fsync, as the agent's commit.  A reference.
+  - C{client-upload}: L{TentacleClient.upload} in this process (no
+    start-up), pooled connection; C{pipe-upload-in-process}: the pipe's
+    client (L{pipe.transfer}) in this process, its baseline.
+  - C{cli-download}, C{pipe-download}, C{pipe-download-durable},
+    C{client-download}, C{pipe-download-in-process}: the same the other way (C{tentacle-client download
+    127.0.0.1:PORT REMOTE LOCAL}; the file comes from the server's page
+    cache, just uploaded; the client writes a temp file and renames it,
+    after SHA-1 and fsync for the CLI and the durable pipe).
+  - raw wire (C{--no-raw} skips them), a blocking C{ssl} client sending
+    pre-built blocks: C{upload} (UploadFile), C{put} (bytes dropped by the
+    raw server), C{store} (the raw server hashes, writes, fsyncs, renames),
+    C{download} (DownloadFile, bytes dropped by the client), C{get}.
 
-Rounds interleave the five; medians are over the rounds.
+The goal rows: cli-upload / pipe-upload and cli-download / pipe-download
+(ratios of rates, per round; median and spread over the rounds).
 
-As in C{bench_roundtrip.py}, by default (C{--pin split}) the client is
-pinned to one CPU and the server process to another, so the scheduler does
-not move them between rounds; C{--pin none} leaves placement to it.
+Every file lives in a temp folder, removed at the end; downloaded copies
+are removed after each transfer.
 
-Run from the repository root::
-
-    python benchmarks/bench_transfer.py [--rounds 5] [--mib 1024] [--pin split]
+    python benchmarks/bench_transfer.py [--rounds 3] [--mib 1024] [--pin split] [--no-raw]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,12 +66,14 @@ from tentacle.halibut.serializer import encode_message
 from tentacle.halibut.streams import HEADER_SIZE, TRAILER_SIZE, stream_header, stream_trailer
 
 SEND_BLOCK = bytes(range(256)) * 1024  # 256 KiB
-REMOTE_PATH = "bench/1GiB.bin"
+RAW_PATH = "bench/raw.bin"
+REMOTE_PATH = "bench/file.bin"
+PIPE_NAME = "file.bin"
 
 
 class TransferClient(HalibutClient):
     """
-    One request per connection: an upload or a download.
+    The raw wire: one request per connection, an upload or a download.
     """
 
     def read_response(self) -> tuple[Any, list[Any]]:
@@ -73,7 +81,7 @@ class TransferClient(HalibutClient):
 
     def upload(self, length: int) -> UploadResult:
         stream = DataStream.fresh(length)
-        self.sock.sendall(compress(encode_message(request("UploadFile", REMOTE_PATH, stream))[0]))
+        self.sock.sendall(compress(encode_message(request("UploadFile", RAW_PATH, stream))[0]))
         self.sock.sendall(stream_header(stream.id, length))
         self.send_bytes(length, SEND_BLOCK)
         self.sock.sendall(stream_trailer(length))
@@ -83,7 +91,7 @@ class TransferClient(HalibutClient):
         return response.result
 
     def download(self) -> int:
-        self.sock.sendall(compress(encode_message(request("DownloadFile", REMOTE_PATH))[0]))
+        self.sock.sendall(compress(encode_message(request("DownloadFile", RAW_PATH))[0]))
         response, streams = self.read_response()
         if response.error is not None or len(streams) != 1:
             raise AssertionError(f"the download failed: {response.error}")
@@ -98,7 +106,7 @@ def request(method: str, *params: object) -> Any:
     return common.request("IFileTransferService", method, *params)
 
 
-def expected_sha1(length: int) -> str:
+def pattern_sha1(length: int) -> str:
     digest = hashlib.sha1()
     remaining = length
     while remaining >= len(SEND_BLOCK):
@@ -108,117 +116,287 @@ def expected_sha1(length: int) -> str:
     return digest.hexdigest()
 
 
-def timed(action: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
+def make_source(path: Path, mib: int) -> str:
+    """
+    C{mib} MiB of random bytes (1 MiB repeated); their SHA-1.
+    """
+    block = os.urandom(MiB)
+    digest = hashlib.sha1()
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_command(command: list[str], expect: str | None = None) -> float:
+    """
+    Run a client command to its end; the wall-clock seconds from start to
+    exit.  It must exit 0 (and print C{expect}, when given).
+    """
+    started = time.perf_counter()
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0 or (expect is not None and expect.lower() not in done.stdout.lower()):
+        raise AssertionError(
+            f"{' '.join(command[:3])}... exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return elapsed
+
+
+async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
+    length = args.mib * MiB
+    certs = Certificates(folder)
+    home = folder / "home"
+    home.mkdir()
+    pipe_folder = folder / "pipe"
+    pipe_folder.mkdir()
+    source = folder / "source.bin"
+    source_sha1 = make_source(source, args.mib)
+    raw_sha1 = pattern_sha1(length)
+    local = folder / "downloads" / "file.bin"
+    local.parent.mkdir()
+    client_cpu, server_cpu, where = common.placement(args.pin, "agent and pipe server")
+    common.pin_self(client_cpu)
+
+    agent = common.start_child(
+        common.server_command("transfer_server.py", certs.agent_pem, certs.server.thumbprint, home), server_cpu
+    )
+    pipe = None
+    library = None
+    try:
+        agent_port, raw_port = common.read_ready(agent, "ports", 2)
+        pipe = common.start_child(common.server_command("pipe.py", "serve", certs.agent_pem, pipe_folder), server_cpu)
+        [pipe_port] = common.read_ready(pipe, "port", 1)
+        cli = [*common.tentacle_client_command(), *common.cli_identity(certs)]
+        target = f"127.0.0.1:{agent_port}"
+        pipe_client = common.server_command("pipe.py")
+        pipe_id = [str(pipe_port), str(certs.server_cert), str(certs.server_key)]
+        library = common.tentacle_client(reactor, agent_port, certs)
+        rss_before = common.proc_status(agent.pid, "VmRSS")
+
+        def fetched(expect_sha1: str | None) -> None:
+            if local.stat().st_size != length:
+                raise AssertionError(f"downloaded {local.stat().st_size} bytes, not {length}")
+            if expect_sha1 is not None:
+                digest = hashlib.sha1()
+                with local.open("rb") as f:
+                    while chunk := f.read(MiB):
+                        digest.update(chunk)
+                if digest.hexdigest() != expect_sha1:
+                    raise AssertionError("the downloaded copy differs")
+            local.unlink()
+
+        async def client_upload() -> float:
+            started = time.perf_counter()
+            result = await library.upload(source, REMOTE_PATH)
+            elapsed = time.perf_counter() - started
+            if (result.length, result.hash.lower()) != (length, source_sha1):
+                raise AssertionError(f"wrong upload result {result}")
+            return elapsed
+
+        import pipe as bare_pipe
+
+        pipe_tls = bare_pipe.client_options(str(certs.server_cert), str(certs.server_key))
+
+        async def pipe_in_process(kind: str) -> float:
+            started = time.perf_counter()
+            if kind == "put":
+                await bare_pipe.transfer(reactor, "put", pipe_port, pipe_tls, str(source), PIPE_NAME, False)
+            else:
+                await bare_pipe.transfer(reactor, "get", pipe_port, pipe_tls, PIPE_NAME, str(local), False)
+            elapsed = time.perf_counter() - started
+            if kind == "get":
+                fetched(None)
+            return elapsed
+
+        async def client_download() -> float:
+            started = time.perf_counter()
+            got, sha1 = await library.download(REMOTE_PATH, local)
+            elapsed = time.perf_counter() - started
+            if (got, sha1) != (length, source_sha1):
+                raise AssertionError("the library's download differs")
+            fetched(None)
+            return elapsed
+
+        def cli_download() -> float:
+            seconds = run_command([*cli, "download", target, REMOTE_PATH, str(local)], f"SHA-1 {source_sha1}")
+            fetched(None)
+            return seconds
+
+        def pipe_download(*flags: str) -> Callable[[], float]:
+            def go() -> float:
+                seconds = run_command([*pipe_client, "get", *pipe_id, PIPE_NAME, str(local), *flags])
+                fetched(source_sha1 if args.check else None)
+                return seconds
+
+            return go
+
+        def raw_upload() -> float:
+            started = time.perf_counter()
+            client = TransferClient(agent_port, certs.context)
+            result = client.upload(length)
+            client.close()
+            elapsed = time.perf_counter() - started
+            if (result.hash, result.length) != (raw_sha1, length):
+                raise AssertionError(f"wrong upload result {result}")
+            return elapsed
+
+        def to_raw(verb: str, answer: bytes) -> Callable[[], float]:
+            def send() -> float:
+                started = time.perf_counter()
+                client = Connection(raw_port, certs.context)
+                client.sock.sendall(f"{verb} {length}\n".encode())
+                client.send_bytes(length, SEND_BLOCK)
+                got = client.read_exactly(len(answer))
+                client.close()
+                elapsed = time.perf_counter() - started
+                if got != answer:
+                    raise AssertionError(f"the raw server answered {got!r}")
+                return elapsed
+
+            return send
+
+        def raw_download() -> float:
+            started = time.perf_counter()
+            client = TransferClient(agent_port, certs.context)
+            got = client.download()
+            client.close()
+            if got != length:
+                raise AssertionError("wrong download length")
+            return time.perf_counter() - started
+
+        def raw_get() -> float:
+            started = time.perf_counter()
+            client = Connection(raw_port, certs.context)
+            client.sock.sendall(f"GET {length}\n".encode())
+            client.drain(length)
+            client.close()
+            return time.perf_counter() - started
+
+        sync: dict[str, Callable[[], float]] = {
+            "cli-upload": lambda: run_command(
+                [*cli, "upload", target, str(source), REMOTE_PATH], f"SHA-1 {source_sha1}, verified"
+            ),
+            "pipe-upload": lambda: run_command([*pipe_client, "put", *pipe_id, str(source), PIPE_NAME]),
+            "pipe-upload-durable": lambda: run_command(
+                [*pipe_client, "put", *pipe_id, str(source), PIPE_NAME, "--durable"]
+            ),
+            "cli-download": cli_download,
+            "pipe-download": pipe_download(),
+            "pipe-download-durable": pipe_download("--durable"),
+        }
+        asynchronous: dict[str, Callable[[], Any]] = {
+            "client-upload": client_upload,
+            "client-download": client_download,
+            "pipe-upload-in-process": lambda: pipe_in_process("put"),
+            "pipe-download-in-process": lambda: pipe_in_process("get"),
+        }
+        uploads = ["cli-upload", "pipe-upload", "pipe-upload-durable", "client-upload", "pipe-upload-in-process"]
+        downloads = [
+            "cli-download", "pipe-download", "pipe-download-durable", "client-download", "pipe-download-in-process"
+        ]
+        if not args.no_raw:
+            sync.update({
+                "upload": raw_upload,
+                "put": to_raw("PUT", b"OK\n"),
+                "store": to_raw("STORE", f"OK {raw_sha1}\n".encode()),
+                "download": raw_download,
+                "get": raw_get,
+            })
+            uploads += ["upload", "put", "store"]
+            downloads += ["download", "get"]
+
+        async def one(kind: str) -> float:
+            if kind in asynchronous:
+                return await asynchronous[kind]()
+            return sync[kind]()
+
+        # Warm-up: the page cache holds the source, each server has the file.
+        for kind in ("cli-upload", "pipe-upload", *(["upload"] if not args.no_raw else [])):
+            await one(kind)
+        seconds: dict[str, list[float]] = {k: [] for k in uploads + downloads}
+        for r in range(args.rounds):
+            for group in (uploads, downloads):
+                turned = group[r % len(group):] + group[: r % len(group)]
+                for kind in turned:
+                    elapsed = await one(kind)
+                    seconds[kind].append(elapsed)
+                    print(f"#   round {r + 1} {kind:22s} {length / elapsed / 1e6:8.1f} MB/s", file=sys.stderr)
+        peak = common.proc_status(agent.pid, "VmHWM")
+        await library.close()
+        library = None
+    finally:
+        if library is not None:
+            await library.close()
+        if pipe is not None:
+            common.stop_child(pipe, timeout=10)
+        common.stop_child(agent, timeout=10)
+    return {"seconds": seconds, "length": length, "where": where, "rss_before": rss_before, "rss_peak": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--mib", type=int, default=1024, help="transfer size in MiB")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mib", type=int, default=1024, help="file size in MiB")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw-wire kinds")
+    parser.add_argument("--check", action="store_true", help="also hash each pipe download (outside the clock)")
     common.add_pin_option(parser, choices=("split", "none"))
     common.add_json_option(parser)
     args = parser.parse_args(argv)
-    client_cpu, server_cpu, where = common.placement(args.pin)
-    common.pin_self(client_cpu)
-    length = args.mib * MiB
-    sha1 = expected_sha1(length)
+    common.quiet_logging()
+    print(common.header("bench_transfer"), flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="tentacle-bench-transfer-") as tmp:
-        folder = Path(tmp).absolute()
-        certs = Certificates(folder)
-        home = folder / "home"
-        home.mkdir()
-        child = common.start_child(
-            common.server_command("transfer_server.py", certs.agent_pem, certs.server.thumbprint, home),
-            server_cpu,
-        )
-        try:
-            agent_port, bare_port = common.read_ready(child, "ports", 2)
-            rss_before = common.proc_status(child.pid, "VmRSS")
-            results: dict[str, list[float]] = {
-                "upload": [], "put": [], "store": [], "download": [], "get": []
-            }
+    async def run(reactor: Any) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="tentacle-bench-transfer-") as tmp:
+            return await measure(reactor, args, Path(tmp).absolute())
 
-            def upload() -> None:
-                client = TransferClient(agent_port, certs.context)
-                result = client.upload(length)
-                client.close()
-                if (result.hash, result.length) != (sha1, length):
-                    raise AssertionError(f"wrong upload result {result}")
+    out = common.react(run)
+    seconds, length = out["seconds"], out["length"]
+    rates = {k: [length / s / 1e6 for s in v] for k, v in seconds.items()}
+    print(f"# {args.mib} MiB, {args.rounds} rounds, {out['where']}; load average at the end {common.loadavg()}")
+    print(f"{'kind':24} {'median MB/s':>12}   per-round MB/s")
+    for kind, values in rates.items():
+        print(f"{kind:24} {statistics.median(values):12.1f}   {', '.join(f'{v:.0f}' for v in values)}")
+    size = f"{args.mib} MiB" if args.mib % 1024 else f"{args.mib // 1024} GiB"
 
-            def to_bare(verb: str, answer: bytes) -> Callable[[], None]:
-                """
-                C{verb} n, n bytes, and the bare server's answer.
-                """
+    def rate_row(name: str, ours: str, base: str, key: str | None = None) -> dict[str, Any]:
+        return common.row(name, rates[ours], rates[base], "MB/s", "higher", key=key, fmt="{:.0f}")
 
-                def send() -> None:
-                    client = Connection(bare_port, certs.context)
-                    client.sock.sendall(f"{verb} {length}\n".encode())
-                    client.send_bytes(length, SEND_BLOCK)
-                    got = client.read_exactly(len(answer))
-                    if got != answer:
-                        raise AssertionError(f"the bare server answered {got!r}")
-                    client.close()
-
-                return send
-
-            put = to_bare("PUT", b"OK\n")
-            store = to_bare("STORE", f"OK {sha1}\n".encode())
-
-            def download() -> None:
-                client = TransferClient(agent_port, certs.context)
-                if client.download() != length:
-                    raise AssertionError("wrong download length")
-                client.close()
-
-            def get() -> None:
-                client = Connection(bare_port, certs.context)
-                client.sock.sendall(f"GET {length}\n".encode())
-                client.drain(length)
-                client.close()
-
-            for round_number in range(args.rounds):
-                for name, action in (
-                    ("upload", upload),
-                    ("put", put),
-                    ("store", store),
-                    ("download", download),
-                    ("get", get),
-                ):
-                    seconds = timed(action)
-                    results[name].append(seconds)
-                    print(
-                        f"round {round_number + 1} {name:8} {length / seconds / 1e6:8.1f} MB/s",
-                        file=sys.stderr,
-                    )
-            peak = common.proc_status(child.pid, "VmHWM")
-        finally:
-            common.stop_child(child, timeout=10)
-
-    def rate(name: str) -> float:
-        return length / statistics.median(results[name]) / 1e6
-
-    print(f"# bench_transfer: {args.mib} MiB, {args.rounds} rounds, {where}; {common.machine()}")
-    print(f"{'kind':10} {'median MB/s':>12} {'per-round MB/s':>24}")
-    for name in results:
-        rounds = ", ".join(f"{length / s / 1e6:.0f}" for s in results[name])
-        print(f"{name:10} {rate(name):12.1f} {rounds:>24}")
-    print(f"upload / put (ceiling)   = {rate('upload') / rate('put'):.3f}")
-    print(f"upload / store           = {rate('upload') / rate('store'):.3f}")
-    print(f"download / get (ceiling) = {rate('download') / rate('get'):.3f}")
+    rows = [
+        rate_row(f"{size} `tentacle-client upload`, whole command (vs bare Twisted mTLS pipe, whole command)",
+                 "cli-upload", "pipe-upload", "upload"),
+        rate_row(f"{size} `tentacle-client download`, whole command (vs bare Twisted mTLS pipe)",
+                 "cli-download", "pipe-download", "download"),
+        rate_row(f"{size} `tentacle-client upload` (vs the pipe with SHA-1 + fsync + rename)",
+                 "cli-upload", "pipe-upload-durable"),
+        rate_row(f"{size} `tentacle-client download` (vs the pipe with SHA-1 + fsync + rename)",
+                 "cli-download", "pipe-download-durable"),
+        rate_row(f"{size} TentacleClient.upload (vs the pipe's client, both in this process)",
+                 "client-upload", "pipe-upload-in-process"),
+        rate_row(f"{size} TentacleClient.download (vs the pipe's client, both in this process)",
+                 "client-download", "pipe-download-in-process"),
+    ]
+    if not args.no_raw:
+        rows += [
+            rate_row(f"{size} raw-wire UploadFile (vs raw socket, bytes dropped)", "upload", "put"),
+            rate_row(f"{size} raw-wire UploadFile (vs raw socket + SHA-1 + fsync)", "upload", "store"),
+            rate_row(f"{size} raw-wire DownloadFile (vs raw socket from memory)", "download", "get"),
+        ]
+    for r in rows:
+        print(common.describe_row(r))
     print(
-        f"server process RSS: {rss_before / MiB:.1f} MiB before, "
-        f"peak {peak / MiB:.1f} MiB (growth {(peak - rss_before) / MiB:.1f} MiB)"
+        f"agent process RSS: {out['rss_before'] / MiB:.1f} MiB before, peak {out['rss_peak'] / MiB:.1f} MiB "
+        f"(growth {(out['rss_peak'] - out['rss_before']) / MiB:.1f} MiB)"
     )
     common.write_json(args.json, {
         "mib": args.mib,
-        "placement": where,
-        "MB/s": {name: rate(name) for name in results},
-        "rss_before": rss_before,
-        "rss_peak": peak,
+        "placement": out["where"],
+        "MB/s": {k: statistics.median(v) for k, v in rates.items()},
+        "rates": rates,
+        "rss_before": out["rss_before"],
+        "rss_peak": out["rss_peak"],
+        "rows": rows,
     })
     return 0
 

@@ -1,7 +1,9 @@
 """
 What the benchmarks share: the machine's description, statistics, CPU
-placement, the certificates, child server processes, a blocking Halibut
-wire client (the parent side), and the pieces the child servers are built
+placement, the certificates, child server processes, the clients (a
+blocking Halibut wire client; L{TentacleClient} and the C{tentacle-client}
+command, as users run them; a bare Twisted mutual-TLS client), the goal
+rows handed to C{run_all.py}, and the pieces the child servers are built
 from (quiet logging, readiness lines, the bare Twisted mutual-TLS listener,
 the agent).
 
@@ -28,9 +30,10 @@ import threading
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 HERE = Path(__file__).resolve().parent
+_T = TypeVar("_T")
 IDENTITY_LINE = b"MX-SERVER 1.0\r\n\r\n"
 MiB = 1024 * 1024
 
@@ -57,6 +60,35 @@ def machine() -> str:
         f"Python {platform.python_version()}, Twisted {twisted.__version__}, "
         f"{ssl.OPENSSL_VERSION}, zlib {zlib.ZLIB_RUNTIME_VERSION}"
     )
+
+
+def codec_core() -> str:
+    """
+    Which core the Halibut codec runs on in this interpreter (the child
+    processes run the same interpreter with the same environment, so the
+    same core): C{"compiled core"}, or why it is pure Python.
+    """
+    from tentacle.halibut import accel
+
+    return accel.reason
+
+
+def tentacle_location() -> str:
+    """
+    Where C{import tentacle} comes from: the benchmarks must run the
+    installed package (an editable install builds the compiled core in
+    place), not a stray copy.
+    """
+    import tentacle
+
+    return str(Path(tentacle.__file__).resolve().parent)
+
+
+def header(name: str) -> str:
+    """
+    The first line of each benchmark's report.
+    """
+    return f"# {name}: {machine()}\n# codec: {codec_core()}; tentacle from {tentacle_location()}"
 
 
 def loadavg() -> str:
@@ -87,6 +119,46 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def row(
+    name: str, ours: list[float], base: list[float], unit: str, better: str, *,
+    key: str | None = None, fmt: str = "{:.1f}", ratios: list[float] | None = None,
+) -> dict[str, Any]:
+    """
+    One row of C{run_all.py}'s tables: our figure and the baseline's over
+    the rounds (their medians), and the median and spread of the per-round
+    ratios, ours / baseline (for rates, higher is better; for times and
+    sizes, lower), unless C{ratios} gives them.  C{key} names a row of the
+    goals table.
+    """
+    import statistics
+
+    if ratios is None:
+        ratios = [o / b if b else float("nan") for o, b in zip(ours, base)]
+    return {
+        "name": name,
+        "key": key,
+        "unit": unit,
+        "better": better,
+        "fmt": fmt,
+        "ours": statistics.median(ours),
+        "base": statistics.median(base),
+        "ratio": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
+        "ours_rounds": list(ours),
+        "base_rounds": list(base),
+    }
+
+
+def describe_row(r: dict[str, Any]) -> str:
+    fmt = r["fmt"]
+    return (
+        f"{r['name']}: {fmt.format(r['ours'])} vs {fmt.format(r['base'])} {r['unit']}; "
+        f"ratio {r['ratio']:.2f} (rounds {r['min']:.2f}..{r['max']:.2f}, n={r['rounds']})"
+    )
 
 
 def percentile(sorted_samples: list[float], q: float) -> float:
@@ -154,6 +226,9 @@ class Certificates:
         cert, key = folder / "server.crt", folder / "server.key"
         cert.write_bytes(self.server.certificate_pem())
         key.write_bytes(self.server.private_key_pem())
+        key.chmod(0o600)
+        #: The server identity's files, for the child clients.
+        self.server_cert, self.server_key = cert, key
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.context.check_hostname = False
         self.context.verify_mode = ssl.CERT_NONE
@@ -503,8 +578,8 @@ def bench_service() -> tuple[Any, Any]:
 def start_agent(identity_path: str, trusted: str, home: Path, dispatcher: Any) -> tuple[Any, int]:
     """
     A started L{TentacleService} on 127.0.0.1 (a free port) serving
-    C{dispatcher} to one trusted server, and its port. It stops with the
-    reactor.
+    C{dispatcher} (Tentacle's own services when C{None}, as the deployed
+    agent) to one trusted server, and its port. It stops with the reactor.
     """
     from twisted.internet import reactor
 
@@ -520,3 +595,158 @@ def start_agent(identity_path: str, trusted: str, home: Path, dispatcher: Any) -
     assert agent.port is not None
     reactor.addSystemEventTrigger("before", "shutdown", agent.stopService)
     return agent, agent.port.getHost().port  # type: ignore[attr-defined]
+
+
+# --- the clients users run: TentacleClient and tentacle-client ---------------------------------
+
+
+def tentacle_client_command() -> list[str]:
+    """
+    The C{tentacle-client} command of this interpreter's installation (the
+    script beside C{sys.executable}), or C{python -m tentacle.client.cli}
+    when there is no such script.
+    """
+    script = Path(sys.executable).parent / "tentacle-client"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "tentacle.client.cli"]
+
+
+def cli_identity(certs: Certificates) -> list[str]:
+    """
+    The C{tentacle-client} options that present the server identity and
+    pin the agent's certificate.
+    """
+    return [
+        "--cert", str(certs.server_cert), "--key", str(certs.server_key),
+        "--thumbprint", certs.agent.thumbprint,
+    ]
+
+
+def tentacle_client(reactor: Any, port: int, certs: Certificates, **options: Any) -> Any:
+    """
+    A L{TentacleClient} of the agent on 127.0.0.1:C{port}, pinned to its
+    certificate, presenting the server identity, as users make one.
+    """
+    from tentacle.client.api import Target, TentacleClient
+    from tentacle.client.connection import Pin
+
+    return TentacleClient(Target("127.0.0.1", port, Pin(certs.agent.thumbprint)), certs.server, reactor, **options)
+
+
+def react(main: Callable[[Any], Awaitable[_T]]) -> _T:
+    """
+    Run C{main(reactor)} (a coroutine function) in the global reactor to
+    its end, and return what it returned; its exception propagates.
+    """
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    out: dict[str, Any] = {}
+
+    async def run(reactor: Any) -> None:
+        out["result"] = await main(reactor)
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"the benchmark failed (exit status {e.code}); see above") from None
+    if "result" not in out:
+        raise RuntimeError("the benchmark stopped without a result")
+    return out["result"]  # type: ignore[no-any-return]
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def in_thread(f: Callable[..., _T], *args: Any) -> _T:
+    from twisted.internet.threads import deferToThread
+
+    return await deferToThread(f, *args)  # type: ignore[no-any-return]
+
+
+# --- a bare Twisted mutual-TLS client ------------------------------------------------------------
+
+
+def client_tls(identity: Any) -> Any:
+    """
+    The client side's TLS options, as L{TentacleClient} makes them: our
+    certificate, TLS 1.2 at least; the agent's certificate is not checked
+    here (the bare clients pin nothing).
+    """
+    from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+    return CertificateOptions(
+        privateKey=identity.private_key, certificate=identity.certificate, raiseMinimumTo=TLSVersion.TLSv1_2
+    )
+
+
+class BareTLSClient:
+    """
+    A bare Twisted mutual-TLS client connection (C{TCP4ClientEndpoint}
+    wrapped in TLS): write bytes, wait for exactly so many back.
+    """
+
+    def __init__(self) -> None:
+        from twisted.internet.protocol import Protocol
+
+        outer = self
+
+        class _Protocol(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                outer._received(data)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                outer._lost(reason)
+
+        self.protocol = _Protocol()
+        self._buffer = bytearray()
+        self._want = 0
+        self._waiting: Any = None
+        self.closed: Any = None
+
+    @classmethod
+    async def connect(cls, reactor: Any, port: int, tls: Any) -> BareTLSClient:
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+        from twisted.internet.protocol import Factory
+
+        client = cls()
+        client.closed = Deferred()
+        factory = Factory.forProtocol(lambda: client.protocol)
+        factory.noisy = False
+        await wrapClientTLS(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port)).connect(factory)
+        return client
+
+    def exchange(self, payload: bytes) -> Any:
+        """
+        Send C{payload}; a Deferred that fires with as many bytes back.
+        """
+        from twisted.internet.defer import Deferred
+
+        self._want = len(payload)
+        self._waiting = Deferred()
+        self.protocol.transport.write(payload)  # type: ignore[union-attr]
+        return self._waiting
+
+    def _received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._waiting is not None and len(self._buffer) >= self._want:
+            got, self._buffer = bytes(self._buffer[: self._want]), self._buffer[self._want :]
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(got)
+
+    def _lost(self, reason: Any) -> None:
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(ConnectionError("the server closed the connection"))
+        if self.closed is not None and not self.closed.called:
+            self.closed.callback(None)
+
+    def close(self) -> Any:
+        self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        return self.closed

@@ -21,6 +21,7 @@ Each stops when its standard input closes.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,17 @@ from typing import Any
 from twisted.internet import reactor
 
 from common import echo_protocol, listen_bare_tls, proc_status, quiet_logging, say, stop_on_eof
+
+
+def _home(prefix: str) -> Path:
+    """
+    A temp folder for a child's home, removed when the child stops.
+    """
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+        "after", "shutdown", lambda: shutil.rmtree(home, ignore_errors=True)
+    )
+    return home
 
 
 def _identity(path: str) -> Any:
@@ -41,7 +53,7 @@ def agent(identity_path: str, server: str, hub: str, hub_port: str) -> None:
     from tentacle.config import PolledServer, TentacleConfig
     from tentacle.service import TentacleService
 
-    home = Path(tempfile.mkdtemp(prefix="bench-polling-agent-"))
+    home = _home("bench-polling-agent-")
     config = TentacleConfig(
         home=home, port=0, listen_address="127.0.0.1", trusted_thumbprints=(server,),
         polling_servers=(PolledServer("127.0.0.1", hub, "poll://benchagent/", int(hub_port)),),
@@ -58,7 +70,7 @@ def hub(identity_path: str, *trusted: str) -> None:
     from tentacle.hub.config import HubConfig
     from tentacle.hub.service import HubService
 
-    home = Path(tempfile.mkdtemp(prefix="bench-hub-"))
+    home = _home("bench-hub-")
     config = HubConfig(home=home, port=0, listen_address="127.0.0.1", trusted_thumbprints=trusted)
     service = HubService(config, reactor, identity=_identity(identity_path))
     service.startService()

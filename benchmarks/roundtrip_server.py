@@ -4,8 +4,9 @@ client and agent do not share a GIL.
 
 In one reactor, on loopback:
 
-  - a real agent (L{TentacleService}) whose dispatcher serves
-    C{IBenchService.Echo(string) -> string}, trusting one server thumbprint;
+  - a real agent (L{TentacleService}) with Tentacle's services (so
+    C{ICapabilitiesServiceV2.GetCapabilities}, the call timed), trusting
+    one server thumbprint;
   - a bare Twisted TLS echo server with the same TLS policy and certificate
     (L{AgentTLSOptions} of the same identity).
 
@@ -22,8 +23,7 @@ from pathlib import Path
 
 from twisted.internet import reactor
 
-from common import bench_service, echo_protocol, listen_bare_tls, quiet_logging, say, start_agent, stop_on_eof
-from tentacle.dispatch import Dispatcher
+from common import echo_protocol, listen_bare_tls, quiet_logging, say, start_agent, stop_on_eof
 
 
 def main(identity_path: str, trusted: str) -> None:
@@ -31,9 +31,7 @@ def main(identity_path: str, trusted: str) -> None:
     # Inside the folder the parent made (and removes) for the identity.
     home = Path(identity_path).parent / "home"
     home.mkdir(exist_ok=True)
-    dispatcher = Dispatcher()
-    dispatcher.register(*bench_service())
-    agent, agent_port = start_agent(identity_path, trusted, home, dispatcher)
+    agent, agent_port = start_agent(identity_path, trusted, home, None)
     listening = listen_bare_tls(agent.identity, echo_protocol())
     listening.addCallback(lambda port: say(f"ports {agent_port} {port.getHost().port}"))
     stop_on_eof()

@@ -2,12 +2,20 @@
 The server halves of C{bench_scripts.py}, each run by it as a child process
 so that the client and the process being measured do not share a GIL.
 
-C{agent} mode runs a real agent (L{TentacleService}) on 127.0.0.1. It trusts
-one server thumbprint, and its dispatcher serves C{IScriptServiceV2}
-(L{ScriptServiceV2} over a L{ScriptRunner} whose home is HOME) and
-C{IBenchService.Echo(string) -> string}, a trivial call to time a pooled
-round trip with. It prints C{"port <n>"} once it listens, and stops when
-its standard input closes::
+C{agent} mode runs a real agent (L{TentacleService}, home HOME) on
+127.0.0.1 with Tentacle's own services (scripts V1 and V2, file transfer,
+capabilities), as deployed, plus C{IBenchService.Echo(string) -> string}.
+It trusts one server thumbprint, prints C{"port <n>"} once it listens, and
+stops when its standard input closes.  Meanwhile it answers two commands
+on its standard input, for C{bench_stall.py}:
+
+  - C{watch}: start a stall watchdog, a timer due every millisecond in the
+    agent's reactor that notes how late it runs; answers C{watching};
+  - C{stall}: stop it; answers C{"<longest lateness> <ticks> <most CPU>"}
+    (seconds; how many times it ran; the most CPU time the reactor thread
+    used between two ticks, in seconds).
+
+::
 
     python benchmarks/scripts_server.py agent IDENTITY.pem TRUSTED_THUMBPRINT HOME
 
@@ -27,7 +35,8 @@ one command a line from its standard input and answers each with one line:
 
 C{cwd} passes WORKDIR as the working directory, as the agent passes each
 script's workspace; Twisted then forks. C{nocwd} passes none, and Twisted
-uses C{posix_spawnp}. It stops when its standard input closes::
+uses C{posix_spawnp}, as the agent does (its scripts change folder
+themselves). It stops when its standard input closes::
 
     python benchmarks/scripts_server.py bare WORKDIR
 
@@ -50,18 +59,56 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from common import bench_service, quiet_logging, say, start_agent, stop_on_eof
-from tentacle.contracts import SCRIPT_SERVICE_V2
-from tentacle.dispatch import Dispatcher
-from tentacle.services.scripts import ScriptRunner, ScriptServiceV2
+
+
+class Watchdog:
+    """
+    A timer due every C{interval} seconds in this reactor: how late it ran
+    at worst is the longest the reactor was kept from its timers.  It also
+    notes the most CPU time the reactor thread used between two ticks, which
+    tells the reactor's own work from time the machine gave to others.
+    """
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.call: Any = None
+        self.worst = 0.0
+        self.worst_cpu = 0.0
+        self.ticks = 0
+        self.due = 0.0
+        self.cpu_mark = 0.0
+
+    def start(self) -> None:
+        self.worst, self.worst_cpu, self.ticks = 0.0, 0.0, 0
+        self._next()
+
+    def _next(self) -> None:
+        self.due = time.perf_counter() + self.interval
+        self.cpu_mark = time.thread_time()
+        self.call = reactor.callLater(self.interval, self._tick)  # type: ignore[attr-defined]
+
+    def _note(self) -> None:
+        self.worst = max(self.worst, time.perf_counter() - self.due)
+        self.worst_cpu = max(self.worst_cpu, time.thread_time() - self.cpu_mark)
+
+    def _tick(self) -> None:
+        self._note()
+        self.ticks += 1
+        self._next()
+
+    def stop(self) -> tuple[float, int, float]:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+            self._note()  # the pending tick may be late already
+        self.call = None
+        return self.worst, self.ticks, self.worst_cpu
 
 
 def agent(identity_path: str, trusted: str, home: str) -> None:
     quiet_logging()
-    home_path = Path(home)
-    runner = ScriptRunner(reactor, home_path, home_path / "Applications")
-    dispatcher = Dispatcher()
-    dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
-    dispatcher.register(*bench_service())
+    service, port = start_agent(identity_path, trusted, Path(home), None)
+    service.dispatcher.register(*bench_service())
+    runner = service.scripts
 
     def cancel_all() -> Any:
         # Nothing should be running at the end; if the client failed half
@@ -71,9 +118,18 @@ def agent(identity_path: str, trusted: str, home: str) -> None:
                 runner.cancel(script.launch.ticket)
 
     reactor.addSystemEventTrigger("before", "shutdown", cancel_all)
-    _, port = start_agent(identity_path, trusted, home_path, dispatcher)
+    watchdog = Watchdog()
+
+    def command(line: str) -> None:
+        if line == "watch":
+            watchdog.start()
+            say("watching")
+        elif line == "stall":
+            worst, ticks, cpu = watchdog.stop()
+            say(f"{worst:.6f} {ticks} {cpu:.6f}")
+
     say(f"port {port}")
-    stop_on_eof()
+    stop_on_eof(command)
     reactor.run()
 
 
