@@ -589,7 +589,8 @@ def start_agent(identity_path: str, trusted: str, home: Path, dispatcher: Any) -
 
     config = TentacleConfig(home=home, port=0, listen_address="127.0.0.1", trusted_thumbprints=(trusted,))
     agent = TentacleService(
-        config, reactor, identity=Identity.from_file(Path(identity_path)), dispatcher=dispatcher
+        config, reactor, identity=Identity.from_file(Path(identity_path)), dispatcher=dispatcher,
+        freeze_startup_objects=True,  # as the daemon (tap.makeService) starts it
     )
     agent.startService()
     assert agent.port is not None

@@ -128,6 +128,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         identity=identity,
         config_file=config_file,
         handle_sighup=True,
+        freeze_startup_objects=True,
     )
 
 

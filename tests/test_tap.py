@@ -88,6 +88,24 @@ class MakeServiceTests(SynchronousTestCase):
         [event] = [e for e in self.logs.events if e.get("thumbprint") == stored.thumbprint]
         self.assertIn("tentacle configure --trust", event["log_format"])
 
+    def test_the_daemon_freezes_its_startup_objects(self) -> None:
+        """
+        As started by twistd, the agent keeps its start-up objects out of
+        later full collections (they stalled the reactor for tens of ms);
+        an embedded one leaves the process's collector alone.
+        """
+        import gc
+
+        self.addCleanup(gc.unfreeze)
+        service = self.make()
+        self.assertTrue(service._freeze_startup_objects)
+        gc.unfreeze()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertGreater(gc.get_freeze_count(), 1000)
+        embedded = TentacleService(service.config, MemoryReactorClock(), identity=service.identity)
+        self.assertFalse(embedded._freeze_startup_objects)
+
     def test_umask_077_and_a_private_home(self) -> None:
         self.make()
         self.assertEqual(os.umask(0o077), 0o077)
