@@ -74,7 +74,7 @@ from tentacle.halibut.serializer import DataStream, RequestMessage, ResponseMess
 from tentacle.halibut.connection import SinkChooser
 from tentacle.halibut.streams import ExpectedStream, ReceivedStream, StreamSink
 from tentacle.identity import Identity
-from tentacle.fsutil import Writeback, fsync_directory
+from tentacle.fsutil import fsync_directory
 
 
 class RemoteError(ClientError):
@@ -237,16 +237,16 @@ class _HashingReader:
         self._f.close()
 
 
-#: How far a download may run ahead of the disk before it waits.
-_WRITEBACK_WINDOW = 32 * 1024 * 1024
-
-
 class _DownloadSink:
     """
     A downloaded stream, written as it arrives to a temp file beside its
-    destination (created 0600), hashed on the way, and handed to the disk
-    as it goes so the final fsync is short.  L{commit} puts it in place;
-    L{discard} removes it.
+    destination (created 0600) and hashed on the way.  L{commit} makes it
+    durable (in a thread) and puts it in place; L{discard} removes it.
+
+    Unlike the agent's uploads, nothing waits for the disk while it
+    arrives: that wait blocks the reactor, so the network and the disk
+    took turns (98 against 155 MB/s for 512 MiB, C{bench_transfer.py}),
+    and no Server waits on this side for an answer.
     """
 
     def __init__(self, local: Path, length: int, progress: Progress | None) -> None:
@@ -255,20 +255,17 @@ class _DownloadSink:
         self._progress = progress
         self.temp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
         self._fd: int | None = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._writeback = Writeback(self._fd, _WRITEBACK_WINDOW)
         self._sha1 = hashlib.sha1(usedforsecurity=False)
         self.received = 0
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
-        offset = self.received
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
         self._sha1.update(data)
         self.received += len(data)
-        self._writeback.wrote(offset, len(data))
         if self._progress is not None:
             self._progress(self.received, self._length)
 
@@ -752,6 +749,9 @@ class TentacleClient:
         @return: its length and SHA-1.
         @raise RemoteError: the file does not exist on the agent.
         """
+        if not local.parent.is_dir():
+            raise TransferError(f"cannot save the download: {local.parent} is not a folder")
+
         def sink(message: Any, stream: ExpectedStream) -> StreamSink:
             # Straight into a temp file beside the destination, hashed on
             # the way: no spool, no second copy.

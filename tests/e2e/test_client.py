@@ -15,7 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tentacle.client.api import RemoteError, RetryPolicy, RpcRetryPolicy, Target, TentacleClient
+from tentacle.client.api import RemoteError, RetryPolicy, RpcRetryPolicy, Target, TentacleClient, TransferError
 from tentacle.client.connection import AgentRefused, Pin, UnexpectedCertificate
 from tentacle.dialer import ConnectionRefused
 from tentacle.contracts import SCRIPT_SERVICE, ProcessOutputSource
@@ -176,6 +176,12 @@ class ClientTests(TestCase):
         length, sha1 = await client.download("Packages/blob.bin", target)
         self.assertEqual((length, sha1), (result.length, result.hash))
         self.assertEqual(target.read_bytes(), source.read_bytes())
+
+    async def test_download_into_a_missing_folder(self) -> None:
+        with self.assertRaises(TransferError) as caught:
+            await self.client().download("anything", Path(self.mktemp()) / "no" / "file")
+        self.assertIn("is not a folder", str(caught.exception))
+        self.assertEqual(self.logs.matching(event="request_served", method="DownloadFile"), [], "nothing asked")
 
     async def test_download_missing(self) -> None:
         with self.assertRaises(RemoteError) as caught:
