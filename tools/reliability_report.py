@@ -34,6 +34,9 @@ MODULES = [
     "tests.e2e.test_hostile_transfers",
     "tests.test_hostile_packages",
     "tests.e2e.test_tls_policy",
+    "tests.e2e.test_stream_lengths",
+    "tests.e2e.test_polling",
+    "tests.e2e.test_polling_scale",
     "tests.test_fuzz",
 ]
 AREAS = {
@@ -50,6 +53,11 @@ AREAS = {
     ),
     "hostile": ("Hostile peers", "Attacks on the listener, before and after authentication."),
     "tls": ("TLS policy", "`openssl s_client` and pyOpenSSL probes against a real agent."),
+    "polling": (
+        "Polling",
+        "Agents that dial a polling server (`tests/e2e/test_polling*.py`): many at once, and the "
+        "server restarted under them.",
+    ),
     "fuzz": (
         "Fuzzing",
         "Targets in `tests/fuzz_targets.py`, from the seeds in `tests/fuzz_corpus/`. "
