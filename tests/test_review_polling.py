@@ -59,3 +59,70 @@ class CancelInFlightTests(SynchronousTestCase):
         self.failureResultOf(call, CancelledError)
         self.clock.advance(10)
         self.assertEqual(len(server.queues.queue(SUBSCRIPTION)), 0, "nothing was queued again")
+
+
+class DialDeadlineTests(SynchronousTestCase):
+    """
+    A dialled connection whose TLS handshake never completes (a peer, or a
+    middlebox, that takes the TCP connection and says nothing) must not
+    hold its dialler for ever: Halibut's timeouts apply during the
+    handshake too (TimeoutsApplyDuringHandShake).
+    """
+
+    def test_a_handshake_that_never_completes_is_dropped(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from tentacle.contracts import tentacle_registry
+        from tentacle.dialer import ConnectionFailed, Pin, PinnedConnection
+        from tentacle.halibut.connection import ExchangeSettings
+
+        clock = Clock()
+
+        async def role(connection: Any) -> None:
+            raise AssertionError("the role must not start")
+
+        connection = PinnedConnection(
+            Pin("A" * 40), role, clock, tentacle_registry(), ExchangeSettings(heartbeat_timeout=60.0)
+        )
+        transport = StringTransport()
+        connection.makeConnection(transport)  # TCP is up; TLS is under way
+        clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting, "a silent handshake is given up on")
+        connection.connectionLost()
+        self.failureResultOf(connection.pinned, ConnectionFailed)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class PollingServiceApplyTests(SynchronousTestCase):
+    """
+    C{PollingService.apply} with entries a hand-edited C{tentacle.json}
+    may hold.
+    """
+
+    def test_two_subscriptions_on_one_server(self) -> None:
+        """
+        Two entries for the same address (two subscriptions, or two
+        thumbprints while a certificate is replaced) are both polled;
+        the configuration is valid, so applying it must not raise.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import Logger
+
+        from tentacle.config import PolledServer
+        from tentacle.contracts import tentacle_registry
+        from tentacle.dispatch import Dispatcher
+        from tentacle.halibut.connection import ExchangeSettings
+        from tentacle.polling import PollingService
+        from tests.support import identity
+
+        reactor = MemoryReactorClock()
+        service = PollingService(
+            identity("agent"), lambda server, address: Dispatcher(), reactor, tentacle_registry(),
+            ExchangeSettings(), Logger(), lambda server: server.connections,
+        )
+        first = PolledServer("octopus.example.com", "A" * 40, "poll://aaaaaaaaaaaaaaaaaaaa/")
+        second = PolledServer("octopus.example.com", "A" * 40, "poll://bbbbbbbbbbbbbbbbbbbb/")
+        service.apply((first, second))
+        self.assertEqual(sorted(c for _, _, c in service.status()), [1, 1])

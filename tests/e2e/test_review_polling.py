@@ -1,0 +1,105 @@
+"""
+Defects found in review of polling and dialling, over real sockets: each
+test here failed on the code as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.trial.unittest import TestCase
+
+from tentacle.contracts import tentacle_registry
+from tentacle.dialer import ConnectionFailed, Pin, PinnedConnection, Proxy, ProxyEndpoint, dial
+from tentacle.dispatch import Dispatcher
+from tentacle.halibut.connection import ExchangeSettings
+from tentacle.polling import PollingConnection, _client_tls
+from tests.support import LogCapture, identity, polled, start_polling_server
+
+
+class _Silent(Protocol):
+    """
+    Takes a TCP connection and never says a word.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.accepted.append(self)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.lost.append(self)  # type: ignore[attr-defined]
+
+
+def silent_port(case: TestCase) -> tuple[int, Factory]:
+    factory = Factory.forProtocol(_Silent)
+    factory.accepted = []  # type: ignore[attr-defined]
+    factory.lost = []  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    case.addCleanup(port.stopListening)
+    case.addCleanup(lambda: [p.transport.abortConnection() for p in factory.accepted if p not in factory.lost])
+    return port.getHost().port, factory
+
+
+async def first_of(**deferreds: Deferred[Any]) -> str:
+    """
+    The name of whichever Deferred fires first.
+    """
+    names = list(deferreds)
+    result = await DeferredList(
+        [d.addCallback(lambda _, n=n: n) for n, d in deferreds.items()], fireOnOneCallback=True, consumeErrors=True
+    )
+    assert isinstance(result, tuple), result
+    return names[result[1]]
+
+
+class StopWhileDiallingTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+
+    async def test_stopping_while_dialling_does_not_poll(self) -> None:
+        """
+        An agent stopped (or a server removed) while its connection is
+        still being dialled must not go on to poll that server, and its
+        stop must not wait for that session to end.
+        """
+        server = start_polling_server(self)
+        subscribed = self.logs.wait_for(event="polling_subscribed")
+        connection = PollingConnection(
+            polled(server), 1, identity("agent"), lambda s, a: Dispatcher(), reactor,
+            tentacle_registry(), ExchangeSettings(), Logger(),
+        )
+        connection.startService()
+        stopped = connection.stopService()  # the TCP connect is still under way
+        self.assertEqual(await first_of(stopped=stopped, subscribed=subscribed), "stopped")
+        self.assertEqual(server.connections(), 0)
+        self.assertEqual(self.logs.matching(event="polling_refused"), [], "no false alarm")
+
+
+class SilentPeerTests(TestCase):
+    """
+    A peer that takes the TCP connection and never answers: the dialler
+    gives up within its deadlines instead of waiting for ever.
+    """
+
+    timeout = 20
+
+    async def test_silent_tls_handshake(self) -> None:
+        port, factory = silent_port(self)
+        connection = PinnedConnection(
+            Pin(identity("hub").thumbprint), lambda c: Deferred(), reactor, tentacle_registry(),
+            ExchangeSettings(heartbeat_timeout=0.5),
+        )
+        with self.assertRaises(ConnectionFailed):
+            await dial(reactor, "127.0.0.1", port, _client_tls(identity("agent")), connection, timeout=0.5)
+
+    async def test_silent_proxy(self) -> None:
+        port, factory = silent_port(self)
+        endpoint = ProxyEndpoint(reactor, Proxy("127.0.0.1", port), "127.0.0.1", 1, timeout=0.5)
+        with self.assertRaises(ConnectionFailed):
+            await endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual(len(factory.accepted), 1)
