@@ -238,6 +238,17 @@ class ProxyEndpoint:
         endpoint = HostnameEndpoint(self.reactor, self.proxy.host, self.proxy.port, timeout=self.timeout)
         connecting = endpoint.connect(Factory.forProtocol(lambda: _Tunnel(request, target, inner, opened)))
 
+        def answer_within(tunnel: _Tunnel) -> None:
+            # A proxy that takes the connection and never answers CONNECT.
+            timer = self.reactor.callLater(
+                self.timeout, tunnel._refuse,
+                ConnectionFailed(f"the proxy {self.proxy.host}:{self.proxy.port} did not answer CONNECT "
+                                 f"within {self.timeout:g} s"),
+            )
+            opened.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        connecting.addCallback(answer_within)
+
         def unreachable(failure: Failure) -> None:
             if not opened.called:
                 kind = ConnectionRefused if failure.check(ConnectionRefusedError) else ConnectionFailed
@@ -275,8 +286,19 @@ class PinnedConnection(HalibutConnection):
     def connectionMade(self) -> None:
         set_keepalive(self.transport, self.settings.keepalive)
         super().connectionMade()
+        # Halibut's timeouts apply during the handshake: a peer that takes
+        # the TCP connection and says nothing must not hold us for ever.
+        self._arm(self.settings.heartbeat_timeout)
+
+    def _timed_out(self) -> None:
+        if not self.pinned.called:
+            self.pinned.errback(
+                ConnectionFailed(f"the TLS handshake did not complete within {self.settings.heartbeat_timeout:g} s")
+            )
+        super()._timed_out()
 
     def handshakeCompleted(self) -> None:
+        self._disarm()
         link: Any = self.transport
         certificate = link.getPeerCertificate()
         if certificate is None:
