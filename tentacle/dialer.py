@@ -238,7 +238,7 @@ class ProxyEndpoint:
         endpoint = HostnameEndpoint(self.reactor, self.proxy.host, self.proxy.port, timeout=self.timeout)
         connecting = endpoint.connect(Factory.forProtocol(lambda: _Tunnel(request, target, inner, opened)))
 
-        def answer_within(tunnel: _Tunnel) -> None:
+        def answer_within(tunnel: Any) -> None:
             # A proxy that takes the connection and never answers CONNECT.
             timer = self.reactor.callLater(
                 self.timeout, tunnel._refuse,
