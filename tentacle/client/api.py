@@ -760,10 +760,13 @@ class TentacleClient:
         result, streams = await self.call_idempotent(
             "IFileTransferService", "DownloadFile", remote, long_running=True, sinks=sink
         )
-        if result is None:
+        if result is None or not isinstance(result, DataStream) or [s.id for s in streams] != [result.id]:
             for stream in streams:
                 stream.sink.discard()
-            raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
+            if result is None:
+                raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
+            raise TransferError(f"the agent answered the download of {remote} with {len(streams)} data stream(s), "
+                                "not the one file")
         [stream] = streams
         if isinstance(stream.sink, _DownloadSink):
             return await self._commit(stream.sink)
