@@ -106,3 +106,45 @@ class HostileDownloadTests(TestCase):
 
     async def test_no_stream(self) -> None:
         await self.check(lambda request, context: "not a stream")
+
+
+class CloseTests(TestCase):
+    timeout = 20
+
+    async def test_close_while_a_call_is_in_flight(self) -> None:
+        """
+        A connection whose call was still running when the client closed
+        is retired when the call ends, not put back in the pool (where it
+        stayed open, its nine-minute expiry timer armed, after close).
+        """
+        answer: Deferred[Any] = Deferred()
+        asked: Deferred[None] = Deferred()
+
+        @implementer(IRequestHandler)
+        class Slow(_Hostile):
+            def handle(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
+                asked.callback(None)
+                return answer.addCallback(lambda _: ResponseMessage(request.id, None, "done"))
+
+        factory = ListenerFactory(
+            TrustList([identity("server").thumbprint]), reactor,
+            session_factory=halibut_sessions(
+                reactor, tentacle_registry(), ExchangeSettings(), handler_for=lambda accepted: Slow(lambda r, c: None)
+            ),
+        )
+        port = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, ListeningTLSFactory(AgentTLSOptions(identity("agent")), factory, clock=reactor), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        client = TentacleClient(
+            Target("127.0.0.1", port.getHost().port, Pin(identity("agent").thumbprint)), identity("server"), reactor,
+            rpc_retry=None,
+        )
+        call = Deferred.fromCoroutine(client.call("IThingService", "Echo", "x"))
+        await asked
+        await client.close()
+        answer.callback(None)
+        self.assertEqual((await call)[0], "done")
+        self.assertEqual(client._idle, [], "nothing pooled after close")
+        for connection in list(factory.authenticated_connections):
+            await connection._session.closed  # the agent sees the client retire it
