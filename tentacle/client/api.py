@@ -370,6 +370,7 @@ class TentacleClient:
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
         self._idle: list[tuple[ClientConnection, IDelayedCall]] = []
+        self._closed = False
         self._capabilities: list[str] | None = None
 
     # --- connections ----------------------------------------------------------------
@@ -428,8 +429,8 @@ class TentacleClient:
     def _release(self, connection: ClientConnection) -> None:
         if not connection.idle:
             return
-        if len(self._idle) >= self._max_idle:
-            connection.end()
+        if self._closed or len(self._idle) >= self._max_idle:
+            connection.end()  # a call that ended after close() pools nothing
             return
         entry: list[Any] = []
 
@@ -444,8 +445,10 @@ class TentacleClient:
 
     async def close(self) -> None:
         """
-        Retire every pooled connection (END), as Octopus Server does.
+        Retire every pooled connection (END), as Octopus Server does; one
+        still carrying a call is retired when the call ends.
         """
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection, timer in idle:
             if timer.active():
