@@ -103,3 +103,48 @@ class SilentPeerTests(TestCase):
         with self.assertRaises(ConnectionFailed):
             await endpoint.connect(Factory.forProtocol(Protocol))
         self.assertEqual(len(factory.accepted), 1)
+
+
+class StopWhileAnsweringTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        from tests.support import remove_big_files
+
+        remove_big_files(self)
+        self.logs = LogCapture.install(self)
+
+    async def test_stopping_while_sending_an_answer(self) -> None:
+        """
+        An agent stopped while it sends a large answer to a server that has
+        stopped reading: its stop must not wait for that answer to drain
+        (it waited for ever: C{END} was written into the middle of the
+        data stream, then a polite close waited for the whole stream to be
+        taken, with the heartbeat deadline disarmed).
+        """
+        import os
+        from pathlib import Path
+
+        from tentacle.client.api import Target, TentacleClient
+        from tests.e2e.test_network_faults import on_event
+        from tests.support import SUBSCRIPTION, start_polling_agent
+
+        server = start_polling_server(self)
+        agent = start_polling_agent(self, server)
+        await self.logs.wait_for(event="polling_connected")
+        (agent.config.home / "big.bin").write_bytes(os.urandom(32 * 1024 * 1024))
+
+        def stall(event: Any) -> None:
+            for connection in server.factory.authenticated_connections:
+                connection.transport.pauseProducing()  # the server stops reading
+
+        on_event(self, stall, event="request_served", method="DownloadFile")
+        client = TentacleClient(
+            Target.polling(SUBSCRIPTION, Pin(identity("agent").thumbprint)), identity("server"), reactor,
+            hub=server, rpc_retry=None,
+        )
+        download = Deferred.fromCoroutine(client.download("big.bin", Path(self.mktemp()).absolute()))
+        download.addErrback(lambda f: None)
+        await self.logs.wait_for(event="request_served", method="DownloadFile")
+        await agent.polling.stopService()
+        self.assertEqual([c.connected for cs in agent.polling.servers.values() for c in cs], [False])
