@@ -112,12 +112,15 @@ class PollingConnection(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         connection = self._connection
-        if connection is not None and self.connected:
-            # Say goodbye as Halibut does, then close.
+        if connection is not None and self.connected and connection.reading:
+            # Between requests: say goodbye as Halibut does, then close.
             connection.send_line("END")
             connection.close()
         elif connection is not None:
-            connection.abort()  # still dialling or identifying: nothing to say
+            # Dialling, identifying, or in the middle of a request or its
+            # answer: an END would land inside a message, and a polite
+            # close would wait for a large answer to drain.
+            connection.abort()
         if self._dialling is not None:
             self._dialling.cancel()
         if self._waiting is not None:
