@@ -148,3 +148,23 @@ class CloseTests(TestCase):
         self.assertEqual(client._idle, [], "nothing pooled after close")
         for connection in list(factory.authenticated_connections):
             await connection._session.closed  # the agent sees the client retire it
+
+
+class UnencodableCallTests(TestCase):
+    timeout = 20
+
+    async def test_a_call_that_cannot_be_encoded_keeps_its_connection_pooled(self) -> None:
+        """
+        Nothing was sent, so the checked connection is as good as before:
+        it goes back to the pool (it was left open, owned by nobody, until
+        the agent gave up on it).
+        """
+        port = hostile_agent(self, lambda request, context: "ok")
+        client = TentacleClient(
+            Target("127.0.0.1", port, Pin(identity("agent").thumbprint)), identity("server"), reactor, rpc_retry=None
+        )
+        self.addCleanup(client.close)
+        with self.assertRaises(TypeError):
+            await client.call("IThingService", "Echo", object())
+        self.assertEqual(len(client._idle), 1, "the connection is pooled again")
+        self.assertEqual((await client.call("IThingService", "Echo", "x"))[0], "ok")
