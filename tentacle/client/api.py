@@ -486,6 +486,9 @@ class TentacleClient:
             except CancelledError:
                 connection.end()  # the answer would arrive on a connection nobody reads
                 raise
+            except (TypeError, ValueError):
+                self._release(connection)  # nothing was sent: it is as good as before
+                raise
             self._release(connection)
         if response.error is not None:
             for stream in streams:
