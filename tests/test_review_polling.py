@@ -95,6 +95,47 @@ class DialDeadlineTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+    def test_cancelling_a_dial_drops_the_connection(self) -> None:
+        """
+        A caller that gives up on a dial while TLS is under way (a client's
+        call cancelled, a retry window closing) must not leave the
+        connection behind: when the handshake then completed, the pin's
+        Deferred was fired a second time (AlreadyCalledError inside the TLS
+        protocol) and the connection stayed open, owned by nobody.
+        """
+        from OpenSSL import crypto
+        from twisted.internet.defer import CancelledError
+        from twisted.internet.testing import StringTransport
+
+        from tentacle.contracts import tentacle_registry
+        from tentacle.dialer import Pin, PinnedConnection
+        from tentacle.halibut.connection import ExchangeSettings
+        from tests.support import identity
+
+        class TLSTransport(StringTransport):
+            def getPeerCertificate(self) -> Any:
+                return crypto.X509.from_cryptography(identity("agent").certificate)
+
+            def getHandle(self) -> None:
+                return None
+
+        started: list[bool] = []
+
+        async def role(connection: Any) -> None:
+            started.append(True)
+
+        connection = PinnedConnection(
+            Pin(identity("agent").thumbprint), role, Clock(), tentacle_registry(), ExchangeSettings()
+        )
+        transport = TLSTransport()
+        connection.makeConnection(transport)
+        connection.pinned.cancel()
+        self.failureResultOf(connection.pinned, CancelledError)
+        self.assertTrue(transport.disconnecting, "the abandoned connection is dropped")
+        connection.handshakeCompleted()  # as if the handshake had been in flight
+        self.assertEqual(started, [])
+
+
 class PollingServiceApplyTests(SynchronousTestCase):
     """
     C{PollingService.apply} with entries a hand-edited C{tentacle.json}
