@@ -280,7 +280,9 @@ class PinnedConnection(HalibutConnection):
         self._pin = pin
         self._peer_name = peer_name
         self._after_pin = role
-        self.pinned: Deferred[PeerIdentity] = Deferred()
+        # Whoever gives up waiting drops the connection, which then never
+        # completes its handshake (nor fires this again).
+        self.pinned: Deferred[PeerIdentity] = Deferred(lambda _: self.abort())
         self.tls_version: str | None = None
 
     def connectionMade(self) -> None:
@@ -299,6 +301,8 @@ class PinnedConnection(HalibutConnection):
 
     def handshakeCompleted(self) -> None:
         self._disarm()
+        if self.pinned.called:
+            return  # given up on already (and dropped)
         link: Any = self.transport
         certificate = link.getPeerCertificate()
         if certificate is None:
