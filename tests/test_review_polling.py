@@ -167,3 +167,39 @@ class PollingServiceApplyTests(SynchronousTestCase):
         second = PolledServer("octopus.example.com", "A" * 40, "poll://bbbbbbbbbbbbbbbbbbbb/")
         service.apply((first, second))
         self.assertEqual(sorted(c for _, _, c in service.status()), [1, 1])
+
+
+class PollingLoopTests(SynchronousTestCase):
+    """
+    A polling connection's loop must outlive any one failed attempt.
+    """
+
+    def test_a_host_name_the_proxy_request_cannot_carry(self) -> None:
+        """
+        A non-ASCII (IDN) server name, which the configuration accepts,
+        through a proxy: the CONNECT line could not be encoded, the error
+        escaped the loop, and that connection never dialled again (nor
+        said why, but for an unhandled-error trace at garbage collection).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import Logger
+
+        from tentacle.config import PolledServer
+        from tentacle.contracts import tentacle_registry
+        from tentacle.dispatch import Dispatcher
+        from tentacle.halibut.connection import ExchangeSettings
+        from tentacle.polling import PollingConnection
+        from tests.support import identity
+
+        reactor = MemoryReactorClock()
+        server = PolledServer(
+            "b\u00fccher.example", "A" * 40, "poll://aaaaaaaaaaaaaaaaaaaa/", proxy="http://127.0.0.1:3128"
+        )
+        connection = PollingConnection(
+            server, 1, identity("agent"), lambda s, a: Dispatcher(), reactor, tentacle_registry(),
+            ExchangeSettings(), Logger(),
+        )
+        connection.startService()
+        self.addCleanup(connection.stopService)
+        self.assertEqual(len(reactor.tcpClients), 1, "it dialled the proxy")
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 3128))
