@@ -143,6 +143,11 @@ class Proxy:
         )
 
     def connect_request(self, host: str, port: int) -> bytes:
+        """
+        @raise UnicodeError: C{host} is not a name IDNA can write.
+        """
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")  # as the DNS sees the name
         lines = [f"CONNECT {host}:{port} HTTP/1.0", f"Host: {host}:{port}"]
         if self.username is not None:
             token = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()

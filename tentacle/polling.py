@@ -142,6 +142,13 @@ class PollingConnection(Service):
                 await self._session()
             except CancelledError:
                 return
+            except Exception:
+                # A bug, or input nobody foresaw: this connection must not
+                # stop polling for good over one attempt.
+                self.log.failure(
+                    "Polling {server}: the connection failed unexpectedly", server=self.server.address,
+                    connection=self.index,
+                )
             if not self.running:
                 return
             wait = self.delay.failed()

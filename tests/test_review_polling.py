@@ -203,3 +203,34 @@ class PollingLoopTests(SynchronousTestCase):
         self.addCleanup(connection.stopService)
         self.assertEqual(len(reactor.tcpClients), 1, "it dialled the proxy")
         self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 3128))
+
+    def test_the_loop_outlives_an_unexpected_error(self) -> None:
+        """
+        A name that cannot be written even in IDNA (a 64-character label):
+        each attempt fails, is logged, and the connection tries again later.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import Logger
+
+        from tentacle.config import PolledServer
+        from tentacle.contracts import tentacle_registry
+        from tentacle.dispatch import Dispatcher
+        from tentacle.halibut.connection import ExchangeSettings
+        from tentacle.polling import PollingConnection
+        from tests.support import identity
+
+        logs = LogCapture.install(self)
+        reactor = MemoryReactorClock()
+        server = PolledServer(
+            "\u00fc" * 64 + ".example", "A" * 40, "poll://aaaaaaaaaaaaaaaaaaaa/", proxy="http://127.0.0.1:3128"
+        )
+        connection = PollingConnection(
+            server, 1, identity("agent"), lambda s, a: Dispatcher(), reactor, tentacle_registry(),
+            ExchangeSettings(), Logger(),
+        )
+        connection.startService()
+        self.addCleanup(connection.stopService)
+        reactor.advance(10)
+        failures = [e for e in logs.events if "log_failure" in e]
+        self.assertEqual(len(failures), 2, "tried, then tried again")
+        self.flushLoggedErrors(UnicodeError)
