@@ -148,3 +148,36 @@ class StopWhileAnsweringTests(TestCase):
         await self.logs.wait_for(event="request_served", method="DownloadFile")
         await agent.polling.stopService()
         self.assertEqual([c.connected for cs in agent.polling.servers.values() for c in cs], [False])
+
+
+class PolledDownloadTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+
+    async def test_a_download_through_a_polling_server_is_private_as_a_direct_one(self) -> None:
+        """
+        A download from a listening agent is written 0600 (its temp file is
+        made so); through a polling server in this process the temp file
+        was made with the umask's mode (0644), so the same download ended
+        up readable by every user.
+        """
+        import stat
+        from pathlib import Path
+
+        from tentacle.client.api import Target, TentacleClient
+        from tests.support import SUBSCRIPTION, start_polling_agent
+
+        server = start_polling_server(self)
+        agent = start_polling_agent(self, server)
+        await self.logs.wait_for(event="polling_connected")
+        (agent.config.home / "secret.txt").write_bytes(b"secret")
+        client = TentacleClient(
+            Target.polling(SUBSCRIPTION, Pin(identity("agent").thumbprint)), identity("server"), reactor, hub=server
+        )
+        self.addCleanup(client.close)
+        target = Path(self.mktemp()).absolute()
+        await client.download("secret.txt", target)
+        self.assertEqual(target.read_bytes(), b"secret")
+        self.assertEqual(oct(stat.S_IMODE(target.stat().st_mode)), oct(0o600))
