@@ -776,28 +776,19 @@ class TentacleClient:
         [stream] = streams
         if isinstance(stream.sink, _DownloadSink):
             return await self._commit(stream.sink)
-        # Through a polling server: the stream was spooled there.
-        digest = hashlib.sha1()
-        temp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
-        done = 0
+        # Through a polling server: the stream was spooled there.  Copied
+        # into the same private temp file a direct download gets.
         try:
-            with temp.open("wb") as out:
+            copy = _DownloadSink(local, stream.length, progress)
+            try:
                 for chunk in stream.sink.read_chunks():  # type: ignore[attr-defined]
-                    out.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, stream.length)
-                out.flush()
-                os.fsync(out.fileno())
-            if done != stream.length:
-                raise TransferError(f"received {done} bytes of {stream.length}")
-            os.replace(temp, local)
-            fsync_directory(local.parent)
+                    copy.write(chunk)
+            except BaseException:
+                copy.discard()
+                raise
         finally:
             stream.sink.discard()
-            temp.unlink(missing_ok=True)
-        return done, digest.hexdigest()
+        return await self._commit(copy)
 
     async def _commit(self, sink: _DownloadSink) -> tuple[int, str]:
         """
