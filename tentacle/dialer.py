@@ -143,6 +143,11 @@ class Proxy:
         )
 
     def connect_request(self, host: str, port: int) -> bytes:
+        """
+        @raise UnicodeError: C{host} is not a name IDNA can write.
+        """
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")  # as the DNS sees the name
         lines = [f"CONNECT {host}:{port} HTTP/1.0", f"Host: {host}:{port}"]
         if self.username is not None:
             token = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
@@ -238,6 +243,17 @@ class ProxyEndpoint:
         endpoint = HostnameEndpoint(self.reactor, self.proxy.host, self.proxy.port, timeout=self.timeout)
         connecting = endpoint.connect(Factory.forProtocol(lambda: _Tunnel(request, target, inner, opened)))
 
+        def answer_within(tunnel: Any) -> None:
+            # A proxy that takes the connection and never answers CONNECT.
+            timer = self.reactor.callLater(
+                self.timeout, tunnel._refuse,
+                ConnectionFailed(f"the proxy {self.proxy.host}:{self.proxy.port} did not answer CONNECT "
+                                 f"within {self.timeout:g} s"),
+            )
+            opened.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        connecting.addCallback(answer_within)
+
         def unreachable(failure: Failure) -> None:
             if not opened.called:
                 kind = ConnectionRefused if failure.check(ConnectionRefusedError) else ConnectionFailed
@@ -269,14 +285,29 @@ class PinnedConnection(HalibutConnection):
         self._pin = pin
         self._peer_name = peer_name
         self._after_pin = role
-        self.pinned: Deferred[PeerIdentity] = Deferred()
+        # Whoever gives up waiting drops the connection, which then never
+        # completes its handshake (nor fires this again).
+        self.pinned: Deferred[PeerIdentity] = Deferred(lambda _: self.abort())
         self.tls_version: str | None = None
 
     def connectionMade(self) -> None:
         set_keepalive(self.transport, self.settings.keepalive)
         super().connectionMade()
+        # Halibut's timeouts apply during the handshake: a peer that takes
+        # the TCP connection and says nothing must not hold us for ever.
+        self._arm(self.settings.heartbeat_timeout)
+
+    def _timed_out(self) -> None:
+        if not self.pinned.called:
+            self.pinned.errback(
+                ConnectionFailed(f"the TLS handshake did not complete within {self.settings.heartbeat_timeout:g} s")
+            )
+        super()._timed_out()
 
     def handshakeCompleted(self) -> None:
+        self._disarm()
+        if self.pinned.called:
+            return  # given up on already (and dropped)
         link: Any = self.transport
         certificate = link.getPeerCertificate()
         if certificate is None:

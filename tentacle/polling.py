@@ -98,9 +98,11 @@ class PollingConnection(Service):
         self.sessions = 0
         self._loop: Deferred[None] | None = None
         self._waiting: Deferred[Any] | None = None
+        self._dialling: Deferred[Any] | None = None
         self._connection: PinnedConnection | None = None
         self._proxy = Proxy.from_url(server.proxy) if server.proxy else None
-        self.setName(f"{server.address}#{index}")
+        # No service name: two entries may share an address (two
+        # subscriptions on one server), and names must be unique.
 
     def startService(self) -> None:
         super().startService()
@@ -110,10 +112,17 @@ class PollingConnection(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         connection = self._connection
-        if connection is not None and connection.connected:
-            # Say goodbye as Halibut does, then close.
+        if connection is not None and self.connected and connection.reading:
+            # Between requests: say goodbye as Halibut does, then close.
             connection.send_line("END")
             connection.close()
+        elif connection is not None:
+            # Dialling, identifying, or in the middle of a request or its
+            # answer: an END would land inside a message, and a polite
+            # close would wait for a large answer to drain.
+            connection.abort()
+        if self._dialling is not None:
+            self._dialling.cancel()
         if self._waiting is not None:
             self._waiting.cancel()
         loop, self._loop = self._loop, None
@@ -133,6 +142,13 @@ class PollingConnection(Service):
                 await self._session()
             except CancelledError:
                 return
+            except Exception:
+                # A bug, or input nobody foresaw: this connection must not
+                # stop polling for good over one attempt.
+                self.log.failure(
+                    "Polling {server}: the connection failed unexpectedly", server=self.server.address,
+                    connection=self.index,
+                )
             if not self.running:
                 return
             wait = self.delay.failed()
@@ -153,17 +169,24 @@ class PollingConnection(Service):
         server = self.server
         role = PollingSubscriber(self._handler_for(server, server.address), server.subscription_id)
         for attempt in range(1, QUICK_TRIES + 1):
+            if not self.running:
+                return
             connection = PinnedConnection(
                 Pin(server.thumbprint), role, self._reactor, self._registry, self._settings,
                 peer_name="server", label=server.address, log=self.log,
             )
             self._connection = connection
+            # Kept, so that stopping the service cancels a dial under way.
+            self._dialling = Deferred.fromCoroutine(dial(
+                self._reactor, server.host, server.port, self._tls, connection,
+                proxy=self._proxy, timeout=CONNECT_TIMEOUT,
+            ))
             try:
-                await dial(
-                    self._reactor, server.host, server.port, self._tls, connection,
-                    proxy=self._proxy, timeout=CONNECT_TIMEOUT,
-                )
+                await self._dialling
                 break
+            except CancelledError:
+                connection.abort()
+                raise
             except UnexpectedCertificate as e:
                 self.log.error(
                     "Polling {server}: {error}; not trusted, will try again later",
@@ -177,12 +200,16 @@ class PollingConnection(Service):
                 self.log.info(
                     "Polling {server}: {error}", server=server.address, error=str(e), connection=self.index,
                 )
-                if final:
+                if final or not self.running:
                     return
                 await self._sleep(QUICK_INTERVAL)
+            finally:
+                self._dialling = None
         try:
             await _either(role.identified, connection.closed)
         except Exception:
+            return
+        if not self.running:
             return
         if not role.identified.called:
             self.log.warn(

@@ -370,6 +370,7 @@ class TentacleClient:
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
         self._idle: list[tuple[ClientConnection, IDelayedCall]] = []
+        self._closed = False
         self._capabilities: list[str] | None = None
 
     # --- connections ----------------------------------------------------------------
@@ -428,8 +429,8 @@ class TentacleClient:
     def _release(self, connection: ClientConnection) -> None:
         if not connection.idle:
             return
-        if len(self._idle) >= self._max_idle:
-            connection.end()
+        if self._closed or len(self._idle) >= self._max_idle:
+            connection.end()  # a call that ended after close() pools nothing
             return
         entry: list[Any] = []
 
@@ -444,8 +445,10 @@ class TentacleClient:
 
     async def close(self) -> None:
         """
-        Retire every pooled connection (END), as Octopus Server does.
+        Retire every pooled connection (END), as Octopus Server does; one
+        still carrying a call is retired when the call ends.
         """
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection, timer in idle:
             if timer.active():
@@ -482,6 +485,9 @@ class TentacleClient:
                 response, streams = await connection.call(request, payloads, sinks)
             except CancelledError:
                 connection.end()  # the answer would arrive on a connection nobody reads
+                raise
+            except (TypeError, ValueError):
+                self._release(connection)  # nothing was sent: it is as good as before
                 raise
             self._release(connection)
         if response.error is not None:
@@ -760,35 +766,29 @@ class TentacleClient:
         result, streams = await self.call_idempotent(
             "IFileTransferService", "DownloadFile", remote, long_running=True, sinks=sink
         )
-        if result is None:
+        if result is None or not isinstance(result, DataStream) or [s.id for s in streams] != [result.id]:
             for stream in streams:
                 stream.sink.discard()
-            raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
+            if result is None:
+                raise RemoteError(ServerError(f"{remote} does not exist on the agent"))
+            raise TransferError(f"the agent answered the download of {remote} with {len(streams)} data stream(s), "
+                                "not the one file")
         [stream] = streams
         if isinstance(stream.sink, _DownloadSink):
             return await self._commit(stream.sink)
-        # Through a polling server: the stream was spooled there.
-        digest = hashlib.sha1()
-        temp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
-        done = 0
+        # Through a polling server: the stream was spooled there.  Copied
+        # into the same private temp file a direct download gets.
         try:
-            with temp.open("wb") as out:
+            copy = _DownloadSink(local, stream.length, progress)
+            try:
                 for chunk in stream.sink.read_chunks():  # type: ignore[attr-defined]
-                    out.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, stream.length)
-                out.flush()
-                os.fsync(out.fileno())
-            if done != stream.length:
-                raise TransferError(f"received {done} bytes of {stream.length}")
-            os.replace(temp, local)
-            fsync_directory(local.parent)
+                    copy.write(chunk)
+            except BaseException:
+                copy.discard()
+                raise
         finally:
             stream.sink.discard()
-            temp.unlink(missing_ok=True)
-        return done, digest.hexdigest()
+        return await self._commit(copy)
 
     async def _commit(self, sink: _DownloadSink) -> tuple[int, str]:
         """

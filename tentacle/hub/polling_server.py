@@ -107,10 +107,10 @@ class PollingServer(Service):
             normalize_thumbprint(t) for t in trusted
         )
         self.queues = PollingQueues(reactor, collect_timeout, on_collected)
-        self.bindings = {
-            sub: frozenset(normalize_thumbprint(t) for t in thumbprints)
-            for sub, thumbprints in (bindings or {}).items()
-        }
+        self.bindings: dict[str, frozenset[str]] = {}
+        #: The subscribers connected now, so a new binding can cut them.
+        self._subscribers: dict[HalibutConnection, Accepted] = {}
+        self.set_bindings(bindings or {})
         self._port_number = port
         self._interface = interface
         self._settings = settings
@@ -138,13 +138,27 @@ class PollingServer(Service):
 
     def bind(self, subscription: str, *thumbprints: str) -> None:
         """
-        Only these thumbprints may claim C{subscription} from now on.
+        Only these thumbprints may claim C{subscription} from now on; any
+        other agent polling it now is cut off.
         """
         self.bindings[normalize_subscription(subscription)] = frozenset(
             normalize_thumbprint(t) for t in thumbprints
         )
+        self._enforce_bindings()
 
-    def _source_for(self, accepted: Accepted) -> IRequestSource | None:
+    def set_bindings(self, bindings: Mapping[str, Iterable[str]]) -> None:
+        """
+        Replace every binding (subscriptions normalised as agents announce
+        them); any agent polling a subscription it may no longer claim is
+        cut off.
+        """
+        self.bindings = {
+            normalize_subscription(sub): frozenset(normalize_thumbprint(t) for t in thumbprints)
+            for sub, thumbprints in bindings.items()
+        }
+        self._enforce_bindings()
+
+    def _may_claim(self, accepted: Accepted) -> bool:
         subscription = accepted.identity.subscription
         assert subscription is not None
         allowed = self.bindings.get(subscription)
@@ -155,8 +169,18 @@ class PollingServer(Service):
                 thumbprint=peer.thumbprint, peer=accepted.address, subscription=subscription,
                 event=POLLING_CLAIM_REFUSED,
             )
+            return False
+        return True
+
+    def _enforce_bindings(self) -> None:
+        for connection, accepted in list(self._subscribers.items()):
+            if not self._may_claim(accepted):
+                connection.abort()
+
+    def _source_for(self, accepted: Accepted) -> IRequestSource | None:
+        if not self._may_claim(accepted):
             return None
-        return _ForPeer(self.queues, peer)
+        return _ForPeer(self.queues, accepted.peer)
 
     def _track(self, sessions: Callable[[Accepted], Any]) -> Callable[[Accepted], Any]:
         def build(accepted: Accepted) -> HalibutConnection | None:
@@ -164,17 +188,19 @@ class PollingServer(Service):
             subscription = accepted.identity.subscription
             if isinstance(connection, HalibutConnection) and subscription is not None:
                 self._connected[subscription] += 1
+                self._subscribers[connection] = accepted
                 self.log.info(
                     "{thumbprint} at {peer} polls as {subscription}",
                     thumbprint=accepted.peer.thumbprint, peer=accepted.address,
                     subscription=subscription, event=POLLING_SUBSCRIBED,
                 )
-                connection.closed.addCallback(lambda _: self._gone(subscription, accepted))
+                connection.closed.addCallback(self._gone, subscription, accepted, connection)
             return connection
 
         return build
 
-    def _gone(self, subscription: str, accepted: Accepted) -> None:
+    def _gone(self, _: object, subscription: str, accepted: Accepted, connection: HalibutConnection) -> None:
+        self._subscribers.pop(connection, None)
         self._connected[subscription] -= 1
         if self._connected[subscription] <= 0:
             del self._connected[subscription]

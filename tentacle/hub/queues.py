@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Mapping
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
@@ -173,7 +173,11 @@ class PendingRequestQueue:
                 return
         if pending.connection is not None:
             # In flight: there is no cancel on the wire; dropping the
-            # connection is how Halibut cancels it.
+            # connection is how Halibut cancels it.  The caller hears of the
+            # cancel first, not of the connection it broke (which a client
+            # would take for a network failure, and send the call again).
+            if not pending.outcome.called:
+                pending.outcome.errback(CancelledError())
             pending.connection.abort()
 
 

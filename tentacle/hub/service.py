@@ -201,5 +201,5 @@ class HubService(MultiService):
             self.log.info("Now trusting {thumbprint}", thumbprint=t, event=events.TRUST_ADDED)
         for t in sorted(removed):
             self.log.info("No longer trusting {thumbprint}", thumbprint=t, event=events.TRUST_REMOVED)
-        self.server.bindings = {sub: frozenset(t) for sub, t in config.bindings}
+        self.server.set_bindings(dict(config.bindings))
         self.config = config
