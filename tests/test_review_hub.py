@@ -99,15 +99,10 @@ class BindingTests(SynchronousTestCase):
 
 class ManyStreamsTests(SynchronousTestCase):
     """
-    A hostile agent's answer that declares many small data streams.
+    A hostile agent's answer that declares many small data streams: each
+    that spills would hold a descriptor, so a message may declare at most
+    C{CodecLimits.max_streams} (256).
     """
-
-    todo = (
-        "Not fixed: every stream past the message's memory budget spills to its own temporary file, "
-        "all held open until the answer is complete, so one answer of a few thousand tiny streams "
-        "(trickled within the heartbeat) holds as many descriptors and can exhaust the hub's. "
-        "Needs a design choice: a cap on streams per message, or one spill file per message."
-    )
 
     def test_descriptors_stay_bounded(self) -> None:
         import os
@@ -126,7 +121,7 @@ class ManyStreamsTests(SynchronousTestCase):
         limits = CodecLimits(max_stream_memory_bytes=1024, max_streams_memory_bytes=1024)
         wire = Wire(ServerOfSubscriber(queues, SUBSCRIPTION), clock, ExchangeSettings(limits=limits))
         asked = request("IThingService", "Echo", "x")
-        queues.queue(SUBSCRIPTION).put(asked)
+        pending = queues.queue(SUBSCRIPTION).put(asked)
         wire.take()
         streams = [DataStream.fresh(16) for _ in range(300)]
         result = StartScriptCommand(
@@ -141,3 +136,5 @@ class ManyStreamsTests(SynchronousTestCase):
         held = len(os.listdir("/proc/self/fd")) - before
         wire.connection.abort()
         self.assertLess(held, 32, "descriptors held by one answer")
+        failure = self.failureResultOf(pending.outcome)
+        self.assertIn("declares 300 data streams, more than 256", failure.getErrorMessage())

@@ -49,6 +49,9 @@ class CodecLimits:
         request, or a response), all its streams together, kept in memory;
         each stream past it spills to a temporary file, so 150 files of
         0.6 MB hold 4 MiB of memory, not 90 MB.
+    @ivar max_streams: data streams one message may declare; each that
+        spills holds a file descriptor until the message is complete, so
+        a peer could otherwise exhaust them.
     """
 
     max_message_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
@@ -56,6 +59,7 @@ class CodecLimits:
     max_string_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
     max_stream_memory_bytes: int = attrs.field(default=1 * MiB, validator=_positive)
     max_streams_memory_bytes: int = attrs.field(default=4 * MiB, validator=_positive)
+    max_streams: int = attrs.field(default=256, validator=_positive)
 
 
 class ProtocolError(Exception):

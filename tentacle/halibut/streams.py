@@ -27,7 +27,7 @@ from typing import IO, Protocol
 import attrs
 
 from tentacle.halibut.dotnet import guid_from_bytes, guid_to_bytes
-from tentacle.halibut.errors import CodecError, CodecLimits
+from tentacle.halibut.errors import CodecError, CodecLimits, LimitExceeded
 
 __all__ = [
     "HEADER_SIZE",
@@ -295,6 +295,10 @@ class DataStreamReader:
         @raise CodecError: A declared length is negative.
         """
         self.memory = MemoryBudget(self.limits.max_streams_memory_bytes)
+        if len(self.expected) > self.limits.max_streams:
+            raise LimitExceeded(
+                f"the message declares {len(self.expected)} data streams, more than {self.limits.max_streams}"
+            )
         for stream in self.expected:
             if stream.length < 0:
                 raise CodecError(f"DataStream {stream.id} declares negative length")
