@@ -66,12 +66,12 @@ def agent(identity_path: str, server: str, hub: str, hub_port: str) -> None:
     stop_on_eof()
 
 
-def hub(identity_path: str, *trusted: str) -> None:
+def hub(identity_path: str, agent: str, *users: str) -> None:
     from tentacle.hub.config import HubConfig
     from tentacle.hub.service import HubService
 
     home = _home("bench-hub-")
-    config = HubConfig(home=home, port=0, listen_address="127.0.0.1", trusted_thumbprints=trusted)
+    config = HubConfig(home=home, port=0, listen_address="127.0.0.1", agents=(agent,), users=users)
     service = HubService(config, reactor, identity=_identity(identity_path))
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]

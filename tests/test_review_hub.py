@@ -86,7 +86,7 @@ class BindingTests(SynchronousTestCase):
         home = Path(self.mktemp()).absolute()
         home.mkdir()
         config_file = HubConfigFile(home)
-        config = HubConfig(home, trusted_thumbprints=(identity("agent").thumbprint, identity("rogue").thumbprint))
+        config = HubConfig(home, agents=(identity("agent").thumbprint, identity("rogue").thumbprint))
         config_file.save(config)
         hub = HubService(config, self.clock, identity=identity("hub"), config_file=config_file)
         connection = hub.server.factory.session_factory(subscriber("rogue"))  # type: ignore[misc]

@@ -61,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     thumbprint = _argument(normalize_thumbprint)
     configure.add_argument("--trust", action="append", default=[], type=thumbprint, metavar="THUMBPRINT",
-                           help="trust an agent's, or a CLI user's, certificate; repeatable")
+                           help="let this agent poll; repeatable")
     configure.add_argument("--remove-trust", action="append", default=[], type=thumbprint, metavar="THUMBPRINT",
-                           help="stop trusting a certificate; repeatable")
+                           help="stop trusting this agent; repeatable")
+    configure.add_argument("--trust-user", action="append", default=[], type=thumbprint, metavar="THUMBPRINT",
+                           help="let this CLI user (tentacle-client --hub) send requests to the agents; repeatable")
+    configure.add_argument("--remove-user", action="append", default=[], type=thumbprint, metavar="THUMBPRINT",
+                           help="stop trusting this user; repeatable")
     configure.add_argument("--bind", action="append", default=[], type=_argument(_binding),
                            metavar="poll://ID/=THUMBPRINT",
                            help="only this certificate (and others bound) may claim the subscription; repeatable")
@@ -113,7 +117,8 @@ class _Command:
         return 0
 
     def configure(self, args: argparse.Namespace) -> int:
-        if not (args.trust or args.remove_trust or args.bind or args.unbind or args.port is not None
+        if not (args.trust or args.remove_trust or args.trust_user or args.remove_user
+                or args.bind or args.unbind or args.port is not None
                 or args.listen_address is not None or args.collect_timeout is not None):
             raise UsageError("tentacle-hub configure: nothing to change; give --trust, --bind, --port "
                              "or another setting (see 'tentacle-hub configure --help')")
@@ -123,7 +128,13 @@ class _Command:
             self.out.write(f"No longer trusting {t}\n")
         for t in args.trust:
             config = config.trust(t)
-            self.out.write(f"Trusting {t}\n")
+            self.out.write(f"Trusting the agent {t}\n")
+        for t in args.remove_user:
+            config = config.distrust(t, as_user=True)
+            self.out.write(f"No longer trusting the user {t}\n")
+        for t in args.trust_user:
+            config = config.trust(t, as_user=True)
+            self.out.write(f"Trusting the user {t}\n")
         for subscription in args.unbind:
             config = config.unbind(subscription)
             self.out.write(f"Any trusted agent may claim {subscription}\n")
@@ -151,7 +162,8 @@ class _Command:
                     "thumbprint": identity.thumbprint if identity else None}
             self.out.write(json.dumps(data, indent=2) + "\n")
             return 0
-        trusted = "".join(f"\n  {t}" for t in config.trusted_thumbprints) or " none"
+        trusted = "".join(f"\n  {t}" for t in config.agents) or " none"
+        users = "".join(f"\n  {t}" for t in config.users) or " none"
         bindings = "".join(f"\n  {s} -> {', '.join(t)}" for s, t in config.bindings) or " none"
         self.out.write(
             f"Home:             {self.home}\n"
@@ -159,7 +171,8 @@ class _Command:
             f"Listen port:      {config.port}\n"
             f"Listen address:   {config.listen_address or 'any (IPv4 and IPv6)'}\n"
             f"Collect timeout:  {config.collect_timeout:g} s\n"
-            f"Trusted:{trusted}\n"
+            f"Agents:{trusted}\n"
+            f"Users:{users}\n"
             f"Bindings:{bindings}\n"
         )
         return 0

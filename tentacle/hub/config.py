@@ -18,7 +18,7 @@ from tentacle.identity import normalize_thumbprint
 
 DEFAULT_HUB_PORT = 10943
 DEFAULT_COLLECT_TIMEOUT = 120.0
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 HUB_CONFIG_FILE = "hub.json"
 HUB_HOME_ENVIRONMENT_VARIABLE = "TENTACLE_HUB_HOME"
 
@@ -46,8 +46,9 @@ def _bindings(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
 @attrs.frozen
 class HubConfig:
     """
-    @ivar trusted_thumbprints: agents that may poll, and CLI users who may
-        send requests through the hub.
+    @ivar agents: the agents that may poll.
+    @ivar users: the CLI users who may send requests through the hub.  Two
+        lists, so that a trusted agent's key cannot drive the other agents.
     @ivar bindings: subscription -> the only thumbprints that may claim it.
     @ivar collect_timeout: seconds a request waits for its agent to collect
         it before it fails (Halibut's 2 minutes).
@@ -56,22 +57,28 @@ class HubConfig:
     home: Path
     port: int = DEFAULT_HUB_PORT
     listen_address: str | None = None
-    trusted_thumbprints: tuple[str, ...] = ()
+    agents: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
     bindings: tuple[tuple[str, tuple[str, ...]], ...] = ()
     collect_timeout: float = DEFAULT_COLLECT_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
 
-    def trust(self, thumbprint: str) -> HubConfig:
+    def trust(self, thumbprint: str, as_user: bool = False) -> HubConfig:
+        """
+        Trust an agent (or, C{as_user}, a CLI user).
+        """
         t = normalize_thumbprint(thumbprint)
-        if t in self.trusted_thumbprints:
-            return self
-        return attrs.evolve(self, trusted_thumbprints=self.trusted_thumbprints + (t,))
+        if as_user:
+            return self if t in self.users else attrs.evolve(self, users=self.users + (t,))
+        return self if t in self.agents else attrs.evolve(self, agents=self.agents + (t,))
 
-    def distrust(self, thumbprint: str) -> HubConfig:
+    def distrust(self, thumbprint: str, as_user: bool = False) -> HubConfig:
         t = normalize_thumbprint(thumbprint)
-        if t not in self.trusted_thumbprints:
-            raise ConfigError(f"{t} is not in the trust list")
-        return attrs.evolve(self, trusted_thumbprints=tuple(x for x in self.trusted_thumbprints if x != t))
+        current = self.users if as_user else self.agents
+        if t not in current:
+            raise ConfigError(f"{t} is not a trusted {'user' if as_user else 'agent'}")
+        kept = tuple(x for x in current if x != t)
+        return attrs.evolve(self, users=kept) if as_user else attrs.evolve(self, agents=kept)
 
     def bind(self, subscription: str, thumbprint: str) -> HubConfig:
         """
@@ -94,7 +101,8 @@ class HubConfig:
         return {
             "listen-port": self.port,
             "listen-address": self.listen_address,
-            "trusted-thumbprints": list(self.trusted_thumbprints),
+            "trusted-agents": list(self.agents),
+            "trusted-users": list(self.users),
             "bindings": {sub: list(thumbprints) for sub, thumbprints in self.bindings},
             "collect-timeout": self.collect_timeout,
             "handshake-timeout": self.handshake_timeout,
@@ -120,7 +128,8 @@ class HubConfig:
 _SETTINGS: dict[str, tuple[str, Any]] = {
     "listen-port": ("port", check_port),
     "listen-address": ("listen_address", check_listen_address),
-    "trusted-thumbprints": ("trusted_thumbprints", _thumbprints),
+    "trusted-agents": ("agents", _thumbprints),
+    "trusted-users": ("users", _thumbprints),
     "bindings": ("bindings", _bindings),
     "collect-timeout": ("collect_timeout", check_timeout),
     "handshake-timeout": ("handshake_timeout", check_timeout),

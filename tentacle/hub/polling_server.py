@@ -66,8 +66,9 @@ class PollingServer(Service):
     absent certificates silently, and gives each subscriber the requests
     queued for its subscription.
 
-    @param trusted: the thumbprints of the agents (and, on a hub, of the
-        CLI users) allowed in.
+    @param trusted: the thumbprints of the agents that may poll.
+    @param users: the thumbprints that may send requests through the port
+        (a hub's CLI users); an agent may not, unless listed here too.
     @param bindings: subscription -> the thumbprints allowed to claim it.
     @param admission: the connection budgets and deadlines before a peer
         authenticates (L{tentacle.admission}); the defaults, with
@@ -82,9 +83,10 @@ class PollingServer(Service):
     def __init__(
         self,
         identity: Identity,
-        trusted: Iterable[str] | TrustList,
+        trusted: Iterable[str],
         reactor: Any = None,
         *,
+        users: Iterable[str] = (),
         port: int = DEFAULT_POLLING_PORT,
         interface: str = "",
         bindings: Mapping[str, Iterable[str]] | None = None,
@@ -103,9 +105,12 @@ class PollingServer(Service):
             self.log = log
         self.identity = identity
         self.reactor = reactor
-        self.trust = trusted if isinstance(trusted, TrustList) else TrustList(
-            normalize_thumbprint(t) for t in trusted
-        )
+        #: Agents (may poll) and users (may send requests through a hub):
+        #: two lists, so a trusted agent cannot drive the others.
+        self.agents = frozenset(normalize_thumbprint(t) for t in trusted)
+        self.users = frozenset(normalize_thumbprint(t) for t in users)
+        self.trust = TrustList(self.agents | self.users)
+        self._clients: dict[HalibutConnection, Accepted] = {}
         self.queues = PollingQueues(reactor, collect_timeout, on_collected)
         self.bindings: dict[str, frozenset[str]] = {}
         #: The subscribers connected now, so a new binding can cut them.
@@ -118,7 +123,7 @@ class PollingServer(Service):
         self._connected: collections.Counter[str] = collections.Counter()
         sessions = halibut_sessions(
             reactor, tentacle_registry(), settings,
-            handler_for=lambda accepted: self.handler(accepted) if self.handler is not None else None,
+            handler_for=self._handler_for,
             source_for=self._source_for,
             log=self.log,
         )
@@ -178,14 +183,50 @@ class PollingServer(Service):
                 connection.abort()
 
     def _source_for(self, accepted: Accepted) -> IRequestSource | None:
-        if not self._may_claim(accepted):
+        if not self._trusted_as(accepted, self.agents, "an agent") or not self._may_claim(accepted):
             return None
         return _ForPeer(self.queues, accepted.peer)
+
+    def _handler_for(self, accepted: Accepted) -> IRequestHandler | None:
+        if self.handler is None or not self._trusted_as(accepted, self.users, "a user"):
+            return None
+        return self.handler(accepted)
+
+    def _trusted_as(self, accepted: Accepted, allowed: frozenset[str], what: str) -> bool:
+        peer = accepted.peer
+        if peer.thumbprint in allowed or peer.sha256 in allowed:
+            return True
+        self.log.warn(
+            "Refused {thumbprint} at {peer}: it is not trusted as {what}",
+            thumbprint=peer.thumbprint, peer=accepted.address, what=what, event=POLLING_CLAIM_REFUSED,
+        )
+        return False
+
+    def set_trust(self, agents: Iterable[str], users: Iterable[str] = ()) -> tuple[frozenset[str], frozenset[str]]:
+        """
+        Replace whom the port trusts: connections of whoever is no longer
+        trusted in their role are cut off at once.
+
+        @return: the thumbprints added and removed (either list).
+        """
+        self.agents = frozenset(normalize_thumbprint(t) for t in agents)
+        self.users = frozenset(normalize_thumbprint(t) for t in users)
+        changes = self.trust.replace(self.agents | self.users)
+        for connection, accepted in list(self._subscribers.items()):
+            if accepted.peer.thumbprint not in self.agents and accepted.peer.sha256 not in self.agents:
+                connection.abort()
+        for connection, accepted in list(self._clients.items()):
+            if accepted.peer.thumbprint not in self.users and accepted.peer.sha256 not in self.users:
+                connection.abort()
+        return changes
 
     def _track(self, sessions: Callable[[Accepted], Any]) -> Callable[[Accepted], Any]:
         def build(accepted: Accepted) -> HalibutConnection | None:
             connection = sessions(accepted)
             subscription = accepted.identity.subscription
+            if isinstance(connection, HalibutConnection) and subscription is None:
+                self._clients[connection] = accepted
+                connection.closed.addCallback(lambda _: self._clients.pop(connection, None))
             if isinstance(connection, HalibutConnection) and subscription is not None:
                 self._connected[subscription] += 1
                 self._subscribers[connection] = accepted

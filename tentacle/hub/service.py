@@ -127,8 +127,9 @@ class HubService(MultiService):
         self.metrics: HubMetrics
         self.server = PollingServer(
             self.identity,
-            config.trusted_thumbprints,
+            config.agents,
             reactor,
+            users=config.users,
             port=config.port,
             interface=config.listen_address or "",
             bindings=dict(config.bindings),
@@ -163,9 +164,9 @@ class HubService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if not self.config.trusted_thumbprints:
+        if not self.config.agents:
             self.log.warn(
-                "No agent or user is trusted yet: run 'tentacle-hub configure --trust <thumbprint>'"
+                "No agent is trusted yet: run 'tentacle-hub configure --trust <agent thumbprint>'"
             )
 
     def _beat(self) -> None:
@@ -196,7 +197,7 @@ class HubService(MultiService):
         except ConfigError as e:
             self.log.error("Configuration not reloaded: {error}", error=str(e))
             return
-        added, removed = self.server.trust.replace(config.trusted_thumbprints)
+        added, removed = self.server.set_trust(config.agents, config.users)
         for t in sorted(added):
             self.log.info("Now trusting {thumbprint}", thumbprint=t, event=events.TRUST_ADDED)
         for t in sorted(removed):

@@ -39,7 +39,8 @@ def start_hub(case: TestCase, **changes: Any) -> HubService:
         home=home,
         port=0,
         listen_address="127.0.0.1",
-        trusted_thumbprints=(identity("agent").thumbprint, identity("server").thumbprint),
+        agents=(identity("agent").thumbprint,),
+        users=(identity("server").thumbprint,),
         **changes,
     )
     hub = HubService(config, reactor, identity=identity("hub"))
@@ -129,6 +130,37 @@ class HubTests(TestCase):
         [denied] = self.logs.matching(event="client_denied")
         self.assertEqual(denied["thumbprint"], identity("intruder").thumbprint)
 
+    async def test_an_agent_may_not_drive_the_others(self) -> None:
+        """
+        Agents and users are trusted apart: a trusted agent's key cannot
+        send requests through the hub to the other agents.
+        """
+        hub = start_hub(self)
+        await self.agent_on(hub)
+        client = self.client(hub, who="agent", rpc_retry=None)
+        with self.assertRaises(AgentRefused):
+            await client.capabilities()
+        [refused] = self.logs.matching(event="polling_claim_refused", what="a user")
+        self.assertEqual(refused["thumbprint"], identity("agent").thumbprint)
+
+    async def test_a_user_may_not_poll(self) -> None:
+        from tentacle.config import TentacleConfig
+        from tentacle.service import TentacleService
+
+        hub = start_hub(self)
+        home = Path(self.mktemp()).absolute()
+        home.mkdir()
+        # An agent that polls with a user's key.
+        agent = TentacleService(
+            TentacleConfig(home=home, port=0, listen=False, polling_servers=(polled(hub.server),)),
+            reactor, identity=identity("server"),
+        )
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        refused = await self.logs.wait_for(event="polling_claim_refused", what="an agent")
+        self.assertEqual(refused["thumbprint"], identity("server").thumbprint)
+        self.assertEqual(hub.server.connections(), 0)
+
     async def test_a_request_without_a_polling_endpoint_is_refused(self) -> None:
         hub = start_hub(self)
         plain = Target("127.0.0.1", hub.server.listening_port, Pin(identity("hub").thumbprint))
@@ -202,7 +234,7 @@ class HubCLITests(TestCase):
         code, out, err = run("configure", "--trust", "ab" * 20, "--bind", f"POLL://X={'cd' * 20}", "--port", "11000")
         self.assertEqual(code, 0, err)
         config = HubConfigFile(home).load()
-        self.assertEqual(config.trusted_thumbprints, ("AB" * 20,))
+        self.assertEqual(config.agents, ("AB" * 20,))
         self.assertEqual(config.bindings, (("poll://x/", ("CD" * 20,)),))
         self.assertEqual(config.port, 11000)
         shown = run("show-configuration")[1]
@@ -213,7 +245,9 @@ class HubCLITests(TestCase):
         self.assertIn("expected poll://ID/=THUMBPRINT", err)
         code, _, err = run("configure", "--remove-trust", "EF" * 20)
         self.assertEqual(code, 1)
-        self.assertIn("is not in the trust list", err)
+        self.assertIn("is not a trusted agent", err)
+        code, out, err = run("configure", "--trust-user", "ef" * 20)
+        self.assertEqual((code, HubConfigFile(home).load().users), (0, ("EF" * 20,)), err)
 
 
 class HubProcessTests(TestCase):
