@@ -37,7 +37,7 @@ from tentacle.tls import AgentTLSOptions
 from tentacle.trust import PeerIdentity, TrustList
 
 DEFAULT_POLLING_PORT = 10943
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 POLLING_SUBSCRIBED = "polling_subscribed"
 POLLING_UNSUBSCRIBED = "polling_unsubscribed"
