@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Protocol as TypingProtocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
@@ -329,6 +329,13 @@ class TentacleClient:
         or a control line is read, or while the agent takes none of what we
         send (1 min).
     @param keepalive: TCP keepalive on our connections (C{None}: off).
+    @param max_connecting: at most this many new connections are being
+        set up at once (TCP, TLS, identities); more calls at once wait for
+        a place, or for a pooled connection another call gave back.  An
+        agent evicts the oldest of the connections that have not yet
+        shown a trusted certificate beyond its budget per address
+        (C{max-unauthenticated-per-address}, 50 by default), so a burst of
+        concurrent calls must not open more than that at once.
     """
 
     log = Logger()
@@ -348,6 +355,7 @@ class TentacleClient:
         response_timeout: float = RESPONSE_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         keepalive: KeepAlive | None = KeepAlive(),
+        max_connecting: int = 16,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -373,6 +381,7 @@ class TentacleClient:
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
         self._idle: list[tuple[ClientConnection, IDelayedCall]] = []
+        self._connecting = DeferredSemaphore(max_connecting)
         self._capabilities: list[str] | None = None
 
     # --- connections ----------------------------------------------------------------
@@ -390,9 +399,9 @@ class TentacleClient:
         await connection.ready
         return connection
 
-    async def connect(self) -> ClientConnection:
+    async def _pooled(self) -> ClientConnection | None:
         """
-        A checked idle connection from the pool, or a new one, with retries.
+        An idle connection from the pool, checked with NEXT, if there is one.
         """
         while self._idle:
             connection, expiry = self._idle.pop()
@@ -405,11 +414,39 @@ class TentacleClient:
                 return connection
             except ClientError:
                 continue
+        return None
+
+    async def _open_one(self) -> ClientConnection | None:
+        """
+        A new connection, once fewer than C{max_connecting} are being set
+        up; C{None} when a pooled connection was given back meanwhile.
+        """
+        await self._connecting.acquire()
+        try:
+            if self._idle:
+                return None
+            return await self._open()
+        finally:
+            self._connecting.release()
+
+    async def connect(self) -> ClientConnection:
+        """
+        A checked idle connection from the pool, or a new one, with retries.
+        """
+        pooled = await self._pooled()
+        if pooled is not None:
+            return pooled
         deadline = self._reactor.seconds() + self._retry.within
         last: Exception | None = None
         for attempt in range(1, self._retry.attempts + 1):
             try:
-                return await self._open()
+                while True:
+                    opened = await self._open_one()
+                    if opened is not None:
+                        return opened
+                    pooled = await self._pooled()
+                    if pooled is not None:
+                        return pooled
             except ProxyRefused:
                 raise  # the proxy's answer will not change in a second
             except ConnectionFailed as e:
