@@ -550,9 +550,15 @@ class ScriptWorkspace:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def delete(self) -> None:
+    def close(self) -> None:
+        """
+        Close the log's files (it opens them again if written to).
+        """
         if self._log is not None:
             self._log.close()
+
+    def delete(self) -> None:
+        self.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

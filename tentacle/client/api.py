@@ -640,7 +640,7 @@ class TentacleClient:
         encrypt_files: bool = False,
         task_id: str | None = None,
         on_log: Callable[[ProcessOutput], None] | None = None,
-        wait_for_finish: float = 1.0,
+        wait_for_finish: float = 5.0,
         poll_interval: float = 0.3,
         max_poll_interval: float = 5.0,
     ) -> int:
@@ -651,10 +651,12 @@ class TentacleClient:
         to stop, then raises L{CancelledError}.
 
         As Octopus Server does: StartScript (V2) waits up to
-        C{wait_for_finish} seconds for the script to end, so a quick script
-        is done in one call; then GetStatus at once, and again after
-        C{poll_interval}, growing by 1.15 up to C{max_poll_interval} while
-        nothing new arrives.
+        C{wait_for_finish} seconds (5, as Octopus Server asks) for the
+        script to end, so a quick script is done in one call; our agent
+        answers sooner, half a second after the script's first log line,
+        if it is still running then (see C{docs/scripts.rst}).  Then
+        GetStatus at once, and again after C{poll_interval}, growing by
+        1.15 up to C{max_poll_interval} while nothing new arrives.
 
         @param encrypt_files: have the agent store C{files} encrypted, as
             Octopus Server does for sensitive variables, under a password
