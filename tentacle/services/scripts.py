@@ -53,7 +53,7 @@ from tentacle.fsutil import atomic_write
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.services.script_environment import script_variables
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
-from tentacle.workers.process import ProcessResult, ScriptProcess
+from tentacle.workers.process import ProcessResult, ScriptProcess, bash_enters_folder
 from tentacle.workspace import (
     LogPage,
     ScriptLog,
@@ -362,7 +362,7 @@ class ScriptRunner:
                 self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
                 await self._finish(script, ScriptExitCodes.CANCELED)
                 return
-            executable, arguments = self._command(script)
+            executable, arguments, enters_folder = self._command(script)
             if executable is None:
                 self._append(
                     script,
@@ -384,6 +384,7 @@ class ScriptRunner:
                 on_lines=lambda source, lines, occurred: self._append_lines(script, source, lines, occurred),
                 kill_grace=self._kill_grace,
                 max_time=self._script_timeout,
+                enters_folder=enters_folder,
             )
             script.process = process
             self.log.info(
@@ -429,21 +430,24 @@ class ScriptRunner:
         lease: Lease = await script.waiting
         return lease
 
-    def _command(self, script: RunningScript) -> tuple[str | None, list[str]]:
+    def _command(self, script: RunningScript) -> tuple[str | None, list[str], bool]:
         """
-        Bash unless the command carries only a PowerShell body.
+        Bash unless the command carries only a PowerShell body; and whether
+        the script changes to its workspace itself (a Bash script does,
+        first thing, where nothing can tell: one exec less than C{env -C}).
         """
         launch = script.launch
         workspace = script.workspace
         if ScriptType.Bash in launch.scripts or ScriptType.PowerShell not in launch.scripts:
             body = launch.scripts.get(ScriptType.Bash, launch.script_body)
-            bootstrap = workspace.write_bootstrap(body)
-            return "/bin/bash", [str(bootstrap), *launch.arguments]
+            prelude = bash_enters_folder(str(workspace.root), self._base_environment)
+            bootstrap = workspace.write_bootstrap(body, prelude or "")
+            return "/bin/bash", [str(bootstrap), *launch.arguments], prelude is not None
         path = workspace.root / "Bootstrap.ps1"
         text = launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n")
         atomic_write(path, text.encode("utf-8-sig"), mode=0o600, durable=False)
         if not self._pwsh:
-            return None, []
+            return None, [], False
         quoted = " ".join("'" + a.replace("'", "''") + "'" for a in launch.arguments)
         command = (
             "$ErrorActionPreference = 'Stop'; . {. '" + str(path).replace("'", "''") + "' "
@@ -452,7 +456,7 @@ class ScriptRunner:
         return self._pwsh, [
             "-NonInteractive", "-NoProfile", "-NoLogo", "-ExecutionPolicy", "Unrestricted",
             "-Command", command,
-        ]
+        ], False
 
     def _environment(self) -> dict[str, str]:
         """
