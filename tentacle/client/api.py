@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Protocol as TypingProtocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
@@ -381,7 +382,9 @@ class TentacleClient:
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
         self._idle: list[tuple[ClientConnection, IDelayedCall]] = []
-        self._connecting = DeferredSemaphore(max_connecting)
+        self._max_connecting = max_connecting
+        self._connecting = 0
+        self._waiting_to_connect: deque[Deferred[None]] = deque()
         self._capabilities: list[str] | None = None
 
     # --- connections ----------------------------------------------------------------
@@ -421,13 +424,38 @@ class TentacleClient:
         A new connection, once fewer than C{max_connecting} are being set
         up; C{None} when a pooled connection was given back meanwhile.
         """
-        await self._connecting.acquire()
-        try:
+        while self._connecting >= self._max_connecting:
+            waiting: Deferred[None] = Deferred(self._give_up_waiting)
+            self._waiting_to_connect.append(waiting)
+            await waiting
             if self._idle:
+                self._next_may_connect()  # the place it was woken for is still free
                 return None
+        self._connecting += 1
+        try:
             return await self._open()
         finally:
-            self._connecting.release()
+            self._connecting -= 1
+            self._next_may_connect()
+
+    def _next_may_connect(self) -> None:
+        """
+        Wake the first caller waiting to connect, on the next reactor turn:
+        woken at once, a long line of callers that each find a pooled
+        connection would wake each other in one ever deeper call stack.
+        """
+        if self._waiting_to_connect:
+            self._reactor.callLater(0, self._wake, self._waiting_to_connect.popleft())
+
+    def _wake(self, waiting: Deferred[None]) -> None:
+        if waiting.called:  # cancelled since: its turn passes to the next
+            self._next_may_connect()
+        else:
+            waiting.callback(None)
+
+    def _give_up_waiting(self, waiting: Deferred[None]) -> None:
+        if waiting in self._waiting_to_connect:
+            self._waiting_to_connect.remove(waiting)
 
     async def connect(self) -> ClientConnection:
         """

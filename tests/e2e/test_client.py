@@ -313,3 +313,24 @@ class BurstTests(TestCase):
         results = await gatherResults(calls, consumeErrors=True)
         self.assertEqual(len(results), 30)
         self.assertEqual(logs.matching(event="connection_evicted"), [])
+
+    async def test_a_long_line_of_callers_waiting_for_a_place(self) -> None:
+        """
+        Hundreds of calls wait for one place to connect; as pooled
+        connections come back, each waiter takes one: none is lost, however
+        long the line (woken one by one on a single stack, they would run
+        out of stack and leave the place taken for ever).
+        """
+        from twisted.internet.defer import gatherResults
+
+        agent = start_agent(self, trusted=(identity("server").thumbprint,))
+        target = Target("127.0.0.1", agent_port(agent), Pin(identity("agent").thumbprint))
+        client = TentacleClient(target, identity("server"), reactor, max_connecting=1)
+        self.addCleanup(client.close)
+        calls = [
+            Deferred.fromCoroutine(client.call("ICapabilitiesServiceV2", "GetCapabilities")) for _ in range(1500)
+        ]
+        results = await gatherResults(calls, consumeErrors=True)
+        self.assertEqual(len(results), 1500)
+
+    test_a_long_line_of_callers_waiting_for_a_place.timeout = 60  # type: ignore[attr-defined]
