@@ -11,9 +11,9 @@ from pathlib import Path
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from tentacle.contracts import ProcessState, ScriptStatusResponseV2
+from tentacle.contracts import ProcessState, ScriptExitCodes, ScriptStatusResponseV2
 from tentacle.halibut.dotnet import TimeSpan
-from tentacle.services.scripts import OUTPUT_GRACE, ScriptRunner, ScriptServiceV2, Slots
+from tentacle.services.scripts import OUTPUT_GRACE, ScriptRunner, ScriptServiceV2, Slots, _launch
 from tests.e2e.test_scripts import v2_command
 from tests.test_process import FakeProcessReactor
 
@@ -133,3 +133,16 @@ class StartScriptWaitTests(SynchronousTestCase):
         self.reactor.advance(0.1)
         self.assertEqual([line.text for line in self.successResultOf(answer).logs], ["late"])
         process.exit(0)
+
+    def test_a_script_that_cannot_be_written_fails_without_running(self) -> None:
+        command = v2_command("echo never")
+        root = self.runner.store.workspace(command.script_ticket.task_id).root
+        (root / "Bootstrap.sh").mkdir(parents=True)  # nothing can be written there
+        self.runner.start(_launch(command, command.script_ticket), None)  # type: ignore[arg-type]
+        status = self.successResultOf(
+            Deferred.fromCoroutine(self.runner.status(command.script_ticket, 0, ScriptExitCodes.UNKNOWN_SCRIPT))
+        )
+        self.assertEqual((status.state, status.exit_code), (ProcessState.Complete, ScriptExitCodes.FATAL))
+        [line] = status.logs
+        self.assertIn("The script could not be written", line.text)
+        self.assertEqual(self.reactor.processes, [], "never started")

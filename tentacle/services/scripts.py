@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, TypeVar, cast
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -55,6 +55,7 @@ from tentacle.services.script_environment import script_variables
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
 from tentacle.workers.process import ProcessResult, ScriptProcess, bash_enters_folder
 from tentacle.workspace import (
+    BOOTSTRAP,
     LogPage,
     ScriptLog,
     ScriptState,
@@ -128,8 +129,16 @@ class RunningScript:
     delete_when_done: bool = False
     #: Whether anything was logged yet.
     logged: bool = False
-    #: The state file's writes, one after the other, in the thread pool.
+    #: The workspace's writes (the state file, the bootstrap), one after
+    #: the other, in the thread pool.
     saved: Deferred[None] = attrs.field(factory=lambda: succeed(None))
+    #: Fires once the first state and the bootstrap are written, or
+    #: failed to be (L{unprepared} says why).
+    prepared: Deferred[None] = attrs.field(factory=lambda: succeed(None))
+    unprepared: BaseException | None = None
+    #: What runs: the program (C{None}: PowerShell, not installed), its
+    #: arguments, and whether it changes to the workspace itself.
+    command: tuple[str | None, list[str], bool] = (None, [], False)
     _finished: list[Deferred[None]] = attrs.field(factory=list)
     _logging: list[Deferred[None]] = attrs.field(factory=list)
 
@@ -332,8 +341,21 @@ class ScriptRunner:
             workspace.delete()
             raise
         state = ScriptState(created=_now())
-        workspace.save_state(state)
         script = RunningScript(launch, workspace, state)
+        script.command, bootstrap = self._command(script)
+        first = attrs.evolve(state)
+
+        def prepare() -> None:
+            workspace.save_state(first)
+            if bootstrap is not None:
+                bootstrap()
+
+        # Off the reactor thread; StartScript answers, and the script
+        # starts, only once they are written.
+        def failed(f: Failure) -> None:
+            script.unprepared = f.value
+
+        script.prepared = self._in_chain(script, prepare).addErrback(failed)
         self._scripts[key] = script
         Deferred.fromCoroutine(self._run(script)).addErrback(
             lambda f: self.log.failure("Script {ticket} failed to run", f, ticket=key)
@@ -362,7 +384,14 @@ class ScriptRunner:
                 self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
                 await self._finish(script, ScriptExitCodes.CANCELED)
                 return
-            executable, arguments, enters_folder = self._command(script)
+            await script.prepared
+            if script.unprepared is not None:
+                self._append(
+                    script, ProcessOutputSource.StdErr, f"The script could not be written: {script.unprepared}"
+                )
+                await self._finish(script, ScriptExitCodes.FATAL)
+                return
+            executable, arguments, enters_folder = script.command
             if executable is None:
                 self._append(
                     script,
@@ -407,6 +436,14 @@ class ScriptRunner:
             if lease is not None:
                 lease.release()
 
+    async def accepted(self, script: RunningScript) -> None:
+        """
+        Once the script's first state is on disk (or failed to be): a
+        StartScript is answered only then, as when it was written on the
+        reactor thread.
+        """
+        await script.prepared
+
     async def _acquire_mutex(self, script: RunningScript) -> Lease:
         launch = script.launch
         owner = launch.task_id or launch.ticket.task_id
@@ -430,33 +467,47 @@ class ScriptRunner:
         lease: Lease = await script.waiting
         return lease
 
-    def _command(self, script: RunningScript) -> tuple[str | None, list[str], bool]:
+    def _command(
+        self, script: RunningScript
+    ) -> tuple[tuple[str | None, list[str], bool], Callable[[], object] | None]:
         """
-        Bash unless the command carries only a PowerShell body; and whether
-        the script changes to its workspace itself (a Bash script does,
-        first thing, where nothing can tell: one exec less than C{env -C}).
+        What to run: Bash unless the command carries only a PowerShell
+        body; and whether the script changes to its workspace itself (a
+        Bash script does, first thing, where nothing can tell: one exec
+        less than C{env -C}).  With it, the (blocking) writing of its
+        bootstrap file.
         """
         launch = script.launch
         workspace = script.workspace
         if ScriptType.Bash in launch.scripts or ScriptType.PowerShell not in launch.scripts:
             body = launch.scripts.get(ScriptType.Bash, launch.script_body)
             prelude = bash_enters_folder(str(workspace.root), self._base_environment)
-            bootstrap = workspace.write_bootstrap(body, prelude or "")
-            return "/bin/bash", [str(bootstrap), *launch.arguments], prelude is not None
+            bootstrap = workspace.root / BOOTSTRAP
+            return (
+                ("/bin/bash", [str(bootstrap), *launch.arguments], prelude is not None),
+                lambda: workspace.write_bootstrap(body, prelude or ""),
+            )
         path = workspace.root / "Bootstrap.ps1"
         text = launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n")
-        atomic_write(path, text.encode("utf-8-sig"), mode=0o600, durable=False)
+
+        def write() -> None:
+            atomic_write(path, text.encode("utf-8-sig"), mode=0o600, durable=False)
+
         if not self._pwsh:
-            return None, [], False
+            return (None, [], False), write
         quoted = " ".join("'" + a.replace("'", "''") + "'" for a in launch.arguments)
         command = (
             "$ErrorActionPreference = 'Stop'; . {. '" + str(path).replace("'", "''") + "' "
             + quoted + "; if ((test-path variable:global:lastexitcode)) { exit $LastExitCode }}"
         )
-        return self._pwsh, [
-            "-NonInteractive", "-NoProfile", "-NoLogo", "-ExecutionPolicy", "Unrestricted",
-            "-Command", command,
-        ], False
+        return (
+            self._pwsh,
+            [
+                "-NonInteractive", "-NoProfile", "-NoLogo", "-ExecutionPolicy", "Unrestricted",
+                "-Command", command,
+            ],
+            False,
+        ), write
 
     def _environment(self) -> dict[str, str]:
         """
@@ -508,12 +559,28 @@ class ScriptRunner:
         for script in scripts:
             script.workspace.log.flush()
 
+    def _in_chain(self, script: RunningScript, work: Callable[[], object]) -> Deferred[None]:
+        """
+        Run blocking work on the script's workspace in the thread pool,
+        after its earlier such work (a later state never lands before an
+        earlier one); fires (or fails) when it is done.
+        """
+        done: Deferred[None] = Deferred()
+
+        def run(_: object) -> Deferred[object]:
+            d = self._in_thread(work)
+            d.addCallbacks(lambda _: done.callback(None), done.errback)
+            return d.addErrback(lambda _: None)  # the chain goes on
+
+        script.saved.addCallback(run)
+        return done
+
     def _save(self, script: RunningScript, state: ScriptState) -> Deferred[None]:
         """
         Write a state file in the thread pool, after the script's earlier
-        ones (a later state never lands before an earlier one); the final
-        state is fsynced (L{ScriptWorkspace.save_state}).  A workspace
-        removed meanwhile is not written again.
+        writes; the final state is fsynced (L{ScriptWorkspace.save_state}).
+        A workspace removed meanwhile is not written again.  A failure is
+        logged.
         """
         workspace = script.workspace
 
@@ -526,8 +593,7 @@ class ScriptRunner:
                 "Could not save the state of script {ticket}", f, ticket=script.launch.ticket.task_id
             )
 
-        script.saved.addCallback(lambda _: self._in_thread(save)).addErrback(failed)
-        return script.saved
+        return self._in_chain(script, save).addErrback(failed)
 
     async def _finish(self, script: RunningScript, exit_code: int) -> None:
         """
@@ -641,7 +707,7 @@ class ScriptRunner:
         """
         if IReactorThreads.providedBy(self._reactor):
             return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work)
-        return succeed(work())
+        return maybeDeferred(work)
 
     def cancel(self, ticket: ScriptTicket) -> None:
         """
@@ -800,6 +866,7 @@ class ScriptServiceV2:
             # Started before a restart: report it, never run it twice.
             return await self._response(ticket, 0)
         script = self._runner.start(_launch(command, ticket), context)
+        await self._runner.accepted(script)
         wait = _seconds(command.duration_to_wait_for_script_to_finish)
         if wait:
             await self._runner.wait(script, wait, after_output=OUTPUT_GRACE)
@@ -839,9 +906,9 @@ class ScriptService:
             state=s.state, exit_code=s.exit_code,
         )
 
-    def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
+    async def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
         ticket = self._ticket(command.task_id)
-        self._runner.start(_launch(command, ticket), context)
+        await self._runner.accepted(self._runner.start(_launch(command, ticket), context))
         return ticket
 
     async def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:
