@@ -505,10 +505,14 @@ class ScriptWorkspace:
         """
         private_folder(self.root)
 
-    def write_bootstrap(self, body: str) -> Path:
+    def write_bootstrap(self, body: str, prelude: str = "") -> Path:
+        """
+        @param prelude: put before the body's first line, on that line.
+        """
         path = self.root / BOOTSTRAP
         # Not fsynced: if the agent dies now, the script reports -46 anyway.
-        atomic_write(path, body.replace("\r\n", "\n").encode("utf-8"), mode=0o600, durable=False)
+        text = prelude + body.replace("\r\n", "\n")
+        atomic_write(path, text.encode("utf-8"), mode=0o600, durable=False)
         return path
 
     def add_file(self, name: str, source: IO[bytes]) -> Path:
@@ -550,9 +554,15 @@ class ScriptWorkspace:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def delete(self) -> None:
+    def close(self) -> None:
+        """
+        Close the log's files (it opens them again if written to).
+        """
         if self._log is not None:
             self._log.close()
+
+    def delete(self) -> None:
+        self.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

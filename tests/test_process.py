@@ -299,6 +299,11 @@ class FakeReactorTests(SynchronousTestCase):
         self.assertEqual(argv[-3:], ["/w", "/bin/x", "a"])
         program, argv = session_command("/bin/x", ["a"], "/usr/bin/setsid", "/w", None)
         self.assertEqual(program, sys.executable, "no env -C: the shim changes folder")
+        self.assertEqual(
+            session_command("/bin/x", ["a"], "/usr/bin/setsid", "/w", None, enters_folder=True),
+            ("/usr/bin/setsid", ["/usr/bin/setsid", "--", "/bin/x", "a"]),
+            "the program changes folder itself",
+        )
 
     def test_lines(self) -> None:
         """

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Protocol as TypingProtocol
@@ -326,6 +327,13 @@ class TentacleClient:
         or a control line is read, or while the agent takes none of what we
         send (1 min).
     @param keepalive: TCP keepalive on our connections (C{None}: off).
+    @param max_connecting: at most this many new connections are being
+        set up at once (TCP, TLS, identities); more calls at once wait for
+        a place, or for a pooled connection another call gave back.  An
+        agent evicts the oldest of the connections that have not yet
+        shown a trusted certificate beyond its budget per address
+        (C{max-unauthenticated-per-address}, 50 by default), so a burst of
+        concurrent calls must not open more than that at once.
     """
 
     log = Logger()
@@ -345,6 +353,7 @@ class TentacleClient:
         response_timeout: float = RESPONSE_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         keepalive: KeepAlive | None = KeepAlive(),
+        max_connecting: int = 16,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -371,6 +380,9 @@ class TentacleClient:
         )
         self._idle: list[tuple[ClientConnection, IDelayedCall]] = []
         self._closed = False
+        self._max_connecting = max_connecting
+        self._connecting = 0
+        self._waiting_to_connect: deque[Deferred[None]] = deque()
         self._capabilities: list[str] | None = None
 
     # --- connections ----------------------------------------------------------------
@@ -388,9 +400,9 @@ class TentacleClient:
         await connection.ready
         return connection
 
-    async def connect(self) -> ClientConnection:
+    async def _pooled(self) -> ClientConnection | None:
         """
-        A checked idle connection from the pool, or a new one, with retries.
+        An idle connection from the pool, checked with NEXT, if there is one.
         """
         while self._idle:
             connection, expiry = self._idle.pop()
@@ -403,11 +415,64 @@ class TentacleClient:
                 return connection
             except ClientError:
                 continue
+        return None
+
+    async def _open_one(self) -> ClientConnection | None:
+        """
+        A new connection, once fewer than C{max_connecting} are being set
+        up; C{None} when a pooled connection was given back meanwhile.
+        """
+        while self._connecting >= self._max_connecting:
+            waiting: Deferred[None] = Deferred(self._give_up_waiting)
+            self._waiting_to_connect.append(waiting)
+            await waiting
+            if self._idle:
+                self._next_may_connect()  # the place it was woken for is still free
+                return None
+        self._connecting += 1
+        try:
+            return await self._open()
+        finally:
+            self._connecting -= 1
+            self._next_may_connect()
+
+    def _next_may_connect(self) -> None:
+        """
+        Wake the first caller waiting to connect, on the next reactor turn:
+        woken at once, a long line of callers that each find a pooled
+        connection would wake each other in one ever deeper call stack.
+        """
+        if self._waiting_to_connect:
+            self._reactor.callLater(0, self._wake, self._waiting_to_connect.popleft())
+
+    def _wake(self, waiting: Deferred[None]) -> None:
+        if waiting.called:  # cancelled since: its turn passes to the next
+            self._next_may_connect()
+        else:
+            waiting.callback(None)
+
+    def _give_up_waiting(self, waiting: Deferred[None]) -> None:
+        if waiting in self._waiting_to_connect:
+            self._waiting_to_connect.remove(waiting)
+
+    async def connect(self) -> ClientConnection:
+        """
+        A checked idle connection from the pool, or a new one, with retries.
+        """
+        pooled = await self._pooled()
+        if pooled is not None:
+            return pooled
         deadline = self._reactor.seconds() + self._retry.within
         last: Exception | None = None
         for attempt in range(1, self._retry.attempts + 1):
             try:
-                return await self._open()
+                while True:
+                    opened = await self._open_one()
+                    if opened is not None:
+                        return opened
+                    pooled = await self._pooled()
+                    if pooled is not None:
+                        return pooled
             except ProxyRefused:
                 raise  # the proxy's answer will not change in a second
             except ConnectionFailed as e:
@@ -606,7 +671,7 @@ class TentacleClient:
         encrypt_files: bool = False,
         task_id: str | None = None,
         on_log: Callable[[ProcessOutput], None] | None = None,
-        wait_for_finish: float = 1.0,
+        wait_for_finish: float = 5.0,
         poll_interval: float = 0.3,
         max_poll_interval: float = 5.0,
     ) -> int:
@@ -617,10 +682,12 @@ class TentacleClient:
         to stop, then raises L{CancelledError}.
 
         As Octopus Server does: StartScript (V2) waits up to
-        C{wait_for_finish} seconds for the script to end, so a quick script
-        is done in one call; then GetStatus at once, and again after
-        C{poll_interval}, growing by 1.15 up to C{max_poll_interval} while
-        nothing new arrives.
+        C{wait_for_finish} seconds (5, as Octopus Server asks) for the
+        script to end, so a quick script is done in one call; our agent
+        answers sooner, half a second after the script's first log line,
+        if it is still running then (see C{docs/scripts.rst}).  Then
+        GetStatus at once, and again after C{poll_interval}, growing by
+        1.15 up to C{max_poll_interval} while nothing new arrives.
 
         @param encrypt_files: have the agent store C{files} encrypted, as
             Octopus Server does for sensitive variables, under a password

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, TypeVar, cast
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tentacle.contracts import (
     CancelScriptCommand,
@@ -52,8 +53,9 @@ from tentacle.fsutil import atomic_write
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.services.script_environment import script_variables
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
-from tentacle.workers.process import ProcessResult, ScriptProcess
+from tentacle.workers.process import ProcessResult, ScriptProcess, bash_enters_folder
 from tentacle.workspace import (
+    BOOTSTRAP,
     LogPage,
     ScriptLog,
     ScriptState,
@@ -72,6 +74,12 @@ MAX_LOG_BYTES = 1024 * 1024
 #: thread; smaller ones (a client following a running script) are read at
 #: once on the reactor thread.
 SMALL_READ = 64 * 1024
+#: Once a script has logged something, V2 StartScript waits at most this
+#: much longer for it to end (never past DurationToWaitForScriptToFinish):
+#: a script that prints and ends at once is still done in one call, and the
+#: first lines of a long one reach the server within this time, not after
+#: the whole wait.
+OUTPUT_GRACE = 0.5
 #: Logs of scripts this agent did not start (they ran before a restart)
 #: whose indexes are kept, so each GetStatus does not scan the file again.
 DISK_LOGS_KEPT = 16
@@ -119,7 +127,20 @@ class RunningScript:
     waiting: Deferred[Any] | None = None
     cancelled: bool = False
     delete_when_done: bool = False
+    #: Whether anything was logged yet.
+    logged: bool = False
+    #: The workspace's writes (the state file, the bootstrap), one after
+    #: the other, in the thread pool.
+    saved: Deferred[None] = attrs.field(factory=lambda: succeed(None))
+    #: Fires once the first state and the bootstrap are written, or
+    #: failed to be (L{unprepared} says why).
+    prepared: Deferred[None] = attrs.field(factory=lambda: succeed(None))
+    unprepared: BaseException | None = None
+    #: What runs: the program (C{None}: PowerShell, not installed), its
+    #: arguments, and whether it changes to the workspace itself.
+    command: tuple[str | None, list[str], bool] = (None, [], False)
     _finished: list[Deferred[None]] = attrs.field(factory=list)
+    _logging: list[Deferred[None]] = attrs.field(factory=list)
 
     @property
     def complete(self) -> bool:
@@ -134,6 +155,22 @@ class RunningScript:
 
     def notify_finished(self) -> None:
         waiting, self._finished = self._finished, []
+        for d in waiting:
+            d.callback(None)
+
+    def when_logged(self) -> Deferred[None]:
+        """
+        Fires once the script has logged anything (at once if it has).
+        """
+        if self.logged:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._logging.append(d)
+        return d
+
+    def notify_logged(self) -> None:
+        self.logged = True
+        waiting, self._logging = self._logging, []
         for d in waiting:
             d.callback(None)
 
@@ -246,6 +283,9 @@ class ScriptRunner:
         self._base_environment.update(variables)
         self._pwsh = pwsh if pwsh is not None else shutil.which("pwsh")
         self._scripts: dict[str, RunningScript] = {}
+        #: Workspaces being removed (in the thread pool), by ticket, with
+        #: whoever waits for that.
+        self._deleting: dict[str, list[Deferred[None]]] = {}
         self._flush_call: IDelayedCall | None = None
         self._unflushed: set[RunningScript] = set()
         self._disk_workspaces: OrderedDict[str, ScriptWorkspace] = OrderedDict()
@@ -301,8 +341,21 @@ class ScriptRunner:
             workspace.delete()
             raise
         state = ScriptState(created=_now())
-        workspace.save_state(state)
         script = RunningScript(launch, workspace, state)
+        script.command, bootstrap = self._command(script)
+        first = attrs.evolve(state)
+
+        def prepare() -> None:
+            workspace.save_state(first)
+            if bootstrap is not None:
+                bootstrap()
+
+        # Off the reactor thread; StartScript answers, and the script
+        # starts, only once they are written.
+        def failed(f: Failure) -> None:
+            script.unprepared = f.value
+
+        script.prepared = self._in_chain(script, prepare).addErrback(failed)
         self._scripts[key] = script
         Deferred.fromCoroutine(self._run(script)).addErrback(
             lambda f: self.log.failure("Script {ticket} failed to run", f, ticket=key)
@@ -321,17 +374,24 @@ class ScriptRunner:
                 script.waiting = None
             except CancelledError:
                 self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
-                self._finish(script, ScriptExitCodes.CANCELED)
+                await self._finish(script, ScriptExitCodes.CANCELED)
                 return
             except IsolationTimeout:
                 self._append(script, ProcessOutputSource.StdErr, "Script execution timed out.")
-                self._finish(script, ScriptExitCodes.TIMEOUT)
+                await self._finish(script, ScriptExitCodes.TIMEOUT)
                 return
             if script.cancelled:
                 self._append(script, ProcessOutputSource.StdErr, "Script execution canceled.")
-                self._finish(script, ScriptExitCodes.CANCELED)
+                await self._finish(script, ScriptExitCodes.CANCELED)
                 return
-            executable, arguments = self._command(script)
+            await script.prepared
+            if script.unprepared is not None:
+                self._append(
+                    script, ProcessOutputSource.StdErr, f"The script could not be written: {script.unprepared}"
+                )
+                await self._finish(script, ScriptExitCodes.FATAL)
+                return
+            executable, arguments, enters_folder = script.command
             if executable is None:
                 self._append(
                     script,
@@ -339,11 +399,10 @@ class ScriptRunner:
                     "This script is PowerShell, and PowerShell (pwsh) is not installed on "
                     "this agent. Install PowerShell, or send a Bash script.",
                 )
-                self._finish(script, ScriptExitCodes.POWERSHELL_INVOCATION_ERROR)
+                await self._finish(script, ScriptExitCodes.POWERSHELL_INVOCATION_ERROR)
                 return
             script.state.state = ProcessState.Running
             script.state.started = _now()
-            script.workspace.save_state(script.state)
             process = ScriptProcess(
                 self._reactor,
                 executable,
@@ -354,23 +413,36 @@ class ScriptRunner:
                 on_lines=lambda source, lines, occurred: self._append_lines(script, source, lines, occurred),
                 kill_grace=self._kill_grace,
                 max_time=self._script_timeout,
+                enters_folder=enters_folder,
             )
             script.process = process
             self.log.info(
                 "Script {ticket} started", ticket=script.launch.ticket.task_id, event="script_started",
             )
+            started = process.start()
+            # Written while the script runs: losing it to a crash changes
+            # nothing (a restart reports -46 whether it says Pending or Running).
+            self._save(script, attrs.evolve(script.state))
             try:
-                result = await process.start()
+                result = await started
             except Exception as e:
                 self._append(script, ProcessOutputSource.StdErr, f"The script could not be started: {e}")
-                self._finish(script, ScriptExitCodes.FATAL)
+                await self._finish(script, ScriptExitCodes.FATAL)
                 return
-            self._finish(script, self._exit_code(script, result))
+            await self._finish(script, self._exit_code(script, result))
         finally:
             if slot_taken:
                 self._slots.release()
             if lease is not None:
                 lease.release()
+
+    async def accepted(self, script: RunningScript) -> None:
+        """
+        Once the script's first state is on disk (or failed to be): a
+        StartScript is answered only then, as when it was written on the
+        reactor thread.
+        """
+        await script.prepared
 
     async def _acquire_mutex(self, script: RunningScript) -> Lease:
         launch = script.launch
@@ -395,30 +467,47 @@ class ScriptRunner:
         lease: Lease = await script.waiting
         return lease
 
-    def _command(self, script: RunningScript) -> tuple[str | None, list[str]]:
+    def _command(
+        self, script: RunningScript
+    ) -> tuple[tuple[str | None, list[str], bool], Callable[[], object] | None]:
         """
-        Bash unless the command carries only a PowerShell body.
+        What to run: Bash unless the command carries only a PowerShell
+        body; and whether the script changes to its workspace itself (a
+        Bash script does, first thing, where nothing can tell: one exec
+        less than C{env -C}).  With it, the (blocking) writing of its
+        bootstrap file.
         """
         launch = script.launch
         workspace = script.workspace
         if ScriptType.Bash in launch.scripts or ScriptType.PowerShell not in launch.scripts:
             body = launch.scripts.get(ScriptType.Bash, launch.script_body)
-            bootstrap = workspace.write_bootstrap(body)
-            return "/bin/bash", [str(bootstrap), *launch.arguments]
+            prelude = bash_enters_folder(str(workspace.root), self._base_environment)
+            bootstrap = workspace.root / BOOTSTRAP
+            return (
+                ("/bin/bash", [str(bootstrap), *launch.arguments], prelude is not None),
+                lambda: workspace.write_bootstrap(body, prelude or ""),
+            )
         path = workspace.root / "Bootstrap.ps1"
         text = launch.scripts[ScriptType.PowerShell].replace("\r\n", "\n")
-        atomic_write(path, text.encode("utf-8-sig"), mode=0o600, durable=False)
+
+        def write() -> None:
+            atomic_write(path, text.encode("utf-8-sig"), mode=0o600, durable=False)
+
         if not self._pwsh:
-            return None, []
+            return (None, [], False), write
         quoted = " ".join("'" + a.replace("'", "''") + "'" for a in launch.arguments)
         command = (
             "$ErrorActionPreference = 'Stop'; . {. '" + str(path).replace("'", "''") + "' "
             + quoted + "; if ((test-path variable:global:lastexitcode)) { exit $LastExitCode }}"
         )
-        return self._pwsh, [
-            "-NonInteractive", "-NoProfile", "-NoLogo", "-ExecutionPolicy", "Unrestricted",
-            "-Command", command,
-        ]
+        return (
+            self._pwsh,
+            [
+                "-NonInteractive", "-NoProfile", "-NoLogo", "-ExecutionPolicy", "Unrestricted",
+                "-Command", command,
+            ],
+            False,
+        ), write
 
     def _environment(self) -> dict[str, str]:
         """
@@ -457,6 +546,8 @@ class ScriptRunner:
         self._unflushed.add(script)
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
+        if not script.logged:
+            script.notify_logged()
 
     def _flush(self) -> None:
         """
@@ -468,15 +559,59 @@ class ScriptRunner:
         for script in scripts:
             script.workspace.log.flush()
 
-    def _finish(self, script: RunningScript, exit_code: int) -> None:
-        script.state.state = ProcessState.Complete
-        script.state.exit_code = exit_code
-        script.state.completed = _now()
-        script.state.ran_to_completion = True
+    def _in_chain(self, script: RunningScript, work: Callable[[], object]) -> Deferred[None]:
+        """
+        Run blocking work on the script's workspace in the thread pool,
+        after its earlier such work (a later state never lands before an
+        earlier one); fires (or fails) when it is done.
+        """
+        done: Deferred[None] = Deferred()
+
+        def run(_: object) -> Deferred[object]:
+            d = self._in_thread(work)
+            d.addCallbacks(lambda _: done.callback(None), done.errback)
+            return d.addErrback(lambda _: None)  # the chain goes on
+
+        script.saved.addCallback(run)
+        return done
+
+    def _save(self, script: RunningScript, state: ScriptState) -> Deferred[None]:
+        """
+        Write a state file in the thread pool, after the script's earlier
+        writes; the final state is fsynced (L{ScriptWorkspace.save_state}).
+        A workspace removed meanwhile is not written again.  A failure is
+        logged.
+        """
+        workspace = script.workspace
+
+        def save() -> None:
+            if workspace.exists():
+                workspace.save_state(state)
+
+        def failed(f: Any) -> None:
+            self.log.failure(
+                "Could not save the state of script {ticket}", f, ticket=script.launch.ticket.task_id
+            )
+
+        return self._in_chain(script, save).addErrback(failed)
+
+    async def _finish(self, script: RunningScript, exit_code: int) -> None:
+        """
+        The script is over: store its last log lines, then its final state,
+        durably and off the reactor thread; only then is it reported
+        Complete, so a status that said Complete survives a power cut.
+        """
+        final = attrs.evolve(
+            script.state,
+            state=ProcessState.Complete,
+            exit_code=exit_code,
+            completed=_now(),
+            ran_to_completion=True,
+        )
         script.workspace.log.finish(_now())
         script.workspace.log.flush()
-        if script.workspace.exists():
-            script.workspace.save_state(script.state)
+        await self._save(script, final)
+        script.state = final
         self.log.info(
             "Script {ticket} finished with exit code {exit_code}",
             ticket=script.launch.ticket.task_id,
@@ -538,6 +673,8 @@ class ScriptRunner:
         disk; the last few are kept with their logs' indexes.
         """
         key = ticket.task_id.lower()
+        if key in self._deleting:
+            return None  # CompleteScript removes it
         workspace = self._disk_workspaces.pop(key, None)
         if workspace is None:
             workspace = self._store.workspace(ticket.task_id)
@@ -570,7 +707,7 @@ class ScriptRunner:
         """
         if IReactorThreads.providedBy(self._reactor):
             return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work)
-        return succeed(work())
+        return maybeDeferred(work)
 
     def cancel(self, ticket: ScriptTicket) -> None:
         """
@@ -586,47 +723,94 @@ class ScriptRunner:
         elif script.process is not None:
             script.process.cancel()
 
-    def complete(self, ticket: ScriptTicket) -> None:
+    def complete(self, ticket: ScriptTicket) -> Deferred[None]:
         """
         Forget a script and delete its workspace (after stopping it, if it
-        still runs).
+        still runs).  Fires once the workspace is gone (or, for a script
+        still running, once it has been told to stop).
         """
+        key = ticket.task_id.lower()
         script = self.find(ticket)
         if script is None:
-            workspace = self._disk_workspaces.pop(ticket.task_id.lower(), None)
-            (workspace or self._store.workspace(ticket.task_id)).delete()
-            return
+            if key in self._deleting:
+                return self._when_deleted(key)
+            workspace = self._disk_workspaces.pop(key, None)
+            return self._delete(key, workspace or self._store.workspace(ticket.task_id))
         if script.complete:
-            self._forget(script)
-        else:
-            script.delete_when_done = True
-            self.cancel(ticket)
+            return self._forget(script)
+        script.delete_when_done = True
+        self.cancel(ticket)
+        return succeed(None)
 
-    def _forget(self, script: RunningScript) -> None:
-        self._scripts.pop(script.launch.ticket.task_id.lower(), None)
+    def _forget(self, script: RunningScript) -> Deferred[None]:
+        key = script.launch.ticket.task_id.lower()
+        self._scripts.pop(key, None)
         self._unflushed.discard(script)
-        script.workspace.delete()
+        return self._delete(key, script.workspace)
 
-    def wait(self, script: RunningScript, seconds: float) -> Deferred[None]:
+    def _delete(self, key: str, workspace: ScriptWorkspace) -> Deferred[None]:
         """
-        Fires when the script finishes or C{seconds} pass, whichever first.
+        Remove a workspace in the thread pool (a script may leave many
+        files); until it is gone, its ticket reads as unknown and cannot
+        start again.
+        """
+        workspace.close()  # here, on the thread that writes the log
+        if key not in self._deleting:
+            self._deleting[key] = []
+
+            def deleted(result: object) -> None:
+                if isinstance(result, Failure):
+                    self.log.failure("Could not remove the workspace {folder}", result, folder=str(workspace.root))
+                for d in self._deleting.pop(key, []):
+                    d.callback(None)
+
+            self._in_thread(workspace.delete).addBoth(deleted)
+        return self._when_deleted(key)
+
+    def _when_deleted(self, key: str) -> Deferred[None]:
+        waiting = self._deleting.get(key)
+        if waiting is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        waiting.append(d)
+        return d
+
+    def on_disk(self, ticket: ScriptTicket) -> bool:
+        """
+        Whether a ticket this agent process does not know has a workspace
+        (it ran before a restart), or one being removed.
+        """
+        key = ticket.task_id.lower()
+        return key in self._deleting or self._store.workspace(ticket.task_id).exists()
+
+    def wait(
+        self, script: RunningScript, seconds: float, after_output: float | None = None
+    ) -> Deferred[None]:
+        """
+        Fires the moment the script finishes, or when C{seconds} pass, or
+        (with C{after_output}) that long after it first logs anything,
+        whichever comes first.
         """
         if script.complete or seconds <= 0:
             return succeed(None)
         done: Deferred[None] = Deferred()
+        timers: list[IDelayedCall] = []
 
-        def fire() -> None:
+        def fire(_: object = None) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
             if not done.called:
                 done.callback(None)
 
-        timer = self._reactor.callLater(seconds, fire)
+        def logged(_: object) -> None:
+            if not done.called and after_output is not None and after_output < seconds:
+                timers.append(self._reactor.callLater(after_output, fire))
 
-        def finished(_: object) -> None:
-            if timer.active():
-                timer.cancel()
-            fire()
-
-        script.when_finished().addCallback(finished)
+        timers.append(self._reactor.callLater(seconds, fire))
+        script.when_finished().addCallback(fire)
+        if after_output is not None:
+            script.when_logged().addCallback(logged)
         return done
 
 
@@ -678,13 +862,14 @@ class ScriptServiceV2:
         self, command: StartScriptCommandV2, *, context: CallContext
     ) -> ScriptStatusResponseV2:
         ticket = command.script_ticket
-        if self._runner.find(ticket) is None and self._runner.store.workspace(ticket.task_id).exists():
+        if self._runner.find(ticket) is None and self._runner.on_disk(ticket):
             # Started before a restart: report it, never run it twice.
             return await self._response(ticket, 0)
         script = self._runner.start(_launch(command, ticket), context)
+        await self._runner.accepted(script)
         wait = _seconds(command.duration_to_wait_for_script_to_finish)
         if wait:
-            await self._runner.wait(script, wait)
+            await self._runner.wait(script, wait, after_output=OUTPUT_GRACE)
         return await self._response(ticket, 0)
 
     async def get_status(self, request: ScriptStatusRequestV2) -> ScriptStatusResponseV2:
@@ -694,8 +879,8 @@ class ScriptServiceV2:
         self._runner.cancel(command.ticket)
         return await self._response(command.ticket, command.last_log_sequence)
 
-    def complete_script(self, command: CompleteScriptCommandV2) -> None:
-        self._runner.complete(command.ticket)
+    async def complete_script(self, command: CompleteScriptCommandV2) -> None:
+        await self._runner.complete(command.ticket)
 
 
 class ScriptService:
@@ -721,9 +906,9 @@ class ScriptService:
             state=s.state, exit_code=s.exit_code,
         )
 
-    def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
+    async def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
         ticket = self._ticket(command.task_id)
-        self._runner.start(_launch(command, ticket), context)
+        await self._runner.accepted(self._runner.start(_launch(command, ticket), context))
         return ticket
 
     async def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:
@@ -735,5 +920,5 @@ class ScriptService:
 
     async def complete_script(self, command: CompleteScriptCommand) -> ScriptStatusResponse:
         response = await self._response(command.ticket, command.last_log_sequence)
-        self._runner.complete(command.ticket)
+        await self._runner.complete(command.ticket)
         return response

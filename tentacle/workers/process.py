@@ -178,7 +178,12 @@ def resolve_executable(executable: str, env: Mapping[str, str], path: str) -> st
 
 
 def session_command(
-    executable: str, args: Sequence[str], setsid: str | None, cwd: str, env_chdir: str | None
+    executable: str,
+    args: Sequence[str],
+    setsid: str | None,
+    cwd: str,
+    env_chdir: str | None,
+    enters_folder: bool = False,
 ) -> tuple[str, list[str]]:
     """
     The program and argv that run C{executable} with C{args} in a new
@@ -186,15 +191,59 @@ def session_command(
     C{setsid} calls C{setsid(2)} and execs in place: the pid Twisted tracks
     is the script's, and it leads its own process group.
 
-    The child changes folder itself (C{env -C}, or the shim), so Twisted can
+    The child changes folder itself (C{env -C}, or the shim, or, with
+    C{enters_folder}, the program's own first command), so Twisted can
     start it with C{posix_spawn}: with a working folder of its own, Twisted
     forks the whole agent instead, which is slower and lets a signal land
     between the fork and the exec.
     """
+    if setsid is not None and enters_folder:
+        return setsid, [setsid, "--", executable, *args]
     if setsid is not None and env_chdir is not None:
         return setsid, [setsid, "--", env_chdir, "-C", cwd, "--", executable, *args]
     python = sys.executable
     return python, [python, "-I", "-S", "-c", _SESSION_SHIM, cwd, executable, *args]
+
+
+#: Variables that make Bash run code of its own before a script's first
+#: line (C{BASH_ENV}) or show that line's commands (C{xtrace} or C{verbose}
+#: in C{SHELLOPTS}; C{BASHOPTS}): with any of them set, a script cannot
+#: change folder unseen in its first line (L{bash_enters_folder}).
+_BASH_STARTUP = ("BASH_ENV", "SHELLOPTS", "BASHOPTS")
+
+
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def bash_enters_folder(folder: str, env: Mapping[str, str]) -> str | None:
+    """
+    Text to put before the first line of a Bash script (on that line, so
+    line numbers stay as written) that changes to C{folder} as C{env -C}
+    would have before Bash started, one exec less per script: C{PWD} the
+    folder's physical path, and C{OLDPWD} as Bash would have made it from
+    C{env}.  C{None} when Bash would show the difference (see
+    L{_BASH_STARTUP}, or a relative C{OLDPWD}): then the script is started
+    through C{env -C}.
+    """
+    if any(name in env for name in _BASH_STARTUP):
+        return None
+    old = env.get("OLDPWD")
+    if old is not None and not os.path.isabs(old):
+        return None
+    if old is not None and os.path.isdir(old):
+        restore = "OLDPWD=" + _sh_quote(old)
+    else:
+        restore = "unset OLDPWD; declare -x OLDPWD"  # as Bash starts without one, or with a stale one
+    return f"builtin cd -P -- {_sh_quote(folder)} || exit 1; {restore}; "
+
+
+@functools.cache
+def setsid_program() -> str | None:
+    """
+    util-linux C{setsid}, looked up once: every script is started through it.
+    """
+    return shutil.which("setsid")
 
 
 @functools.cache
@@ -358,6 +407,9 @@ class ScriptProcess:
         script's cookie (L{signal_marked}); replaceable likewise.
     @param use_setsid: start through the C{setsid} program when it exists;
         C{False} forces the Python shim.
+    @param enters_folder: the program changes to C{path} itself, first
+        thing (a Bash script that starts with L{bash_enters_folder}), so it
+        is started without C{env -C}.
     """
 
     log: ClassVar[Logger] = Logger()
@@ -376,6 +428,7 @@ class ScriptProcess:
     _signal_marked: Callable[[str, str, int], int] = attrs.field(default=signal_marked, kw_only=True)
     _on_lines: LinesCallback | None = attrs.field(default=None, kw_only=True)
     _use_setsid: bool = attrs.field(default=True, kw_only=True)
+    _enters_folder: bool = attrs.field(default=False, kw_only=True)
 
     _started: bool = attrs.field(init=False, default=False)
     _transport: IProcessTransport | None = attrs.field(init=False, default=None)
@@ -426,9 +479,14 @@ class ScriptProcess:
             if not os.path.isdir(self._path):
                 raise SpawnError(f"Cannot run in {self._path!r}: no such directory")
             executable = resolve_executable(self._executable, self._env, self._path)
-            setsid = shutil.which("setsid") if self._use_setsid else None
+            setsid = setsid_program() if self._use_setsid else None
             program, argv = session_command(
-                executable, self._args, setsid, os.path.abspath(self._path), env_with_chdir()
+                executable,
+                self._args,
+                setsid,
+                os.path.abspath(self._path),
+                None if self._enters_folder else env_with_chdir(),
+                enters_folder=self._enters_folder,
             )
             self._streams = {
                 fd: _Lines(source, self._report) for fd, source in _SOURCES.items()

@@ -296,3 +296,47 @@ class PollingClientTests(ClientTests):
             await client.capabilities()
         self.assertIn("did not collect the request", str(caught.exception))
         self.assertGreaterEqual(len(self.logs.matching(event="call_retried")), 2, "as Octopus Server retries it")
+
+
+class BurstTests(TestCase):
+    """
+    Many calls at once from one client: new connections are set up a few
+    at a time, within the agent's budget of connections per address that
+    have not yet shown a trusted certificate, so none is evicted.
+    """
+
+    async def test_a_burst_stays_within_the_agents_budget(self) -> None:
+        from twisted.internet.defer import gatherResults
+
+        logs = LogCapture.install(self)
+        agent = start_agent(self, trusted=(identity("server").thumbprint,), max_unauthenticated_per_address=4)
+        target = Target("127.0.0.1", agent_port(agent), Pin(identity("agent").thumbprint))
+        client = TentacleClient(target, identity("server"), reactor, max_connecting=4)
+        self.addCleanup(client.close)
+        calls = [
+            Deferred.fromCoroutine(client.call("ICapabilitiesServiceV2", "GetCapabilities")) for _ in range(30)
+        ]
+        results = await gatherResults(calls, consumeErrors=True)
+        self.assertEqual(len(results), 30)
+        self.assertEqual(logs.matching(event="connection_evicted"), [])
+
+    async def test_a_long_line_of_callers_waiting_for_a_place(self) -> None:
+        """
+        Hundreds of calls wait for one place to connect; as pooled
+        connections come back, each waiter takes one: none is lost, however
+        long the line (woken one by one on a single stack, they would run
+        out of stack and leave the place taken for ever).
+        """
+        from twisted.internet.defer import gatherResults
+
+        agent = start_agent(self, trusted=(identity("server").thumbprint,))
+        target = Target("127.0.0.1", agent_port(agent), Pin(identity("agent").thumbprint))
+        client = TentacleClient(target, identity("server"), reactor, max_connecting=1)
+        self.addCleanup(client.close)
+        calls = [
+            Deferred.fromCoroutine(client.call("ICapabilitiesServiceV2", "GetCapabilities")) for _ in range(1500)
+        ]
+        results = await gatherResults(calls, consumeErrors=True)
+        self.assertEqual(len(results), 1500)
+
+    test_a_long_line_of_callers_waiting_for_a_place.timeout = 60  # type: ignore[attr-defined]

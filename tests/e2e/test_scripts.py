@@ -36,7 +36,7 @@ from tentacle.contracts import (
 from tentacle.dispatch import Dispatcher
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.halibut.serializer import DataStream
-from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2
+from tentacle.services.scripts import ScriptRunner, ScriptService, ScriptServiceV2, _launch
 from tests.e2e.test_exchange_sockets import TEST_SERVICE, TestService
 from tests.support import agent_port, client_context, identity, in_thread, remove_big_files, start_agent
 from tests.wire_client import WireClient, request
@@ -464,3 +464,68 @@ class RunnerLimitTests(TestCase):
         code, logs = await self.in_client(run)
         self.assertEqual(code, -42)
         self.assertIn("PowerShell (pwsh) is not installed", logs[0])
+
+
+class WorkingFolderTests(TestCase):
+    """
+    A Bash script changes to its workspace itself, in its first line (one
+    exec less than C{env -C}); what it sees must be what C{env -C} gave it:
+    the folder, C{PWD}, C{OLDPWD}, its line numbers.  Where Bash would show
+    the difference (C{BASH_ENV}, C{SHELLOPTS}), C{env -C} still starts it.
+    """
+
+    PROBE = 'echo "$LINENO|$PWD|$(pwd -P)|$(declare -p OLDPWD 2>&1)|$0"\necho "$LINENO"'
+
+    async def run_in(self, environment: dict[str, str], body: str) -> tuple[list[str], Path]:
+        home = Path(self.mktemp()).absolute()
+        home.mkdir()
+        runner = ScriptRunner(reactor, home, home / "Applications", environment=environment)
+        command = v2_command(body)
+        script = runner.start(_launch(command, command.script_ticket), None)  # type: ignore[arg-type]
+        await script.when_finished()
+        status = await runner.status(command.script_ticket, 0, -45)
+        self.assertEqual(status.exit_code, 0, status.logs)
+        return [line.text for line in status.logs], script.workspace.root
+
+    def reference(self, environment: dict[str, str], folder: Path) -> str:
+        """
+        What C{declare -p OLDPWD} says in Bash started by C{env -C}.
+        """
+        import subprocess
+
+        done = subprocess.run(
+            ["env", "-C", str(folder), "/bin/bash", "-c", "declare -p OLDPWD 2>&1"],
+            env=environment, capture_output=True, text=True, check=True,
+        )
+        return done.stdout.strip()
+
+    async def check(self, environment: dict[str, str]) -> None:
+        lines, root = await self.run_in(environment, self.PROBE)
+        first, second = lines
+        line, pwd, physical, oldpwd, zero = first.split("|")
+        self.assertEqual((line, second), ("1", "2"), "line numbers as written")
+        self.assertEqual((pwd, physical), (str(root.resolve()), str(root.resolve())))
+        self.assertEqual(zero, str(root / "Bootstrap.sh"))
+        self.assertEqual(oldpwd, self.reference(environment, Path(self.mktemp()).parent))
+        self.assertTrue((root / "Bootstrap.sh").read_text().startswith("builtin cd -P -- "), "no env -C")
+
+    async def test_without_oldpwd(self) -> None:
+        environment = {k: v for k, v in os.environ.items() if k != "OLDPWD"}
+        await self.check(environment)
+
+    async def test_with_oldpwd(self) -> None:
+        await self.check({**os.environ, "OLDPWD": "/"})
+
+    async def test_with_a_stale_oldpwd(self) -> None:
+        await self.check({**os.environ, "OLDPWD": "/no/such/folder"})
+
+    async def test_bash_env_still_starts_in_the_workspace(self) -> None:
+        startup = Path(self.mktemp()).absolute()
+        startup.write_text('echo "startup in $(pwd -P)"\n')
+        lines, root = await self.run_in({**os.environ, "BASH_ENV": str(startup)}, "echo body")
+        self.assertEqual(lines, [f"startup in {root.resolve()}", "body"])
+        self.assertEqual((root / "Bootstrap.sh").read_text(), "echo body", "no prelude: started by env -C")
+
+    async def test_xtrace_from_the_environment_shows_only_the_script(self) -> None:
+        lines, _ = await self.run_in({**os.environ, "SHELLOPTS": "xtrace"}, "true")
+        self.assertEqual(lines, ["+ true"])
