@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import (
     ConnectError,
     ConnectionRefusedError,
@@ -41,6 +41,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -219,7 +220,8 @@ class _Tunnel(Protocol):
 class ProxyEndpoint:
     """
     A client endpoint whose connections go through C{proxy} to C{host:port}.
-    Wrap it with C{wrapClientTLS} for TLS to the agent inside the tunnel.
+    Wrap its factory in TLS (as L{dial} does) for TLS to the agent inside
+    the tunnel.
     """
 
     reactor: Any
@@ -308,6 +310,20 @@ class PinnedConnection(HalibutConnection):
         super().connectionLost(reason)
 
 
+class _ClientTLSFactory(TLSMemoryBIOFactory):
+    """
+    The client side of TLS, writing through at once: see
+    L{tentacle.listener.ListeningTLS} for why not Twisted's default
+    buffering transport.
+    """
+
+    protocol = TLSMemoryBIOProtocol
+    noisy = False
+
+    def __init__(self, tls: Any, factory: IProtocolFactory, clock: Any) -> None:
+        super().__init__(tls, True, factory, clock=clock)
+
+
 def describe_connect_error(error: ConnectError, peer_name: str = "agent") -> str:
     """
     Why a connection could not be made, as a sentence (not C{111: ...}).
@@ -347,11 +363,10 @@ async def dial(
         tcp = ProxyEndpoint(reactor, proxy, host, port, timeout)
     else:
         tcp = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    endpoint = wrapClientTLS(tls, tcp)
     factory = Factory.forProtocol(lambda: connection)
     factory.noisy = False
     try:
-        await endpoint.connect(factory)
+        await tcp.connect(_ClientTLSFactory(tls, factory, reactor))
     except DNSLookupError as e:
         raise HostNotFound(f"cannot resolve {host}: {e}") from None
     except ConnectionRefusedError as e:

@@ -371,7 +371,7 @@ class TentacleService(MultiService):
         if self.config.audit_log:
             logs = self.config.home / "Logs"
             private_folder(logs)
-            self._audit = AuditLog(str(logs / "audit.log"))
+            self._audit = AuditLog(str(logs / "audit.log"), clock=self.reactor)
         self._observer = AgentObserver(self.metrics, self._audit)
         self.events.addObserver(self._observer)
         if self.config.metrics_port is not None:
@@ -379,6 +379,14 @@ class TentacleService(MultiService):
             site.noisy = False
             self._metrics_port = self.reactor.listenTCP(self.config.metrics_port, site, interface="127.0.0.1")
             self.log.info("Metrics at http://127.0.0.1:{port}/metrics", port=self.config.metrics_port)
+
+    def flush_audit(self) -> None:
+        """
+        Write the audit entries that wait for their batch now (they are
+        written within L{tentacle.observe.AUDIT_FLUSH_INTERVAL} anyway).
+        """
+        if self._audit is not None:
+            self._audit.flush()
 
     def _stop_observing(self) -> None:
         if self._observer is not None:

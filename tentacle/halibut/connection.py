@@ -540,7 +540,7 @@ class HalibutConnection(Protocol):
     def _fail_read(self, error: Exception) -> None:
         reader, d = self._reader, self._waiting
         self._reader = self._waiting = None
-        self._disarm()
+        self._deadline.pause()
         assert reader is not None and d is not None
         reader.abort()
         d.errback(error)
@@ -548,7 +548,7 @@ class HalibutConnection(Protocol):
     def _settle(self, value: Any) -> None:
         d = self._waiting
         self._reader = self._waiting = None
-        self._disarm()
+        self._deadline.pause()
         assert d is not None
         d.callback(value)
 
@@ -637,7 +637,7 @@ class HalibutConnection(Protocol):
         finally:
             self._sending = None
             if self._reader is None:
-                self._disarm()
+                self._deadline.pause()
 
     async def _send_payload(self, source: IO[bytes], length: int) -> None:
         """
@@ -662,6 +662,9 @@ class HalibutConnection(Protocol):
         self._deadline.arm(seconds)
 
     def _disarm(self) -> None:
+        """
+        For good: the connection is finished, and the clock must not keep it.
+        """
         self._deadline.cancel()
 
     def _timed_out(self) -> None:
