@@ -41,13 +41,14 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tentacle.halibut.connection import HalibutConnection, Role
 from tentacle.identity import normalize_thumbprint
 from tentacle.sockets import set_keepalive
+from tentacle.tls import DirectTLS
 from tentacle.trust import PeerIdentity
 
 #: The proxy's answer ends at a blank line; nothing honest is longer.
@@ -312,12 +313,10 @@ class PinnedConnection(HalibutConnection):
 
 class _ClientTLSFactory(TLSMemoryBIOFactory):
     """
-    The client side of TLS, writing through at once: see
-    L{tentacle.listener.ListeningTLS} for why not Twisted's default
-    buffering transport.
+    The client side of TLS, sending what it is given at once (L{DirectTLS}).
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = DirectTLS
     noisy = False
 
     def __init__(self, tls: Any, factory: IProtocolFactory, clock: Any) -> None:

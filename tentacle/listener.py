@@ -40,7 +40,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from OpenSSL import SSL
 from zope.interface import implementer
@@ -72,6 +72,7 @@ from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
 from tentacle.sockets import set_keepalive
 from tentacle.halibut.deadline import Deadline
+from tentacle.tls import DirectTLS
 from tentacle.trust import PeerIdentity, TrustList
 
 @attrs.frozen
@@ -536,17 +537,11 @@ def take_turns(port: Any, most: int = ACCEPTS_PER_TURN) -> None:
     port.doRead = doRead
 
 
-class ListeningTLS(TLSMemoryBIOProtocol):
+class ListeningTLS(DirectTLS):
     """
     TLS on an accepted connection that tells its L{AgentConnection} when
-    the first bytes arrive, before any of them make a handshake message.
-
-    Writes are encrypted and handed to TCP at once, not gathered until the
-    reactor's next turn as Twisted's default (C{BufferingTLSTransport})
-    does: a Halibut connection writes each unit (a control line, a whole
-    compressed message, a 64 KiB chunk of a stream) in one call, so there
-    is nothing to gather, and the gathering cost a timer and a turn of the
-    reactor per message, on every request.
+    the first bytes arrive, before any of them make a handshake message;
+    what it is given goes out at once (L{DirectTLS}).
     """
 
     _heard = False
