@@ -222,8 +222,8 @@ class AgentObserver:
 class ObservedHandler:
     """
     A handler that logs one C{request_served} event per answer (who, what,
-    outcome, how long; a script body only as its length and hash), for one
-    connection.
+    outcome, how long the handler took; a script body only as its length
+    and hash), for one connection, once the answer is on its way.
 
     @param summarize: what a log may say about a request's arguments.
     """
@@ -252,10 +252,19 @@ class ObservedHandler:
     def handle(self, request: RequestMessage, context: CallContext) -> Deferred[ResponseMessage]:
         started = self._clock.seconds()
         d: Deferred[ResponseMessage] = self._handler.handle(request, context)
-        d.addCallback(self._served, request, started)
+        d.addCallback(self._answered, request, context, started)
         return d
 
-    def _served(self, response: ResponseMessage, request: RequestMessage, started: float) -> ResponseMessage:
+    def _answered(
+        self, response: ResponseMessage, request: RequestMessage, context: CallContext, started: float
+    ) -> ResponseMessage:
+        # Timed to here, as always; logged once the answer is on its way
+        # (the role calls context.answered), so the peer need not wait for it.
+        duration = self._clock.seconds() - started
+        context.answered.append(lambda: self._served(response, request, duration))
+        return response
+
+    def _served(self, response: ResponseMessage, request: RequestMessage, duration: float) -> None:
         error = response.error
         logger = self._log
         # Per request, so at debug level; the audit log keeps every one.
@@ -276,13 +285,12 @@ class ObservedHandler:
             "method": request.method,
             "outcome": "error" if error is not None else "ok",
             "error": error.message if error is not None else None,
-            "duration": self._clock.seconds() - started,
+            "duration": duration,
             "request_id": request.id,
         }
         if request.params:
             event.update(self._summarize(request))
         logger.observer(event)
-        return response
 
 
 _SERVED_FORMAT = "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s"

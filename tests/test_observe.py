@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from pathlib import Path
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, Logger, LogPublisher
 from twisted.python import threadable
@@ -17,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tentacle import events
 from tentacle.halibut.deadline import Deadline
+from tentacle.halibut.rpc import CallContext
 from tentacle.halibut.serializer import RequestMessage, ResponseMessage
 from tentacle.metrics import LATENCY_BUCKETS, Metrics
 from tentacle.observe import AUDIT_FLUSH_INTERVAL, AgentObserver, AuditLog, ObservedHandler
@@ -159,18 +161,23 @@ class RequestEventTests(SynchronousTestCase):
             def sink_for(self, request: object, stream: object) -> None:
                 return None
 
-            def handle(self, request: RequestMessage, context: object) -> object:
+            def handle(self, request: RequestMessage, context: object) -> Deferred[ResponseMessage]:
                 clock.advance(0.25)
                 return succeed(ResponseMessage(request.id, result="done"))
 
         log = Logger(namespace="tentacle.requests", observer=publisher, source=self)
         handler = ObservedHandler(
-            Handler(), clock, log, address="a:1", thumbprint="T",  # type: ignore[arg-type]
+            Handler(), clock, log, address="a:1", thumbprint="T",
             summarize=lambda request: {"ticket": "t1"},
         )
-        request = RequestMessage("id-1", __import__("uuid").uuid4(), "IScriptServiceV2", "GetStatus", ("x",))
-        response = self.successResultOf(handler.handle(request, None))  # type: ignore[arg-type]
+        request = RequestMessage("id-1", uuid.uuid4(), "IScriptServiceV2", "GetStatus", ("x",))
+        context = CallContext(None, request)
+        response = self.successResultOf(handler.handle(request, context))
         self.assertEqual(response.result, "done")
+        clock.advance(5)  # sending the answer: not part of the duration
+        self.assertEqual(seen, [])  # not before the answer is on its way
+        for then in context.answered:
+            then()
         [event] = seen
         self.assertEqual(
             {k: event[k] for k in ("log_level", "log_namespace", "log_logger", "log_source", "event", "peer",

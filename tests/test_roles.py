@@ -283,6 +283,27 @@ class ExchangeTests(SynchronousTestCase):
         self.assertEqual(event["script_body_length"], len("export PASSWORD=hunter2"))
         self.assertNotIn("hunter2", repr(event))
 
+    def test_logged_once_the_answer_is_written(self) -> None:
+        """
+        The request's event comes after its answer was handed to the
+        connection, so the peer does not wait for it.
+        """
+        from twisted.logger import globalLogPublisher
+
+        h = Harness()
+        written: list[bytes] = []
+
+        def observe(event: Any) -> None:
+            if event.get("event") == "request_served":
+                written.append(h.transport.value())
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        h.send(encode_request(request("IThingService", "Echo", "one")))
+        [before_the_event] = written
+        self.assertEqual(before_the_event, h.transport.value())  # the whole answer
+        self.assertEqual([r.result for r in h.responses()], ["one"])
+
     def test_void_method(self) -> None:
         h = Harness()
         h.send(encode_request(request("IThingService", "Nothing")))

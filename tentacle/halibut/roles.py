@@ -110,6 +110,11 @@ class _Answerer:
         finally:
             for stream in streams:
                 stream.sink.discard()
+            for then in context.answered:
+                try:
+                    then()
+                except Exception:
+                    log.failure("After answering {id}", id=request.id)
 
     async def refuse(self, connection: HalibutConnection, error: UndecodableMessage) -> None:
         """
