@@ -285,7 +285,7 @@ class PinnedConnection(HalibutConnection):
         if certificate is None:
             self._refuse(UnexpectedCertificate(f"the {self._peer_name} presented no certificate"))
             return
-        peer = PeerIdentity.from_certificate(certificate.to_cryptography())
+        peer = PeerIdentity.from_openssl(certificate)
         self.peer = peer
         self.label = f"{peer.thumbprint}"
         handle = link.getHandle()

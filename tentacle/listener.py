@@ -34,7 +34,6 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
     IReactorTime,
-    ISSLTransport,
     ITransport,
 )
 from twisted.internet.error import ConnectionAborted
@@ -252,7 +251,8 @@ class AgentConnection(Protocol):
             )
             self._reset()
             return False
-        self.log.debug(
+        events.debug(
+            self.log,
             "Client at {peer} authenticated as {thumbprint} over {tls_version}",
             peer=self._address,
             thumbprint=peer.thumbprint,
@@ -376,10 +376,10 @@ class AgentConnection(Protocol):
         tcp.abortConnection()
 
     def _peer_identity(self) -> PeerIdentity | None:
-        certificate: Any = ISSLTransport(self._link).getPeerCertificate()
+        certificate: Any = self._link.getPeerCertificate()
         if certificate is None:
             return None
-        return PeerIdentity.from_certificate(certificate.to_cryptography())
+        return PeerIdentity.from_openssl(certificate)
 
     def _tls_version(self) -> str:
         handle = getattr(self.transport, "getHandle", lambda: None)()

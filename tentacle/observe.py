@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.logfile import LogFile
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
@@ -266,31 +265,19 @@ class ObservedHandler:
 
     def _served(self, response: ResponseMessage, request: RequestMessage, duration: float) -> None:
         error = response.error
-        logger = self._log
+        summary = self._summarize(request) if request.params else {}
         # Per request, so at debug level; the audit log keeps every one.
-        # The event is what Logger.debug would make of these fields (see
-        # twisted.logger's event keys), built here in one go, since every
-        # request makes one.
-        event: LogEvent = {
-            "log_logger": logger,
-            "log_level": LogLevel.debug,
-            "log_namespace": logger.namespace,
-            "log_source": logger.source,
-            "log_format": _SERVED_FORMAT,
-            "log_time": time.time(),
-            "event": events.REQUEST_SERVED,
-            "peer": self._address,
-            "thumbprint": self._thumbprint,
-            "service": request.service,
-            "method": request.method,
-            "outcome": "error" if error is not None else "ok",
-            "error": error.message if error is not None else None,
-            "duration": duration,
-            "request_id": request.id,
-        }
-        if request.params:
-            event.update(self._summarize(request))
-        logger.observer(event)
-
-
-_SERVED_FORMAT = "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s"
+        events.debug(
+            self._log,
+            "{service}.{method} for {thumbprint} at {peer}: {outcome} in {duration:.3f} s",
+            event=events.REQUEST_SERVED,
+            peer=self._address,
+            thumbprint=self._thumbprint,
+            service=request.service,
+            method=request.method,
+            outcome="error" if error is not None else "ok",
+            error=error.message if error is not None else None,
+            duration=duration,
+            request_id=request.id,
+            **summary,
+        )

@@ -89,8 +89,8 @@ class _AcceptCounter(WrappingFactory):
         self.log = log
 
     def buildProtocol(self, addr: Any) -> Any:
-        self.log.debug(
-            "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
+        events.debug(
+            self.log, "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
         )
         return self.wrappedFactory.buildProtocol(addr)
 
@@ -158,6 +158,8 @@ class TentacleService(MultiService):
         #: and metrics (see L{tentacle.events}).
         self.events = events.agent_publisher()
         self.log = Logger(observer=self.events, source=self)
+        #: Logs each request (one logger for every connection).
+        self._requests_log = self._logger("tentacle.requests")
         self.scripts: ScriptRunner | None = None
         self.identity = identity if identity is not None else IdentityStore(config.home).load()
         if dispatcher is None:
@@ -215,14 +217,14 @@ class TentacleService(MultiService):
 
     def _observed(self, accepted: Accepted) -> ObservedHandler:
         return ObservedHandler(
-            self.dispatcher, self.reactor, self._logger("tentacle.requests"),
+            self.dispatcher, self.reactor, self._requests_log,
             address=accepted.address, thumbprint=accepted.peer.thumbprint,
             summarize=Dispatcher.summarize,
         )
 
     def _polling_handler(self, server: PolledServer, address: str) -> ObservedHandler:
         return ObservedHandler(
-            self.dispatcher, self.reactor, self._logger("tentacle.requests"),
+            self.dispatcher, self.reactor, self._requests_log,
             address=address, thumbprint=server.thumbprint, summarize=Dispatcher.summarize,
         )
 
