@@ -137,7 +137,7 @@ class AgentConnection(Protocol):
 
     def __init__(self) -> None:
         self._preamble: PreambleReader | None = PreambleReader()
-        self._identity = IdentityReader(_ACCEPTED)
+        self._identity: IdentityReader | None = IdentityReader(_ACCEPTED)
         self._peer: PeerIdentity | None = None
         self._session: IProtocol | None = None
         self._timeout: Deadline | None = None
@@ -264,6 +264,8 @@ class AgentConnection(Protocol):
         return True
 
     def _read_identity(self, data: bytes) -> None:
+        if self._identity is None:
+            return
         try:
             done = self._identity.feed(data)
         except IdentityError as e:
@@ -271,6 +273,7 @@ class AgentConnection(Protocol):
             return
         if done is None:
             return
+        self._identity = None
         self._cancel_timeout()
         identity, leftover = done
         self._start_session(identity, leftover)
@@ -390,6 +393,7 @@ class AgentConnection(Protocol):
     def _cancel_timeout(self) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
+            self._timeout = None  # nor held for the connection's life
         self.tls_bytes_received()
 
     def _close(self) -> None:

@@ -30,8 +30,6 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, ProcessState, tentacle_registry
 from tentacle.fsutil import atomic_write, private_folder, tighten_folder
@@ -93,22 +91,6 @@ class _AcceptCounter(WrappingFactory):
             self.log, "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
         )
         return self.wrappedFactory.buildProtocol(addr)
-
-
-class _MetricsPage(Resource):
-    """
-    Prometheus' scrape target: the metrics at any path, loopback only.
-    """
-
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self._metrics = metrics
-
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self._metrics.render().encode("utf-8")
 
 
 def _default_reactor() -> Any:
@@ -377,8 +359,11 @@ class TentacleService(MultiService):
         self._observer = AgentObserver(self.metrics, self._audit)
         self.events.addObserver(self._observer)
         if self.config.metrics_port is not None:
-            site = Site(_MetricsPage(self.metrics))
-            site.noisy = False
+            # Only now: twisted.web is some fifty modules an agent without
+            # the page does without.
+            from tentacle.metrics_page import metrics_site
+
+            site = metrics_site(self.metrics)
             self._metrics_port = self.reactor.listenTCP(self.config.metrics_port, site, interface="127.0.0.1")
             self.log.info("Metrics at http://127.0.0.1:{port}/metrics", port=self.config.metrics_port)
 
