@@ -23,8 +23,9 @@ from typing import Any, Callable
 
 import attrs
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -91,6 +92,37 @@ class _AcceptCounter(WrappingFactory):
             self.log, "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
         )
         return self.wrappedFactory.buildProtocol(addr)
+
+
+class _Every(Service):
+    """
+    Calls C{f} every C{interval} seconds while running, the first time at
+    once: what C{twisted.application.internet.TimerService} does, without
+    importing that module (and C{automat} with it) into every agent.
+    """
+
+    def __init__(self, interval: float, f: Callable[[], object], clock: Any) -> None:
+        self._interval = interval
+        self._f = f
+        self._clock = clock
+        self._loop: LoopingCall | None = None
+        self._done: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        loop = self._loop = LoopingCall(self._f)
+        loop.clock = self._clock
+        self._done = loop.start(self._interval, now=True)
+        self._done.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        TentacleService.log.failure("A periodic task of the agent failed; it will not run again", failure)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return self._done
 
 
 def _default_reactor() -> Any:
@@ -174,9 +206,7 @@ class TentacleService(MultiService):
         self._audit: AuditLog | None = None
         self._observer: AgentObserver | None = None
         self._metrics_port: IListeningPort | None = None
-        heartbeat = TimerService(HEARTBEAT_INTERVAL, self._beat)
-        heartbeat.clock = self.reactor
-        heartbeat.setServiceParent(self)
+        _Every(HEARTBEAT_INTERVAL, self._beat, self.reactor).setServiceParent(self)
         self._config_file = config_file
         self._config_signature = config_file.signature() if config_file else None
         #: The settings as last read from the file: a reload reports what
@@ -190,9 +220,7 @@ class TentacleService(MultiService):
         self._handle_sighup = handle_sighup
         self._previous_sighup: Callable[..., Any] | int | None = None
         if config_file is not None:
-            watcher = TimerService(CONFIG_POLL_INTERVAL, self._poll_config)
-            watcher.clock = self.reactor
-            watcher.setServiceParent(self)
+            _Every(CONFIG_POLL_INTERVAL, self._poll_config, self.reactor).setServiceParent(self)
 
     def _logger(self, namespace: str) -> Logger:
         return Logger(namespace=namespace, observer=self.events)
@@ -231,12 +259,9 @@ class TentacleService(MultiService):
         dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
         dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
         register_tentacle_services(dispatcher, config, self.reactor, log=self._logger("tentacle.files"))
-        cleaner = TimerService(
-            min(WORKSPACE_CLEANING_INTERVAL, config.workspace_max_age / 2),
-            self._clean_workspaces,
-        )
-        cleaner.clock = self.reactor
-        cleaner.setServiceParent(self)
+        _Every(
+            min(WORKSPACE_CLEANING_INTERVAL, config.workspace_max_age / 2), self._clean_workspaces, self.reactor
+        ).setServiceParent(self)
         return runner
 
     def _clean_workspaces(self) -> None:
