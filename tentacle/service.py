@@ -181,9 +181,10 @@ class TentacleService(MultiService):
             self.scripts = self._offer_tentacle_services(dispatcher, config)
         self.dispatcher = dispatcher
         exchange_settings = attrs.evolve(exchange_settings, keepalive=config.tcp_keepalive)
+        registry = tentacle_registry()
         if session_factory is None:
             session_factory = halibut_sessions(
-                self.reactor, tentacle_registry(), exchange_settings,
+                self.reactor, registry, exchange_settings,
                 handler_for=self._observed, log=self._logger("tentacle.halibut"),
             )
         self.config = config
@@ -197,7 +198,7 @@ class TentacleService(MultiService):
         self._accepting = _AcceptCounter(self.listener_factory, self._logger("tentacle.listener"))
         #: The servers this agent polls (none unless configured).
         self.polling = PollingService(
-            self.identity, self._polling_handler, self.reactor, tentacle_registry(), exchange_settings,
+            self.identity, self._polling_handler, self.reactor, registry, exchange_settings,
             self._logger("tentacle.polling"), config.polling_connections,
         )
         self.polling.apply(config.polling_servers)
