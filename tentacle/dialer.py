@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import (
     ConnectError,
     ConnectionRefusedError,
@@ -41,12 +41,14 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tentacle.halibut.connection import HalibutConnection, Role
 from tentacle.identity import normalize_thumbprint
 from tentacle.sockets import set_keepalive
+from tentacle.tls import DirectTLS
 from tentacle.trust import PeerIdentity
 
 #: The proxy's answer ends at a blank line; nothing honest is longer.
@@ -224,7 +226,8 @@ class _Tunnel(Protocol):
 class ProxyEndpoint:
     """
     A client endpoint whose connections go through C{proxy} to C{host:port}.
-    Wrap it with C{wrapClientTLS} for TLS to the agent inside the tunnel.
+    Wrap its factory in TLS (as L{dial} does) for TLS to the agent inside
+    the tunnel.
     """
 
     reactor: Any
@@ -313,7 +316,7 @@ class PinnedConnection(HalibutConnection):
         if certificate is None:
             self._refuse(UnexpectedCertificate(f"the {self._peer_name} presented no certificate"))
             return
-        peer = PeerIdentity.from_certificate(certificate.to_cryptography())
+        peer = PeerIdentity.from_openssl(certificate)
         self.peer = peer
         self.label = f"{peer.thumbprint}"
         handle = link.getHandle()
@@ -337,6 +340,18 @@ class PinnedConnection(HalibutConnection):
         if not self.pinned.called:
             self.pinned.errback(ConnectionFailed(f"the connection failed: {reason.getErrorMessage()}"))
         super().connectionLost(reason)
+
+
+class _ClientTLSFactory(TLSMemoryBIOFactory):
+    """
+    The client side of TLS, sending what it is given at once (L{DirectTLS}).
+    """
+
+    protocol = DirectTLS
+    noisy = False
+
+    def __init__(self, tls: Any, factory: IProtocolFactory, clock: Any) -> None:
+        super().__init__(tls, True, factory, clock=clock)
 
 
 def describe_connect_error(error: ConnectError, peer_name: str = "agent") -> str:
@@ -378,11 +393,10 @@ async def dial(
         tcp = ProxyEndpoint(reactor, proxy, host, port, timeout)
     else:
         tcp = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    endpoint = wrapClientTLS(tls, tcp)
     factory = Factory.forProtocol(lambda: connection)
     factory.noisy = False
     try:
-        await endpoint.connect(factory)
+        await tcp.connect(_ClientTLSFactory(tls, factory, reactor))
     except DNSLookupError as e:
         raise HostNotFound(f"cannot resolve {host}: {e}") from None
     except ConnectionRefusedError as e:

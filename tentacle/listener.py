@@ -34,13 +34,12 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
     IReactorTime,
-    ISSLTransport,
     ITransport,
 )
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from OpenSSL import SSL
 from zope.interface import implementer
@@ -72,6 +71,7 @@ from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
 from tentacle.sockets import set_keepalive
 from tentacle.halibut.deadline import Deadline
+from tentacle.tls import DirectTLS
 from tentacle.trust import PeerIdentity, TrustList
 
 @attrs.frozen
@@ -137,7 +137,7 @@ class AgentConnection(Protocol):
 
     def __init__(self) -> None:
         self._preamble: PreambleReader | None = PreambleReader()
-        self._identity = IdentityReader(_ACCEPTED)
+        self._identity: IdentityReader | None = IdentityReader(_ACCEPTED)
         self._peer: PeerIdentity | None = None
         self._session: IProtocol | None = None
         self._timeout: Deadline | None = None
@@ -251,7 +251,8 @@ class AgentConnection(Protocol):
             )
             self._reset()
             return False
-        self.log.debug(
+        events.debug(
+            self.log,
             "Client at {peer} authenticated as {thumbprint} over {tls_version}",
             peer=self._address,
             thumbprint=peer.thumbprint,
@@ -263,6 +264,8 @@ class AgentConnection(Protocol):
         return True
 
     def _read_identity(self, data: bytes) -> None:
+        if self._identity is None:
+            return
         try:
             done = self._identity.feed(data)
         except IdentityError as e:
@@ -270,6 +273,7 @@ class AgentConnection(Protocol):
             return
         if done is None:
             return
+        self._identity = None
         self._cancel_timeout()
         identity, leftover = done
         self._start_session(identity, leftover)
@@ -375,10 +379,10 @@ class AgentConnection(Protocol):
         tcp.abortConnection()
 
     def _peer_identity(self) -> PeerIdentity | None:
-        certificate: Any = ISSLTransport(self._link).getPeerCertificate()
+        certificate: Any = self._link.getPeerCertificate()
         if certificate is None:
             return None
-        return PeerIdentity.from_certificate(certificate.to_cryptography())
+        return PeerIdentity.from_openssl(certificate)
 
     def _tls_version(self) -> str:
         handle = getattr(self.transport, "getHandle", lambda: None)()
@@ -389,6 +393,7 @@ class AgentConnection(Protocol):
     def _cancel_timeout(self) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
+            self._timeout = None  # nor held for the connection's life
         self.tls_bytes_received()
 
     def _close(self) -> None:
@@ -536,10 +541,11 @@ def take_turns(port: Any, most: int = ACCEPTS_PER_TURN) -> None:
     port.doRead = doRead
 
 
-class ListeningTLS(BufferingTLSTransport):
+class ListeningTLS(DirectTLS):
     """
     TLS on an accepted connection that tells its L{AgentConnection} when
-    the first bytes arrive, before any of them make a handshake message.
+    the first bytes arrive, before any of them make a handshake message;
+    what it is given goes out at once (L{DirectTLS}).
     """
 
     _heard = False

@@ -8,6 +8,7 @@ path knows about metrics.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
 
@@ -73,16 +74,19 @@ class Metrics:
         #: Polling connections that identified, and refusals, by server address.
         self.polling_sessions: Counter[str] = Counter()
         self.polling_refused: Counter[str] = Counter()
-        self._latency_buckets = [0] * len(LATENCY_BUCKETS)
+        #: Observations per bucket, each counted once (in the first bucket
+        #: whose bound it does not pass, or none past the last bound);
+        #: rendering adds them up, as Prometheus' buckets are cumulative.
+        self._latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
         self._latency_count = 0
         self._gauges = gauges
         self._polling = polling
 
     def observe_latency(self, seconds: float) -> None:
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self._latency_buckets[i] += 1
+        # One bucket per request (every request makes one observation);
+        # NaN, which passes no bound, lands past the last, as before.
+        self._latency_buckets[bisect_left(LATENCY_BUCKETS, seconds) if seconds == seconds else -1] += 1
         self._latency_sum += seconds
         self._latency_count += 1
 
@@ -114,7 +118,9 @@ class Metrics:
                [({"service": s, "method": m, "outcome": o}, n) for (s, m, o), n in sorted(self.requests.items())])
         lines.append("# HELP tentacle_request_duration_seconds Time from a request's arrival to its answer.")
         lines.append("# TYPE tentacle_request_duration_seconds histogram")
-        for bound, count in zip(LATENCY_BUCKETS, self._latency_buckets):
+        count = 0
+        for bound, observed in zip(LATENCY_BUCKETS, self._latency_buckets):
+            count += observed
             lines.append(f'tentacle_request_duration_seconds_bucket{{le="{bound!r}"}} {count}')
         lines.append(f'tentacle_request_duration_seconds_bucket{{le="+Inf"}} {self._latency_count}')
         lines.append(f"tentacle_request_duration_seconds_sum {format_value(self._latency_sum)}")

@@ -24,15 +24,14 @@ from typing import Any, Callable
 
 import attrs
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from tentacle.contracts import SCRIPT_SERVICE, SCRIPT_SERVICE_V2, ProcessState, tentacle_registry
 from tentacle.fsutil import atomic_write, private_folder, tighten_folder
@@ -102,26 +101,41 @@ class _AcceptCounter(WrappingFactory):
         self.log = log
 
     def buildProtocol(self, addr: Any) -> Any:
-        self.log.debug(
-            "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
+        events.debug(
+            self.log, "Accepted a connection from {peer}", peer=describe_address(addr), event=events.CONNECTION_ACCEPTED
         )
         return self.wrappedFactory.buildProtocol(addr)
 
 
-class _MetricsPage(Resource):
+class _Every(Service):
     """
-    Prometheus' scrape target: the metrics at any path, loopback only.
+    Calls C{f} every C{interval} seconds while running, the first time at
+    once: what C{twisted.application.internet.TimerService} does, without
+    importing that module (and C{automat} with it) into every agent.
     """
 
-    isLeaf = True
+    def __init__(self, interval: float, f: Callable[[], object], clock: Any) -> None:
+        self._interval = interval
+        self._f = f
+        self._clock = clock
+        self._loop: LoopingCall | None = None
+        self._done: Deferred[Any] | None = None
 
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self._metrics = metrics
+    def startService(self) -> None:
+        super().startService()
+        loop = self._loop = LoopingCall(self._f)
+        loop.clock = self._clock
+        self._done = loop.start(self._interval, now=True)
+        self._done.addErrback(self._failed)
 
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self._metrics.render().encode("utf-8")
+    def _failed(self, failure: Any) -> None:
+        TentacleService.log.failure("A periodic task of the agent failed; it will not run again", failure)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return self._done
 
 
 def _default_reactor() -> Any:
@@ -177,6 +191,8 @@ class TentacleService(MultiService):
         #: and metrics (see L{tentacle.events}).
         self.events = events.agent_publisher()
         self.log = Logger(observer=self.events, source=self)
+        #: Logs each request (one logger for every connection).
+        self._requests_log = self._logger("tentacle.requests")
         self.scripts: ScriptRunner | None = None
         self.identity = identity if identity is not None else IdentityStore(config.home).load()
         if dispatcher is None:
@@ -184,9 +200,10 @@ class TentacleService(MultiService):
             self.scripts = self._offer_tentacle_services(dispatcher, config)
         self.dispatcher = dispatcher
         exchange_settings = attrs.evolve(exchange_settings, keepalive=config.tcp_keepalive)
+        registry = tentacle_registry()
         if session_factory is None:
             session_factory = halibut_sessions(
-                self.reactor, tentacle_registry(), exchange_settings,
+                self.reactor, registry, exchange_settings,
                 handler_for=self._observed, log=self._logger("tentacle.halibut"),
             )
         self.config = config
@@ -200,7 +217,7 @@ class TentacleService(MultiService):
         self._accepting = _AcceptCounter(self.listener_factory, self._logger("tentacle.listener"))
         #: The servers this agent polls (none unless configured).
         self.polling = PollingService(
-            self.identity, self._polling_handler, self.reactor, tentacle_registry(), exchange_settings,
+            self.identity, self._polling_handler, self.reactor, registry, exchange_settings,
             self._logger("tentacle.polling"), config.polling_connections,
         )
         self.polling.apply(config.polling_servers)
@@ -209,9 +226,7 @@ class TentacleService(MultiService):
         self._audit: AuditLog | None = None
         self._observer: AgentObserver | None = None
         self._metrics_port: IListeningPort | None = None
-        heartbeat = TimerService(HEARTBEAT_INTERVAL, self._beat)
-        heartbeat.clock = self.reactor
-        heartbeat.setServiceParent(self)
+        _Every(HEARTBEAT_INTERVAL, self._beat, self.reactor).setServiceParent(self)
         self._config_file = config_file
         self._config_signature = config_file.signature() if config_file else None
         #: The settings as last read from the file: a reload reports what
@@ -225,23 +240,21 @@ class TentacleService(MultiService):
         self._handle_sighup = handle_sighup
         self._previous_sighup: Callable[..., Any] | int | None = None
         if config_file is not None:
-            watcher = TimerService(CONFIG_POLL_INTERVAL, self._poll_config)
-            watcher.clock = self.reactor
-            watcher.setServiceParent(self)
+            _Every(CONFIG_POLL_INTERVAL, self._poll_config, self.reactor).setServiceParent(self)
 
     def _logger(self, namespace: str) -> Logger:
         return Logger(namespace=namespace, observer=self.events)
 
     def _observed(self, accepted: Accepted) -> ObservedHandler:
         return ObservedHandler(
-            self.dispatcher, self.reactor, self._logger("tentacle.requests"),
+            self.dispatcher, self.reactor, self._requests_log,
             address=accepted.address, thumbprint=accepted.peer.thumbprint,
             summarize=Dispatcher.summarize,
         )
 
     def _polling_handler(self, server: PolledServer, address: str) -> ObservedHandler:
         return ObservedHandler(
-            self.dispatcher, self.reactor, self._logger("tentacle.requests"),
+            self.dispatcher, self.reactor, self._requests_log,
             address=address, thumbprint=server.thumbprint, summarize=Dispatcher.summarize,
         )
 
@@ -266,12 +279,9 @@ class TentacleService(MultiService):
         dispatcher.register(SCRIPT_SERVICE, ScriptService(runner))
         dispatcher.register(SCRIPT_SERVICE_V2, ScriptServiceV2(runner))
         register_tentacle_services(dispatcher, config, self.reactor, log=self._logger("tentacle.files"))
-        cleaner = TimerService(
-            min(WORKSPACE_CLEANING_INTERVAL, config.workspace_max_age / 2),
-            self._clean_workspaces,
-        )
-        cleaner.clock = self.reactor
-        cleaner.setServiceParent(self)
+        _Every(
+            min(WORKSPACE_CLEANING_INTERVAL, config.workspace_max_age / 2), self._clean_workspaces, self.reactor
+        ).setServiceParent(self)
         return runner
 
     def _clean_workspaces(self) -> None:
@@ -392,14 +402,25 @@ class TentacleService(MultiService):
         if self.config.audit_log:
             logs = self.config.home / "Logs"
             private_folder(logs)
-            self._audit = AuditLog(str(logs / "audit.log"))
+            self._audit = AuditLog(str(logs / "audit.log"), clock=self.reactor)
         self._observer = AgentObserver(self.metrics, self._audit)
         self.events.addObserver(self._observer)
         if self.config.metrics_port is not None:
-            site = Site(_MetricsPage(self.metrics))
-            site.noisy = False
+            # Only now: twisted.web is some fifty modules an agent without
+            # the page does without.
+            from tentacle.metrics_page import metrics_site
+
+            site = metrics_site(self.metrics)
             self._metrics_port = self.reactor.listenTCP(self.config.metrics_port, site, interface="127.0.0.1")
             self.log.info("Metrics at http://127.0.0.1:{port}/metrics", port=self.config.metrics_port)
+
+    def flush_audit(self) -> None:
+        """
+        Write the audit entries that wait for their batch now (they are
+        written within L{tentacle.observe.AUDIT_FLUSH_INTERVAL} anyway).
+        """
+        if self._audit is not None:
+            self._audit.flush()
 
     def _stop_observing(self) -> None:
         if self._observer is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tentacle.identity import Identity
@@ -79,3 +80,36 @@ class AgentTLSOptions:
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         self._get_context()  # CertificateOptions builds connections from this cached context
         return self._options.serverConnectionForTLS(tlsProtocol)
+
+
+class DirectTLS(TLSMemoryBIOProtocol):
+    """
+    TLS on a Halibut connection (accepted or dialled), which sends what it
+    is given at once.
+
+    Twisted's default TLS transport (C{BufferingTLSTransport}) gathers
+    small writes until the reactor's next turn, and a TCP transport sends
+    only when the reactor next polls; so a request's answer left the agent
+    one or two turns after it was written, behind whatever else the turn
+    did.  A Halibut connection writes each unit (a control line, a whole
+    compressed message, a chunk of a data stream) in one call, so here a
+    write is encrypted and handed to the socket there and then: the peer
+    starts on it while this side finishes its turn.  Only while a producer
+    streams into the connection (a data stream's payload), or once it is
+    closing, does TCP keep its usual pace: its buffer and its producer's
+    pauses stay in charge of a bulk transfer.
+    """
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        tcp: Any = self.transport
+        if (
+            getattr(tcp, "producer", True) is None
+            and getattr(tcp, "connected", False)
+            and not tcp.disconnecting
+            and hasattr(tcp, "doWrite")
+        ):
+            # What the reactor calls once the socket is writable; a socket
+            # that takes nothing now keeps the bytes for the reactor to send,
+            # and a broken one fails there too, where the reactor ends it.
+            tcp.doWrite()

@@ -9,31 +9,64 @@ hear which thumbprints were removed, so it can cut them off at once.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import functools
+import hashlib
+from typing import Any, Callable, Iterable
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import crypto
 
-from tentacle.identity import describe_subject, normalize_thumbprint, sha1_thumbprint, sha256_fingerprint
+from tentacle.identity import describe_subject, normalize_thumbprint
 
 
 @attrs.frozen
 class PeerIdentity:
     """
     What we know of a peer's certificate, enough to decide and to log.
+
+    Made for every connection and kept as long as it lasts, so the
+    thumbprints are hashes of the DER bytes, the certificate object is the
+    one the TLS connection holds anyway, and the subject (parsing the
+    certificate, for log lines and error messages only) is worked out
+    when first asked for.
     """
 
     thumbprint: str
     sha256: str
-    subject: str
+    #: The certificate: C{cryptography}'s, or pyOpenSSL's C{X509}.
+    _certificate: Any = attrs.field(eq=False, repr=False, alias="certificate")
+
+    @classmethod
+    def from_der(cls, der: bytes, certificate: Any = None) -> PeerIdentity:
+        return cls(
+            thumbprint=hashlib.sha1(der).hexdigest().upper(),
+            sha256=hashlib.sha256(der).hexdigest().upper(),
+            certificate=certificate if certificate is not None else x509.load_der_x509_certificate(der),
+        )
 
     @classmethod
     def from_certificate(cls, certificate: x509.Certificate) -> PeerIdentity:
-        return cls(
-            thumbprint=sha1_thumbprint(certificate),
-            sha256=sha256_fingerprint(certificate),
-            subject=describe_subject(certificate),
-        )
+        return cls.from_der(certificate.public_bytes(Encoding.DER), certificate)
+
+    @classmethod
+    def from_openssl(cls, certificate: Any) -> PeerIdentity:
+        """
+        From the C{OpenSSL.crypto.X509} a TLS transport's
+        C{getPeerCertificate} gives, without converting it.
+        """
+        return cls.from_der(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate), certificate)
+
+    @functools.cached_property
+    def subject(self) -> str:
+        """
+        The subject, as L{describe_subject} writes it.
+        """
+        certificate = self._certificate
+        if not isinstance(certificate, x509.Certificate):
+            certificate = certificate.to_cryptography()
+        return describe_subject(certificate)
 
 
 RemovalListener = Callable[[frozenset[str]], None]

@@ -141,3 +141,31 @@ class ImportTests(SynchronousTestCase):
     def test_missing_file(self) -> None:
         e = self.assertRaises(IdentityError, Identity.from_file, self.folder / "nope")
         self.assertIn("cannot read", str(e))
+
+
+class PeerIdentityTests(SynchronousTestCase):
+    """
+    What the listener and the dialler know of a peer's certificate.
+    """
+
+    def test_from_either_kind_of_certificate(self) -> None:
+        from OpenSSL import crypto
+
+        from tentacle.trust import PeerIdentity
+
+        agent = identity("agent")
+        ours = PeerIdentity.from_certificate(agent.certificate)
+        theirs = PeerIdentity.from_openssl(crypto.X509.from_cryptography(agent.certificate))
+        self.assertEqual(ours, theirs)
+        self.assertEqual((ours.thumbprint, ours.sha256), (agent.thumbprint, agent.sha256))
+        self.assertEqual(ours.thumbprint, hashlib.sha1(der(agent)).hexdigest().upper())
+        self.assertEqual((ours.subject, theirs.subject), ("CN=agent", "CN=agent"))
+        self.assertEqual(PeerIdentity.from_der(der(agent)).subject, "CN=agent")
+        self.assertNotIn("BEGIN", repr(ours))
+
+    def test_hostile_subject_cannot_forge_log_lines(self) -> None:
+        from tentacle.identity import Identity
+        from tentacle.trust import PeerIdentity
+
+        forged = Identity.generate("x\nERROR forged line\r")
+        self.assertEqual(PeerIdentity.from_certificate(forged.certificate).subject, "CN=x\\nERROR forged line\\r")

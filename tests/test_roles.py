@@ -283,6 +283,55 @@ class ExchangeTests(SynchronousTestCase):
         self.assertEqual(event["script_body_length"], len("export PASSWORD=hunter2"))
         self.assertNotIn("hunter2", repr(event))
 
+    def test_logged_once_the_answer_is_written(self) -> None:
+        """
+        The request's event comes after its answer was handed to the
+        connection, so the peer does not wait for it.
+        """
+        from twisted.logger import globalLogPublisher
+
+        h = Harness()
+        written: list[bytes] = []
+
+        def observe(event: Any) -> None:
+            if event.get("event") == "request_served":
+                written.append(h.transport.value())
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        h.send(encode_request(request("IThingService", "Echo", "one")))
+        [before_the_event] = written
+        self.assertEqual(before_the_event, h.transport.value())  # the whole answer
+        self.assertEqual([r.result for r in h.responses()], ["one"])
+
+    def test_an_idle_connection_keeps_no_coroutine(self) -> None:
+        """
+        Between requests (a pooled connection waits minutes for NEXT) the
+        role is not suspended in a coroutine; NEXT starts it again.
+        """
+        import gc
+        import types
+
+        def suspended_roles() -> int:
+            return sum(
+                1 for o in gc.get_objects()
+                if isinstance(o, types.CoroutineType) and o.cr_frame is not None
+                and o.cr_code is ListeningService.__call__.__code__
+                and o.cr_frame.f_locals.get("connection") is h.exchange
+            )
+
+        h = Harness()
+        self.assertEqual(suspended_roles(), 1)  # waiting for the first request
+        h.send(encode_request(request("IThingService", "Echo", "one")))
+        self.assertEqual([r.result for r in h.responses()], ["one"])
+        self.assertEqual(suspended_roles(), 0)
+        h.send(b"NEXT\r\n")
+        self.assertEqual(h.transport.value(), b"PROCEED\r\n")
+        self.assertEqual(suspended_roles(), 1)
+        h.transport.clear()
+        h.send(encode_request(request("IThingService", "Echo", "two")))
+        self.assertEqual([r.result for r in h.responses()], ["two"])
+
     def test_void_method(self) -> None:
         h = Harness()
         h.send(encode_request(request("IThingService", "Nothing")))

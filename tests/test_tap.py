@@ -289,3 +289,44 @@ class WorkspaceCleanerTests(SynchronousTestCase):
         self.assertTrue(fresh.exists())
         reactor.advance(3601)
         self.assertFalse(fresh.exists())
+
+
+class PeriodicTaskTests(SynchronousTestCase):
+    """
+    The agent's periodic tasks (heartbeat, configuration watch, workspace
+    cleaning): at once, then every interval while running.
+    """
+
+    def test_runs_while_running(self) -> None:
+        from twisted.internet.task import Clock
+
+        from tentacle.service import _Every
+
+        clock = Clock()
+        calls: list[float] = []
+        every = _Every(10, lambda: calls.append(clock.seconds()), clock)
+        every.startService()
+        clock.pump([10, 10, 5])
+        self.assertEqual(calls, [0, 10, 20])
+        self.successResultOf(every.stopService())
+        clock.advance(100)
+        self.assertEqual(calls, [0, 10, 20])
+        self.assertFalse(every.running)
+
+    def test_a_failure_is_logged(self) -> None:
+        from twisted.internet.task import Clock
+
+        from tentacle.service import _Every
+
+        logs = LogCapture.install(self)
+        clock = Clock()
+
+        def broken() -> None:
+            raise OSError("disk full")
+
+        every = _Every(10, broken, clock)
+        every.startService()
+        [failure] = [e["log_failure"] for e in logs.events if "log_failure" in e]
+        self.assertIsInstance(failure.value, OSError)
+        self.flushLoggedErrors(OSError)
+        self.successResultOf(every.stopService())

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from typing import IO, Any, Awaitable, Callable, Mapping, Protocol as TypingProtocol
+from typing import IO, Any, Callable, Coroutine, Mapping, Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -179,7 +179,7 @@ class Envelope:
 #: Picks the sink for a data stream of a decoded message.
 SinkChooser = Callable[[Message, ExpectedStream], StreamSink]
 #: A role: runs on the connection from when it starts until it ends.
-Role = Callable[["HalibutConnection"], Awaitable[None]]
+Role = Callable[["HalibutConnection"], Coroutine[Any, Any, None]]
 
 
 class _Reader(TypingProtocol):
@@ -411,7 +411,9 @@ class HalibutConnection(Protocol):
         self._pumping = False
         self._finished = False
         self._deadline = Deadline(clock, self._timed_out)
-        self._guarded: set[Deferred[Any]] = set()
+        #: What unless_closed waits on (made when first needed: most
+        #: connections never wait so).
+        self._guarded: set[Deferred[Any]] | None = None
         self._payload: PayloadSender | None = None
         #: Why the connection ended, once it has.
         self._failure: ConnectionClosed | None = None
@@ -443,16 +445,26 @@ class HalibutConnection(Protocol):
 
     def start(self, role: Role) -> None:
         """
-        Run C{role} on this connection.  A role that ends by an error the
-        connection already reported just ends; anything else is a bug,
-        logged, and the connection dropped.
+        Run C{role} on this connection; see L{role_ended} for how it may end.
         """
-        d = Deferred.fromCoroutine(_run(role, self))
-        d.addErrback(self._role_failed)
+        d: Deferred[None] = Deferred.fromCoroutine(role(self))
+        d.addErrback(self.role_ended)
 
-    def _role_failed(self, failure: Failure) -> None:
-        self.log.failure("A Halibut role failed on the connection from {peer}", failure, peer=self.label)
-        self.abort()
+    def role_ended(self, failure: Failure) -> None:
+        """
+        A role (or a step of one) ended by an error: a broken protocol is
+        logged and closes the connection (unless that happened already,
+        where it was found); the end of the connection just ends it;
+        anything else is a bug, logged, and the connection dropped.
+        """
+        error = failure.value
+        if isinstance(error, ProtocolError):
+            self.protocol_error(str(error), error)
+        elif isinstance(error, (ConnectionClosed, CancelledError)):
+            self.abort()
+        else:
+            self.log.failure("A Halibut role failed on the connection from {peer}", failure, peer=self.label)
+            self.abort()
 
     # --- reading ---------------------------------------------------------------------
 
@@ -540,7 +552,7 @@ class HalibutConnection(Protocol):
     def _fail_read(self, error: Exception) -> None:
         reader, d = self._reader, self._waiting
         self._reader = self._waiting = None
-        self._disarm()
+        self._deadline.pause()
         assert reader is not None and d is not None
         reader.abort()
         d.errback(error)
@@ -548,7 +560,7 @@ class HalibutConnection(Protocol):
     def _settle(self, value: Any) -> None:
         d = self._waiting
         self._reader = self._waiting = None
-        self._disarm()
+        self._deadline.pause()
         assert d is not None
         d.callback(value)
 
@@ -637,7 +649,7 @@ class HalibutConnection(Protocol):
         finally:
             self._sending = None
             if self._reader is None:
-                self._disarm()
+                self._deadline.pause()
 
     async def _send_payload(self, source: IO[bytes], length: int) -> None:
         """
@@ -662,6 +674,9 @@ class HalibutConnection(Protocol):
         self._deadline.arm(seconds)
 
     def _disarm(self) -> None:
+        """
+        For good: the connection is finished, and the clock must not keep it.
+        """
         self._deadline.cancel()
 
     def _timed_out(self) -> None:
@@ -703,7 +718,7 @@ class HalibutConnection(Protocol):
             reader.abort()
         if drop and self.transport is not None and self.connected:
             self._link.abortConnection()
-        for guarded in list(self._guarded):
+        for guarded in list(self._guarded or ()):
             guarded.cancel()
         if self._payload is not None:
             self._payload.stopProducing()  # whatever the transport does about it
@@ -746,7 +761,10 @@ class HalibutConnection(Protocol):
         if self._finished:
             d.cancel()
             raise ConnectionClosed("the connection is closed")
-        self._guarded.add(d)
+        if self._guarded is None:
+            self._guarded = set()
+        guarded = self._guarded
+        guarded.add(d)
         try:
             return await d
         except CancelledError:
@@ -754,17 +772,7 @@ class HalibutConnection(Protocol):
                 raise ConnectionClosed("the connection closed while waiting") from None
             raise
         finally:
-            self._guarded.discard(d)
-
-
-async def _run(role: Role, connection: HalibutConnection) -> None:
-    try:
-        await role(connection)
-    except ProtocolError as e:
-        # Logged and closed where it happened, unless the role found it.
-        connection.protocol_error(str(e), e)
-    except (ConnectionClosed, CancelledError):
-        connection.abort()
+            guarded.discard(d)
 
 
 __all__ = [

@@ -24,6 +24,7 @@ from typing import IO, Callable, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tentacle.halibut.connection import (
     ConnectionClosed,
@@ -110,6 +111,11 @@ class _Answerer:
         finally:
             for stream in streams:
                 stream.sink.discard()
+            for then in context.answered:
+                try:
+                    then()
+                except Exception:
+                    log.failure("After answering {id}", id=request.id)
 
     async def refuse(self, connection: HalibutConnection, error: UndecodableMessage) -> None:
         """
@@ -128,18 +134,20 @@ class _Answerer:
         connection.close()
 
 
-async def _next_or_end(connection: HalibutConnection, wait: float) -> bool:
+def _next_or_end(connection: HalibutConnection, wait: float) -> Deferred[bool]:
     """
     The asking side's word after an answer: C{NEXT} (answered C{PROCEED} at
     once; C{True}), or C{END} or the end of the connection (it closes;
-    C{False}): Halibut's C{ExpectNextOrEnd} takes all three.
+    C{False}): Halibut's C{ExpectNextOrEnd} takes all three.  A Deferred
+    chain, not a coroutine: an idle connection waits here, holding no
+    frame.
     """
-    try:
-        word = await connection.read_control(first=wait, what="NEXT or END")
-    except TimedOut:
-        raise
-    except ConnectionClosed:
-        return False  # the peer closed instead of saying END: as good as END
+    return connection.read_control(first=wait, what="NEXT or END").addCallbacks(
+        _said, _not_said, callbackArgs=(connection,)
+    )
+
+
+def _said(word: str, connection: HalibutConnection) -> bool:
     if word == "END":
         connection.close()
         return False
@@ -149,10 +157,20 @@ async def _next_or_end(connection: HalibutConnection, wait: float) -> bool:
     return True
 
 
+def _not_said(failure: Failure) -> bool | Failure:
+    if failure.check(ConnectionClosed) and not failure.check(TimedOut):
+        return False  # the peer closed instead of saying END: as good as END
+    return failure
+
+
 class ListeningService:
     """
     The agent's side of a connection a client dialled (after C{MX-CLIENT}):
     request, response, then C{NEXT} (answered C{PROCEED}) or C{END}.
+
+    Each request is served by a run of this role; between requests, while
+    the connection waits for C{NEXT} (a pooled connection, for minutes),
+    only that wait is kept, so an idle connection holds no coroutine.
     """
 
     def __init__(self, handler: IRequestHandler) -> None:
@@ -160,20 +178,24 @@ class ListeningService:
 
     async def __call__(self, connection: HalibutConnection) -> None:
         settings = connection.settings
-        while True:
-            try:
-                envelope = await self._answerer.read(connection, first=settings.heartbeat_timeout)
-            except UndecodableMessage as e:
-                await self._answerer.refuse(connection, e)
-                return
-            if envelope.message is None:
-                # A NULL request: Halibut's listening service ends there.
-                connection.close()
-                return
-            assert isinstance(envelope.message, RequestMessage)
-            await self._answerer.answer(connection, envelope.message, envelope.streams)
-            if not await _next_or_end(connection, settings.idle_timeout):
-                return
+        try:
+            envelope = await self._answerer.read(connection, first=settings.heartbeat_timeout)
+        except UndecodableMessage as e:
+            await self._answerer.refuse(connection, e)
+            return
+        if envelope.message is None:
+            # A NULL request: Halibut's listening service ends there.
+            connection.close()
+            return
+        assert isinstance(envelope.message, RequestMessage)
+        await self._answerer.answer(connection, envelope.message, envelope.streams)
+        _next_or_end(connection, settings.idle_timeout).addCallbacks(
+            self._proceed, connection.role_ended, callbackArgs=(connection,)
+        )
+
+    def _proceed(self, proceed: bool, connection: HalibutConnection) -> None:
+        if proceed:
+            connection.start(self)
 
 
 class PollingSubscriber:
@@ -204,6 +226,7 @@ class PollingSubscriber:
                 assert isinstance(envelope.message, RequestMessage)
                 await self._answerer.answer(connection, envelope.message, envelope.streams)
                 self.requests_served += 1
+            del envelope  # nothing of the last request is kept while waiting for the next
             connection.send_line("NEXT")
             word = await connection.read_control(first=settings.heartbeat_timeout, what="PROCEED")
             if word != "PROCEED":

@@ -40,6 +40,9 @@ class CallContext:
     @ivar refusal: why the handler refused one of the request's data
         streams (its L{IRequestHandler.sink_for} raised); the payload was
         read past, and this is the request's answer.
+    @ivar answered: called, in order, once the answer has been handed to
+        the connection (or could not be): what a handler does about a call
+        that need not hold up its answer, such as logging it.
     """
 
     peer: Any
@@ -47,6 +50,7 @@ class CallContext:
     received: Mapping[uuid.UUID, ReceivedStream] = attrs.field(factory=dict)
     outgoing: dict[uuid.UUID, PayloadOpener] = attrs.field(factory=dict)
     refusal: BaseException | None = None
+    answered: list[Callable[[], object]] = attrs.field(factory=list)
 
     def payload(self, stream: DataStream) -> IO[bytes]:
         """

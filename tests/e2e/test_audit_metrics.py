@@ -39,6 +39,7 @@ class AuditAndMetricsTests(TestCase):
         upload.write_bytes(b"z" * 12345)
         await server.upload(upload, "Packages/z.bin")
 
+        agent.flush_audit()  # the entries of the last moments wait for their batch
         entries = [json.loads(line) for line in (home / "Logs" / "audit.log").read_text().splitlines()]
         refused = [e for e in entries if e["kind"] == "refused"]
         self.assertEqual(len(refused), 1)

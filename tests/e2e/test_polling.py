@@ -222,6 +222,7 @@ class PollingTests(TestCase):
         agent = start_polling_agent(self, server)
         await self.connected(agent)
         self.assertEqual(await self.client(server).run_script("exit 0"), 0)
+        agent.flush_audit()
         entries = [json.loads(line) for line in (agent.config.home / "Logs" / "audit.log").read_text().splitlines()]
         kinds = [e["kind"] for e in entries]
         self.assertIn("polling-connected", kinds)
