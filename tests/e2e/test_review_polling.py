@@ -125,6 +125,9 @@ class StopWhileAnsweringTests(TestCase):
         import os
         from pathlib import Path
 
+        from twisted.internet.task import deferLater
+
+        from tentacle import events
         from tentacle.client.api import Target, TentacleClient
         from tests.e2e.test_network_faults import on_event
         from tests.support import SUBSCRIPTION, start_polling_agent
@@ -138,14 +141,20 @@ class StopWhileAnsweringTests(TestCase):
             for connection in server.factory.authenticated_connections:
                 connection.transport.pauseProducing()  # the server stops reading
 
-        on_event(self, stall, event="request_served", method="DownloadFile")
+        # As the agent starts on the download, before its answer is written.
+        on_event(self, stall, event=events.DOWNLOAD_STARTED)
         client = TentacleClient(
             Target.polling(SUBSCRIPTION, Pin(identity("agent").thumbprint)), identity("server"), reactor,
             hub=server, rpc_retry=None,
         )
         download = Deferred.fromCoroutine(client.download("big.bin", Path(self.mktemp()).absolute()))
         download.addErrback(lambda f: None)
-        await self.logs.wait_for(event="request_served", method="DownloadFile")
+        await self.logs.wait_for(event=events.DOWNLOAD_STARTED)
+        (connection,) = [c._connection for cs in agent.polling.servers.values() for c in cs]
+        assert connection is not None
+        while connection.activity != "sending data streams":
+            # The answer's 32 MiB cannot all fit in the socket buffers.
+            await deferLater(reactor, 0.01, lambda: None)
         await agent.polling.stopService()
         self.assertEqual([c.connected for cs in agent.polling.servers.values() for c in cs], [False])
 
