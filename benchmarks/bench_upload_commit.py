@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import common
-from bench_transfer import REMOTE_PATH, SEND_BLOCK, TransferClient, expected_sha1, request
+from bench_transfer import REMOTE_PATH, SEND_BLOCK, TransferClient, pattern_sha1, request
 from common import Certificates, Connection, MiB
 from tentacle.contracts import DataStream, UploadResult
 from tentacle.halibut.deflate import compress
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     client_cpu, server_cpu, where = common.placement(args.pin)
     common.pin_self(client_cpu)
     length = args.mib * MiB
-    sha1 = expected_sha1(length)
+    sha1 = pattern_sha1(length)
     kinds = ("upload", "upload-nowb", "store")
     tails: dict[str, list[float]] = {kind: [] for kind in kinds}
     totals: dict[str, list[float]] = {kind: [] for kind in kinds}
