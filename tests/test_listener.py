@@ -449,6 +449,74 @@ class UnauthenticatedBudgetTests(SynchronousTestCase):
         [event] = self.logs.matching(event="handshake_timed_out")
         self.assertEqual(event["reason"], "handshake-timeout")
 
+    def test_a_late_first_byte_gets_only_the_rest_of_the_handshake_timeout(self) -> None:
+        """
+        The handshake timeout counts from the accept, not from the first
+        byte: one timer serves both, and moves on at the first byte.
+        """
+        agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=5), handshake_timeout=30)
+        recorder, _, pump = agent.connect_raw()
+        agent.clock.advance(4)
+        recorder.transport.write(b"\x16\x03\x01\x02\x00\x01")
+        pump.flush()
+        agent.clock.advance(25.9)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+        agent.clock.advance(0.1)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        [event] = self.logs.matching(event="handshake_timed_out")
+        self.assertEqual((event["reason"], event["timeout"]), ("handshake-timeout", 30))
+
+    def test_first_byte_timeout_longer_than_the_handshake_timeout(self) -> None:
+        """
+        A silent peer is cut by whichever limit comes first, and the log
+        names that one.
+        """
+        agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=20), handshake_timeout=8)
+        recorder, _, pump = agent.connect_raw()
+        agent.clock.advance(7.9)
+        pump.flush()
+        self.assertIsNone(recorder.lost)
+        agent.clock.advance(0.1)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        [event] = self.logs.matching(event="handshake_timed_out")
+        self.assertEqual((event["reason"], event["timeout"]), ("handshake-timeout", 8))
+        self.assertEqual(agent.clock.getDelayedCalls(), [])
+
+    def test_one_timer_per_connection_before_authentication(self) -> None:
+        """
+        A new connection sets one timer for its deadlines, and an
+        authenticated one leaves none behind.
+        """
+        agent = InMemoryAgent(
+            trusted=(identity("server").thumbprint,), with_sessions=True,
+            limits=AdmissionLimits(first_byte_timeout=5),
+        )
+        recorder, _, pump = agent.connect(identity("server"))
+        self.assertEqual(len(agent.clock.getDelayedCalls()), 1)
+        recorder.transport.write(MX_PREAMBLE + MX_IDENTITY)
+        pump.flush()
+        self.assertEqual(len(agent.sessions), 1)
+        self.assertEqual(agent.clock.getDelayedCalls(), [])
+
+    def test_tls_layer_offers_the_transport_interfaces(self) -> None:
+        """
+        The TLS layer of an accepted connection provides what the TCP
+        transport under it provides, and TLS's own, as Twisted's does.
+        """
+        from twisted.internet.interfaces import ISSLTransport, ITransport
+        from zope.interface import providedBy
+
+        agent = InMemoryAgent()
+        _, tls_server, _ = agent.connect_raw()
+        self.assertTrue(ISSLTransport.providedBy(tls_server))
+        for interface in providedBy(tls_server.transport):
+            self.assertTrue(interface.providedBy(tls_server), interface)
+        self.assertTrue(ITransport.providedBy(tls_server))
+        self.assertIn(tls_server, agent.tls.protocols)
+
     def test_trusted_server_is_never_cut_by_the_first_byte_timeout(self) -> None:
         agent = InMemoryAgent(
             trusted=(identity("server").thumbprint,), with_sessions=True,
