@@ -36,10 +36,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -183,10 +183,27 @@ class Dispatcher:
         """
         Run one request.  Never fails: every error becomes a response with
         C{error} set, so the caller can answer it and keep the connection.
-        """
-        return ensureDeferred(self._dispatch(request, context))
 
-    async def _dispatch(self, request: RequestMessage, context: CallContext) -> ResponseMessage:
+        A method that answers at once (C{GetCapabilities}, say) is answered
+        by an already-fired Deferred, with no coroutine to drive; only one
+        that returns an awaitable is awaited.
+        """
+        try:
+            started = self._start(request, context)
+        except BaseException:
+            return fail()
+        if isinstance(started, ResponseMessage):
+            return succeed(started)
+        operation, pending = started
+        return ensureDeferred(self._finish(request, operation, pending))
+
+    def _start(
+        self, request: RequestMessage, context: CallContext
+    ) -> ResponseMessage | tuple[Operation, Awaitable[Any]]:
+        """
+        The response, when the method gave it at once; else the operation
+        and what to await for its result.
+        """
         if context.refusal is not None:
             return self._failed(request, request.method, context.refusal, "refused its data stream")
         service = self._services.get(request.service)
@@ -205,10 +222,20 @@ class Dispatcher:
         kwargs = {"context": context} if bound.wants_context else {}
         try:
             result = bound.call(*request.params, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
         except Exception as e:
             return self._failed(request, operation.name, e, "raised")
+        if inspect.isawaitable(result):
+            return operation, result
+        return self._answer(request, operation, result)
+
+    async def _finish(self, request: RequestMessage, operation: Operation, pending: Awaitable[Any]) -> ResponseMessage:
+        try:
+            result = await pending
+        except Exception as e:
+            return self._failed(request, operation.name, e, "raised")
+        return self._answer(request, operation, result)
+
+    def _answer(self, request: RequestMessage, operation: Operation, result: Any) -> ResponseMessage:
         if operation.returns is None:
             result = None
         elif result is not None and not isinstance(result, operation.returns):

@@ -11,7 +11,8 @@ from typing import Any
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevel
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -48,6 +49,7 @@ SERVICE = ServiceContract(
         Operation("Echo", (Parameter("text", str),), str),
         Operation("Boom", (Parameter("text", str),), str),
         Operation("Later", (Parameter("text", str),), str),
+        Operation("LaterBoom", (Parameter("text", str),), str),
         Operation("Wrong", (), str),
         Operation("Nothing", (), None),
         Operation("Download", (Parameter("size", str),), DataStream),
@@ -85,6 +87,9 @@ class Things:
 
     async def later(self, text: str) -> str:
         return text.upper()
+
+    async def later_boom(self, text: str) -> str:
+        raise ValueError(f"no {text} later either")
 
     def wrong(self) -> str:
         return 42  # type: ignore[return-value]
@@ -558,6 +563,53 @@ class SnakeCaseTests(SynchronousTestCase):
         self.assertEqual(snake_case("StartScript"), "start_script")
         self.assertEqual(snake_case("GetCapabilities"), "get_capabilities")
         self.assertEqual(snake_case("UploadFile"), "upload_file")
+
+
+class DispatcherTests(SynchronousTestCase):
+    """
+    L{Dispatcher.handle} answers a method that returns at once with a
+    Deferred that has fired already, and one that returns an awaitable once
+    it is done; either way a method that raises becomes an error response.
+    """
+
+    def setUp(self) -> None:
+        self.logs = LogCapture.install(self)
+        self.dispatcher = Dispatcher()
+        self.dispatcher.register(SERVICE, Things())
+
+    def handle(self, method: str, *params: object) -> Deferred[ResponseMessage]:
+        message = request("IThingService", method, *params)
+        return self.dispatcher.handle(message, CallContext(None, message, {}))
+
+    def test_an_answer_at_once_is_a_fired_deferred(self) -> None:
+        response = self.successResultOf(self.handle("Echo", "hi"))
+        self.assertEqual((response.result, response.error), ("hi", None))
+
+    def test_an_awaitable_answer_waits(self) -> None:
+        waiting: Deferred[str] = Deferred()
+        dispatcher = Dispatcher()
+
+        class Slow(Things):
+            def later(self, text: str) -> Deferred[str]:  # type: ignore[override]
+                return waiting
+
+        dispatcher.register(SERVICE, Slow())
+        message = request("IThingService", "Later", "x")
+        d = dispatcher.handle(message, CallContext(None, message, {}))
+        self.assertNoResult(d)
+        waiting.callback("done")
+        self.assertEqual(self.successResultOf(d).result, "done")
+
+    def test_raising_at_once_or_later_is_an_error_response(self) -> None:
+        now = self.successResultOf(self.handle("Boom", "cake"))
+        later = self.successResultOf(self.handle("LaterBoom", "pie"))
+        self.assertIsNotNone(now.error)
+        self.assertIsNotNone(later.error)
+        assert now.error is not None and later.error is not None
+        self.assertIn("no cake today", now.error.message)
+        self.assertIn("no pie later either", later.error.message)
+        self.assertEqual(len(self.logs.matching(log_level=LogLevel.critical)), 2)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
 
 
 class RegisterTests(SynchronousTestCase):

@@ -745,12 +745,20 @@ class HalibutConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        if self._finished and self._reader is None and not self._guarded and self._payload is None:
+            # Closed here already, with nothing waiting to be told why (a
+            # connection after END): nothing to fail, nor a reason to word.
+            self._disarm()
+        else:
+            self._lost(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def _lost(self, reason: Failure) -> None:
         self._fail(
             ConnectionClosed(f"the connection was lost while {self.activity}: {reason.getErrorMessage()}"),
             drop=False,
         )
-        if not self.closed.called:
-            self.closed.callback(None)
 
     async def unless_closed(self, d: Deferred[Any]) -> Any:
         """
