@@ -71,7 +71,7 @@ from tentacle.halibut.roles import ListeningService, ServerOfSubscriber
 from tentacle.halibut.rpc import IRequestHandler, IRequestSource
 from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
-from tentacle.sockets import set_keepalive
+from tentacle.sockets import ListeningKeepAlive
 from tentacle.halibut.deadline import Deadline
 from tentacle.tls import DirectTLS
 from tentacle.trust import PeerIdentity, TrustList
@@ -190,7 +190,7 @@ class AgentConnection(Protocol):
         self._accepted_at = clock.seconds()
         self._timeout = Deadline(clock, self._expired)
         self._timeout.arm(min(limits.first_byte_timeout, limits.handshake_timeout))
-        set_keepalive(self.transport, self.factory.keepalive)
+        self.factory.listening_keepalive.apply(self.transport, self.factory.keepalive)
 
     def tls_bytes_received(self) -> None:
         """
@@ -482,6 +482,7 @@ class ListenerFactory(Factory):
         if log is not None:
             self.log = log
         self.keepalive = keepalive
+        self.listening_keepalive = ListeningKeepAlive()
         self.trust = trust
         self.clock = clock
         self.limits = limits

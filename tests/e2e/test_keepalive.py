@@ -68,6 +68,21 @@ class ListeningKeepAliveTests(TestCase):
         self.assertEqual(keepalive_of(accepted), HALIBUT)
         self.assertEqual(keepalive_of(dialled), HALIBUT)
 
+    async def test_every_accepted_connection(self) -> None:
+        """
+        Not only the first: later connections get the options through the
+        listening socket.
+        """
+        agent = start_agent(self, trusted=(identity("server").thumbprint,), tcp_keepalive=KeepAlive(30, 7, 3))
+        target = Target("127.0.0.1", agent_port(agent), Pin(identity("agent").thumbprint))
+        for _ in range(4):
+            client = TentacleClient(target, identity("server"), reactor)
+            self.addCleanup(client.close)
+            await client.call("ICapabilitiesServiceV2", "GetCapabilities")
+        accepted = agent.listener_factory.authenticated_connections
+        self.assertEqual(len(accepted), 4)
+        self.assertEqual({keepalive_of(c.transport) for c in accepted}, {(1, 30, 7, 3)})
+
     async def test_settable(self) -> None:
         accepted, dialled = await self.connect(KeepAlive(30, 7, 3), keepalive=KeepAlive(20, 4, 6))
         self.assertEqual(keepalive_of(accepted), (1, 30, 7, 3))
