@@ -582,6 +582,7 @@ class ListeningTLS(DirectTLS):
         # transport's interfaces one at a time and then all at once, and
         # connects and registers itself twice (some 30 us of a connection's
         # CPU).  Here they are declared, and it connects, once.
+        self._no_delay(transport)
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
         if self._connectWrapped:

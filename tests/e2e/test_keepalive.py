@@ -82,6 +82,13 @@ class ListeningKeepAliveTests(TestCase):
         accepted = agent.listener_factory.authenticated_connections
         self.assertEqual(len(accepted), 4)
         self.assertEqual({keepalive_of(c.transport) for c in accepted}, {(1, 30, 7, 3)})
+        # and each is sent at once (DirectTLS), the listener's TLS layer too
+        no_delay = set()
+        for c in accepted:
+            sock = socket_of(c.transport)
+            assert sock is not None
+            no_delay.add(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.assertEqual(no_delay, {1})
 
     async def test_settable(self) -> None:
         accepted, dialled = await self.connect(KeepAlive(30, 7, 3), keepalive=KeepAlive(20, 4, 6))
