@@ -49,6 +49,7 @@ timed one by one, with no other connection open, and with C{--many-idle}
 of each, the order turning from round to round.
 
     python benchmarks/bench_connections.py [--rounds 5] [--count 500] [--idle 200] [--many-idle 500] [--pin split]
+    python benchmarks/bench_connections.py --memory-only [--memory-rounds 3]
 """
 
 from __future__ import annotations
@@ -336,6 +337,10 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
             flush=True,
         )
 
+    if args.memory_only:
+        return {"where": where, "tls": None, "memory": memory, "rate": None, "active": None,
+                "agent_rss_after": None}
+
     agent_child, agent_port = start_agent(folder, certs, server_cpu)
     bare_child = common.start_child(common.server_command("bare_server.py", certs.agent_pem), server_cpu)
     library = None
@@ -411,6 +416,28 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
     }
 
 
+def print_memory(args: Any, memory: list[dict[str, dict[str, float]]]) -> None:
+    print(f"Memory ({args.idle} idle connections held, after {args.warmup} opened and closed)")
+    for r, m in enumerate(memory):
+        for name in ("agent", "bare"):
+            x = m[name]
+            print(
+                f"  round {r + 1} {name:5s} idle {x['idle_rss'] / MiB:6.1f} MiB; {x['rss_before'] / MiB:6.1f} -> "
+                f"{x['rss_with_idle'] / MiB:6.1f} MiB: {x['per_connection'] / 1024:5.1f} KiB per connection"
+            )
+
+
+def memory_rows(args: Any, memory: list[dict[str, dict[str, float]]]) -> list[Any]:
+    return [
+        common.row("idle agent RSS, `tentacle run` (vs bare Twisted TLS listener)",
+                   [m["agent"]["idle_rss"] / MiB for m in memory], [m["bare"]["idle_rss"] / MiB for m in memory],
+                   "MiB", "lower", key="idle_rss"),
+        common.row(f"RSS per idle authenticated TentacleClient connection, {args.idle} held (vs bare TLS)",
+                   [m["agent"]["per_connection"] / 1024 for m in memory],
+                   [m["bare"]["per_connection"] / 1024 for m in memory], "KiB", "lower", key="connection_rss"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -421,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="connections opened and closed before memory is read")
     parser.add_argument("--many-idle", type=int, default=500, help="idle connections beside the busy one")
     parser.add_argument("--active", type=int, default=1000, help="calls timed on the busy connection per round")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure memory only: no new-connection or busy-connection figures")
     common.add_pin_option(parser)
     common.add_json_option(parser)
     args = parser.parse_args(argv)
@@ -435,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     rate, memory, active = out["rate"], out["memory"], out["active"]
     n = args.count
     print(f"# load average at the end {common.loadavg()}\n")
+    if args.memory_only:
+        print_memory(args, memory)
+        for r in memory_rows(args, memory):
+            print(common.describe_row(r))
+        common.write_json(args.json, {"placement": out["where"], "idle": args.idle, "memory": memory,
+                                      "rows": memory_rows(args, memory)})
+        return 0
     print(f"New connections ({out['tls']}; median over {args.rounds} rounds)")
     for kind, samples in rate.items():
         print(
@@ -444,14 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     cpu = {k: [s[1] / n * 1e3 for s in v] for k, v in rate.items()}
     per_second = {k: [n / s[0] for s in v] for k, v in rate.items()}
-    print(f"Memory ({args.idle} idle connections held, after {args.warmup} opened and closed)")
-    for r, m in enumerate(memory):
-        for name in ("agent", "bare"):
-            x = m[name]
-            print(
-                f"  round {r + 1} {name:5s} idle {x['idle_rss'] / MiB:6.1f} MiB; {x['rss_before'] / MiB:6.1f} -> "
-                f"{x['rss_with_idle'] / MiB:6.1f} MiB: {x['per_connection'] / 1024:5.1f} KiB per connection"
-            )
+    print_memory(args, memory)
     print(f"  agent RSS after the connection tests: {out['agent_rss_after'] / MiB:.1f} MiB")
     rows = [
         common.row("new connection + identity + 1 request via TentacleClient: agent CPU per connection "
@@ -464,12 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(vs bare mTLS handshake, blocking ssl)", cpu["wire"], cpu["bare"], "ms", "lower", fmt="{:.2f}"),
         common.row(f"new connections per second, raw wire, {args.concurrency} threads (vs bare, blocking ssl)",
                    per_second["wire"], per_second["bare"], "conn/s", "higher", fmt="{:.0f}"),
-        common.row("idle agent RSS, `tentacle run` (vs bare Twisted TLS listener)",
-                   [m["agent"]["idle_rss"] / MiB for m in memory], [m["bare"]["idle_rss"] / MiB for m in memory],
-                   "MiB", "lower", key="idle_rss"),
-        common.row(f"RSS per idle authenticated TentacleClient connection, {args.idle} held (vs bare TLS)",
-                   [m["agent"]["per_connection"] / 1024 for m in memory],
-                   [m["bare"]["per_connection"] / 1024 for m in memory], "KiB", "lower", key="connection_rss"),
+        *memory_rows(args, memory),
         common.row(f"busy connection p50 via TentacleClient with {args.many_idle} idle connections (vs with none)",
                    [x * 1e6 for x in active["many"]], [x * 1e6 for x in active["none"]], "µs", "lower",
                    key="many_idle", fmt="{:.0f}"),

@@ -1001,11 +1001,12 @@ def main(
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     environ = os.environ if environ is None else environ
-    parser = build_parser()
     _help_output.set(out)
     try:
         try:
-            args = parser.parse_args(argv)
+            # No name for the parser: it is garbage once the arguments are
+            # read, not kept for as long as the agent runs.
+            args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help and --version
             return int(e.code or 0)
         registry = InstanceRegistry(default_registry(environ))

@@ -19,7 +19,7 @@ certificate is not the pinned one: those stop at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -29,22 +29,14 @@ from twisted.logger import Logger
 
 from tentacle import events
 from tentacle.config import PolledServer
-from tentacle.dialer import (
-    ConnectionRefused,
-    DialError,
-    HostNotFound,
-    Pin,
-    PinnedConnection,
-    Proxy,
-    ReconnectDelay,
-    UnexpectedCertificate,
-    dial,
-)
 from tentacle.halibut.connection import ExchangeSettings
 from tentacle.halibut.roles import PollingSubscriber
 from tentacle.halibut.rpc import IRequestHandler
 from tentacle.halibut.serializer import TypeRegistry
 from tentacle.identity import Identity
+
+if TYPE_CHECKING:
+    from tentacle.dialer import DialError, PinnedConnection, ReconnectDelay
 
 #: Tries of one connection attempt, a second apart, before the backoff.
 QUICK_TRIES = 5
@@ -86,6 +78,10 @@ class PollingConnection(Service):
     ) -> None:
         self.server = server
         self.index = index
+        # The dialer (and twisted.internet.endpoints with it) is loaded
+        # once a server is polled, not in every listening agent.
+        from tentacle.dialer import Proxy, ReconnectDelay
+
         self._identity = identity
         self._tls = _client_tls(identity)
         self._handler_for = handler_for
@@ -166,6 +162,9 @@ class PollingConnection(Service):
         Dial (a few quick tries), then answer requests until the connection
         ends.
         """
+        # Loaded by __init__ already; here for the names (see there).
+        from tentacle.dialer import DialError, Pin, PinnedConnection, UnexpectedCertificate, dial
+
         server = self.server
         role = PollingSubscriber(self._handler_for(server, server.address), server.subscription_id)
         for attempt in range(1, QUICK_TRIES + 1):
@@ -250,6 +249,9 @@ def _final(error: DialError) -> bool:
     """
     Connection refused, an unknown name: a second later will not differ.
     """
+    # Loaded by PollingConnection already; imported here for the names.
+    from tentacle.dialer import ConnectionRefused, HostNotFound
+
     return isinstance(error, (ConnectionRefused, HostNotFound))
 
 

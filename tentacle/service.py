@@ -27,8 +27,7 @@ import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from twisted.protocols.policies import WrappingFactory
@@ -294,17 +293,15 @@ class TentacleService(MultiService):
         for folder in removed:
             self.log.info("Removed the old script workspace {folder}", folder=str(folder))
 
-    def _endpoints(self) -> list[IStreamServerEndpoint]:
+    def _interfaces(self) -> list[str]:
+        """
+        The addresses to try to listen on, in order, until one works.
+        """
         address = self.config.listen_address
         if address is None:
             # One dual-stack IPv6 socket takes IPv4 too; without IPv6, fall back.
-            return [
-                TCP6ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG, "::"),
-                TCP4ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG),
-            ]
-        if ":" in address:
-            return [TCP6ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG, address)]
-        return [TCP4ServerEndpoint(self.reactor, self.config.port, LISTEN_BACKLOG, address)]
+            return ["::", ""]
+        return [address]
 
     def privilegedStartService(self) -> None:
         """
@@ -320,15 +317,18 @@ class TentacleService(MultiService):
         tls = ListeningTLSFactory(AgentTLSOptions(self.identity), self.listener_factory, clock=self.reactor)
         self._accepting.wrappedFactory = tls
         factory = self._accepting
+        # listenTCP itself, not twisted.internet.endpoints: the same call,
+        # without the endpoint modules (and stdio) in every agent's memory.
         errors: list[BaseException] = []
-        for endpoint in self._endpoints():
-            result = endpoint.listen(factory)
-            ports: list[IListeningPort] = []
-            result.addCallbacks(ports.append, lambda f: errors.append(f.value))
-            if ports:
-                self.port = ports[0]
-                take_turns(self.port)
-                break
+        for interface in self._interfaces():
+            try:
+                port = self.reactor.listenTCP(self.config.port, factory, LISTEN_BACKLOG, interface)
+            except Exception as e:
+                errors.append(e)
+                continue
+            self.port = port
+            take_turns(port)
+            break
         if self.port is None:
             raise errors[-1]
 

@@ -17,7 +17,7 @@ import sys
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -48,12 +48,10 @@ from tentacle.contracts import (
 )
 from tentacle import events
 from tentacle.dispatch import CallContext
-from tentacle.encryption import EncryptingReader
 from tentacle.fsutil import atomic_write
 from tentacle.halibut.dotnet import TimeSpan
 from tentacle.services.script_environment import script_variables
 from tentacle.workers.isolation import IsolationMutexes, IsolationTimeout, Lease
-from tentacle.workers.process import ProcessResult, ScriptProcess, bash_enters_folder
 from tentacle.workspace import (
     BOOTSTRAP,
     LogPage,
@@ -63,6 +61,9 @@ from tentacle.workspace import (
     WorkspaceStore,
     safe_file_name,
 )
+
+if TYPE_CHECKING:
+    from tentacle.workers.process import ProcessResult, ScriptProcess
 
 #: Tentacle's name for the isolation mutex when a command names none.
 DEFAULT_MUTEX_NAME = "RunningScript"
@@ -401,6 +402,10 @@ class ScriptRunner:
                 )
                 await self._finish(script, ScriptExitCodes.POWERSHELL_INVOCATION_ERROR)
                 return
+            # The process worker is loaded with the first script, not into
+            # the memory of every idle agent.
+            from tentacle.workers.process import ScriptProcess
+
             script.state.state = ProcessState.Running
             script.state.started = _now()
             process = ScriptProcess(
@@ -480,6 +485,9 @@ class ScriptRunner:
         launch = script.launch
         workspace = script.workspace
         if ScriptType.Bash in launch.scripts or ScriptType.PowerShell not in launch.scripts:
+            # Loaded with the first script (see _run).
+            from tentacle.workers.process import bash_enters_folder
+
             body = launch.scripts.get(ScriptType.Bash, launch.script_body)
             prelude = bash_enters_folder(str(workspace.root), self._base_environment)
             bootstrap = workspace.root / BOOTSTRAP
@@ -822,6 +830,9 @@ def _contents(script_file: ScriptFile, context: CallContext) -> IO[bytes]:
     payload = context.payload(script_file.contents)
     if script_file.encryption_password is None:
         return payload
+    # The ciphers are loaded for the first encrypted file, not into every agent.
+    from tentacle.encryption import EncryptingReader
+
     return cast(IO[bytes], EncryptingReader(payload, script_file.encryption_password))
 
 
