@@ -521,7 +521,12 @@ class LeakTests(OnCompiledCore):
         # would be 128 KiB or more; the interpreter's own pools move by a
         # few tens of KiB.
         self.assertLess(grown, 64 * 1024)
-        self.assertEqual([sys.getrefcount(o) for o in shared + [text_key]], references)
+        after = [sys.getrefcount(o) for o in shared + [text_key]]
+        # Every datetime anywhere holds UTC (a log event made meanwhile by
+        # another test's leftover thread, say): a reference leaked per call
+        # would add thousands, such passers-by a few dozen.
+        self.assertLess(abs(after[0] - references[0]), 1000)
+        self.assertEqual(after[1:], references[1:])
 
 
 class SelectionTests(SynchronousTestCase):
