@@ -359,7 +359,8 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
         clients = [HalibutClient(port, certs.context) for _ in range(args.connections)]
         for client in clients:
             halibut_rt(client)
-        library = common.tentacle_client(reactor, port, certs)
+        options = {} if args.max_connecting is None else {"max_connecting": args.max_connecting}
+        library = common.tentacle_client(reactor, port, certs, **options)
 
         # -- concurrent scripts --
         print(
@@ -493,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure only these parts (the rows of the others are left out)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="concurrent scripts: run only these kinds")
+    parser.add_argument("--max-connecting", type=int, default=None,
+                        help="TentacleClient's max_connecting (default: the library's)")
     common.add_pin_option(parser, default="none")
     common.add_json_option(parser)
     args = parser.parse_args(argv)
