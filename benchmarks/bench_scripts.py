@@ -52,6 +52,12 @@ Twisted mTLS client command (C{pipe.py put} of an empty file: start-up,
 TLS, one exchange) plus C{spawn-exit}.
 
     python benchmarks/bench_scripts.py [--rounds 3] [--scripts 200] [--count 30] [--pin none]
+
+C{--only concurrent first-line command} measures only those parts (and
+prints only their rows), C{--kinds client bare-spawnp wire} only those
+kinds of the concurrent part; C{--max-connecting N} sets the client's
+C{max_connecting}.  With C{TENTACLE_BENCH_PROFILE=FILE} the agent runs
+under cProfile (see C{scripts_server.py}).
 """
 
 from __future__ import annotations
