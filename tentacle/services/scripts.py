@@ -422,7 +422,7 @@ class ScriptRunner:
             # No Running state is written: on disk the state stays Pending
             # until the final one, which also records when the script
             # started.  A restart reports -46 for either, and each file
-            # written costs a file creation (~0.7 ms of kernel CPU on
+            # written costs a file creation (0.4-0.9 ms of kernel CPU on
             # ext4) and a trip through the thread pool per script.
             started = process.start()
             try:
