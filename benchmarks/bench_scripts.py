@@ -52,6 +52,12 @@ Twisted mTLS client command (C{pipe.py put} of an empty file: start-up,
 TLS, one exchange) plus C{spawn-exit}.
 
     python benchmarks/bench_scripts.py [--rounds 3] [--scripts 200] [--count 30] [--pin none]
+
+C{--only concurrent first-line command} measures only those parts (and
+prints only their rows), C{--kinds client bare-spawnp wire} only those
+kinds of the concurrent part; C{--max-connecting N} sets the client's
+C{max_connecting}.  With C{TENTACLE_BENCH_PROFILE=FILE} the agent runs
+under cProfile (see C{scripts_server.py}).
 """
 
 from __future__ import annotations
@@ -83,6 +89,8 @@ from tentacle.contracts import (
 from tentacle.halibut.dotnet import TimeSpan
 
 CALL = ("ICapabilitiesServiceV2", "GetCapabilities")
+PARTS = ("concurrent", "first-line", "command")
+KINDS = ("client", "bare-spawnp", "wire")
 
 # --- the client ----------------------------------------------------------------
 
@@ -357,7 +365,8 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
         clients = [HalibutClient(port, certs.context) for _ in range(args.connections)]
         for client in clients:
             halibut_rt(client)
-        library = common.tentacle_client(reactor, port, certs)
+        options = {} if args.max_connecting is None else {"max_connecting": args.max_connecting}
+        library = common.tentacle_client(reactor, port, certs, **options)
 
         # -- concurrent scripts --
         print(
@@ -384,8 +393,9 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
         server_pid = {"client": agent.pid, "wire": agent.pid, "bare-spawnp": spawner.child.pid}
         many: dict[str, list[float]] = {k: [] for k in runs}
         order = list(runs)
-        for r in range(args.rounds):
-            for kind in order[r % 3:] + order[: r % 3]:
+        order = [k for k in order if k in args.kinds]
+        for r in range(args.rounds if "concurrent" in args.only else 0):
+            for kind in order[r % len(order):] + order[: r % len(order)]:
                 await common.sleep(reactor, 0.3)  # let the last round's processes be reaped everywhere
                 server_before, client_before = common.cpu_seconds(server_pid[kind]), time.process_time()
                 started, ended = await runs[kind]()
@@ -420,7 +430,7 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
         names = {"spawn": ("spawn-first-byte", "spawn-exit")}
         latency: list[dict[str, list[float]]] = []
         order = list(kinds)
-        for r in range(args.rounds + 1):  # round 0 warms up
+        for r in range(args.rounds + 1 if "first-line" in args.only else 0):  # round 0 warms up
             samples: dict[str, list[float]] = {}
             for i in range(args.warmup if r == 0 else args.count):
                 for kind in order[i % len(order):] + order[: i % len(order)]:
@@ -443,8 +453,9 @@ async def measure(reactor: Any, args: Any, folder: Path) -> dict[str, Any]:
             "pipe.py", "put", pipe_port, certs.server_cert, certs.server_key, empty, "empty"
         )
         command: dict[str, list[float]] = {"cli": [], "pipe": [], "spawn-exit": []}
-        command_seconds(cli, "hello")
-        for r in range(args.rounds):
+        if "command" in args.only:
+            command_seconds(cli, "hello")
+        for r in range(args.rounds if "command" in args.only else 0):
             cli_s, pipe_s, spawn_s = [], [], []
             for _ in range(args.cli_count):
                 cli_s.append(command_seconds(cli, "hello"))
@@ -485,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=30, help="first-log-line samples per kind per round")
     parser.add_argument("--warmup", type=int, default=5, help="first-log-line warm-up samples per kind")
     parser.add_argument("--cli-count", type=int, default=5, help="tentacle-client run commands per round")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="measure only these parts (the rows of the others are left out)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="concurrent scripts: run only these kinds")
+    parser.add_argument("--max-connecting", type=int, default=None,
+                        help="TentacleClient's max_connecting (default: the library's)")
     common.add_pin_option(parser, default="none")
     common.add_json_option(parser)
     args = parser.parse_args(argv)
@@ -502,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.scripts} concurrent 'sleep {args.sleep:g}' scripts, first start to last done "
           f"(median and range over {args.rounds} rounds)")
     for kind, values in many.items():
+        if not values:
+            continue
         print(f"  {kind:12s} {statistics.median(values):6.3f} s  ({min(values):.3f}..{max(values):.3f})")
     print()
     print(f"'echo hello', first log line ({args.rounds} rounds x {args.count} samples per kind)")
@@ -521,32 +540,37 @@ def main(argv: list[str] | None = None) -> int:
     floor_wait = [a + b for a, b in zip(per_round("spawn-exit"), per_round("wire-rt"))]
     floor_poll = [a + b for a, b in zip(per_round("spawn-first-byte"), per_round("wire-rt"))]
     floor_command = [(p + s) * 1e3 for p, s in zip(command["pipe"], command["spawn-exit"])]
+    def row(name: str, ours: list[float], base: list[float], *rest: Any, **options: Any) -> Any:
+        # Only the rows of the parts measured (--only, --kinds).
+        return common.row(name, ours, base, *rest, **options) if ours and base else None
+
     rows = [
-        common.row(f"{args.scripts} x 'sleep {args.sleep:g}' via TentacleClient.run_script, start to all done "
+        row(f"{args.scripts} x 'sleep {args.sleep:g}' via TentacleClient.run_script, start to all done "
                    f"(vs {args.scripts} bare posix_spawn)", many["client"], many["bare-spawnp"], "s", "lower",
                    key="scripts", fmt="{:.3f}"),
-        common.row(f"{args.scripts} x 'sleep {args.sleep:g}', raw wire, {args.connections} connections polling "
+        row(f"{args.scripts} x 'sleep {args.sleep:g}', raw wire, {args.connections} connections polling "
                    f"every {args.poll * 1e3:g} ms (vs {args.scripts} bare posix_spawn)",
                    many["wire"], many["bare-spawnp"], "s", "lower", fmt="{:.3f}"),
-        common.row("'echo hello' first log line via TentacleClient.run_script "
+        row("'echo hello' first log line via TentacleClient.run_script "
                    "(vs bare posix_spawn first byte + 1 pooled TentacleClient round trip)",
                    per_round("client-first-line"), floor_client, "ms", "lower", key="first_line", fmt="{:.2f}"),
-        common.row("'echo hello' StartScript waiting for the end, raw wire (vs bare spawn to exit + 1 raw round trip)",
+        row("'echo hello' StartScript waiting for the end, raw wire (vs bare spawn to exit + 1 raw round trip)",
                    per_round("wire-wait"), floor_wait, "ms", "lower", fmt="{:.2f}"),
-        common.row("'echo hello' StartScript then GetStatus until the line, raw wire "
+        row("'echo hello' StartScript then GetStatus until the line, raw wire "
                    "(vs bare first byte + 1 raw round trip)", per_round("wire-poll"), floor_poll, "ms", "lower",
                    fmt="{:.2f}"),
-        common.row("`tentacle-client run -c 'echo hello'`, whole command "
+        row("`tentacle-client run -c 'echo hello'`, whole command "
                    "(vs bare Twisted mTLS client command with one exchange + bare spawn to exit)",
                    [c * 1e3 for c in command["cli"]], floor_command, "ms", "lower", fmt="{:.0f}"),
     ]
+    rows = [r for r in rows if r is not None]
     for r in rows:
         print(common.describe_row(r))
     common.write_json(args.json, {
         "scripts": args.scripts,
         "sleep": args.sleep,
         "placement": out["where"],
-        "concurrent": {k: statistics.median(v) for k, v in many.items()},
+        "concurrent": {k: statistics.median(v) for k, v in many.items() if v},
         "first_line": {k: statistics.median(v) for k, v in every.items()},
         "command": command,
         "rows": rows,

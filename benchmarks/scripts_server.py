@@ -19,6 +19,10 @@ on its standard input, for C{bench_stall.py}:
 
     python benchmarks/scripts_server.py agent IDENTITY.pem TRUSTED_THUMBPRINT HOME
 
+With C{TENTACLE_BENCH_PROFILE=FILE} in its environment, the agent runs
+under cProfile and writes the statistics to FILE when it stops (wall
+time; the reactor thread's CPU time with C{TENTACLE_BENCH_PROFILE_CLOCK=thread}).
+
 C{bare} mode is the baseline: a bare Twisted program that spawns processes
 the way the agent does (through C{setsid}, with C{/bin/bash}, an environment
 and a working directory), with a L{ProcessProtocol} that only notes when
@@ -130,7 +134,18 @@ def agent(identity_path: str, trusted: str, home: str) -> None:
 
     say(f"port {port}")
     stop_on_eof(command)
-    reactor.run()
+    profile_to = os.environ.get("TENTACLE_BENCH_PROFILE")
+    if not profile_to:
+        reactor.run()
+        return
+    import cProfile
+
+    # TENTACLE_BENCH_PROFILE_CLOCK=thread: the reactor thread's CPU time
+    # (waits, such as posix_spawn's for the child's exec, do not count).
+    clock = time.thread_time if os.environ.get("TENTACLE_BENCH_PROFILE_CLOCK") == "thread" else time.perf_counter
+    profiler = cProfile.Profile(clock)
+    profiler.runcall(reactor.run)
+    profiler.dump_stats(profile_to)
 
 
 class Watch(ProcessProtocol):

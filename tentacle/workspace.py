@@ -336,10 +336,11 @@ class ScriptLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             self._writer = os.fdopen(fd, "ab")
             self._writer.truncate(self._end)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-            self._index_writer = os.fdopen(os.open(self.index_path, flags, 0o600), "ab")
+            del self._unsaved[:]  # the index file is (re)written whole
             for line, offset in zip(self._lines, self._offsets):
                 self._unsaved.extend((line, offset))
+            if self._end:
+                self._open_index()  # a log written before: its saved index is rewritten now, as it stands
         body = (head + (tail + head).join(encoded) + tail).encode("ascii")
         first, start, n = self._count, self._end, len(encoded)
         if (
@@ -403,12 +404,25 @@ class ScriptLog:
                 '["' + _SOURCE_NAMES[source] + '", ', ', "' + when.isoformat() + '"]\n', [_encode_text(text)]
             )
 
+    def _open_index(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+        self._index_writer = os.fdopen(os.open(self.index_path, flags, 0o600), "ab")
+
     def flush(self) -> None:
         """
         Hand buffered lines to the OS, so they survive the agent's death.
+
+        A new log's index file is created only once the index holds more
+        than the first line's entry (after L{INDEX_EVERY_LINES} lines or
+        L{INDEX_EVERY_BYTES} bytes): before that, a restart scans the whole
+        log whether the file exists or not, and most scripts' logs never
+        get that long.  One file creation less per script (about as costly
+        as the first line's write on ext4).
         """
         if self._writer is not None:
             self._writer.flush()
+        if self._index_writer is None and self._writer is not None and len(self._lines) > 1:
+            self._open_index()
         if self._unsaved and self._index_writer is not None:
             self._index_writer.write(self._unsaved.tobytes())
             self._index_writer.flush()

@@ -12,7 +12,7 @@ Child side: C{python -m tests.agent_process --home H --trust T
 unless given), prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
 Parent side: L{spawn_agent}.
 
-C{--crash-writing-state Complete} (or C{Pending}, C{Running}) makes the
+C{--crash-writing-state Complete} (or C{Pending}) makes the
 agent SIGKILL itself in the middle of saving a script's state file: the
 temp file is written, the rename over C{scriptstate.json} never happens,
 exactly as if the machine died there.

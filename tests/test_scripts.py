@@ -146,3 +146,23 @@ class StartScriptWaitTests(SynchronousTestCase):
         [line] = status.logs
         self.assertIn("The script could not be written", line.text)
         self.assertEqual(self.reactor.processes, [], "never started")
+
+    def test_the_state_file_says_pending_until_the_final_state(self) -> None:
+        """
+        Two state writes per script: Pending before it starts, then the
+        final one, which records when it started.  No Running write.
+        """
+        answer = self.start(wait=5)
+        [script] = self.runner._scripts.values()
+        [process] = self.reactor.processes
+        self.assertEqual(script.state.state, ProcessState.Running)
+        saved = script.workspace.load_state()
+        assert saved is not None
+        self.assertEqual((saved.state, saved.started), (ProcessState.Pending, None))
+        process.exit(0)
+        self.successResultOf(answer)
+        final = script.workspace.load_state()
+        assert final is not None
+        self.assertEqual(final.state, ProcessState.Complete)
+        self.assertEqual(final.started, script.state.started)
+        self.assertIsNotNone(final.started)

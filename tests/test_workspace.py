@@ -148,6 +148,27 @@ class SparseIndexTests(SynchronousTestCase):
         self.assertTrue(page.entries[0].text.startswith("line 150 "))
         self.assertLess(page.bytes_read, INDEX_EVERY_BYTES + 2 * line)
 
+    def test_short_log_has_no_index_file(self) -> None:
+        """
+        A log with nothing to index past its first line creates no index
+        file (one file creation less per script); a restart scans it, and
+        the file appears once the log passes L{INDEX_EVERY_LINES}.
+        """
+        log = ScriptLog(self.path)
+        self.fill(log, 10)
+        self.assertFalse(log.index_path.exists())
+        log.close()
+        reopened = ScriptLog(self.path)
+        reopened.index_existing()
+        self.assertEqual([e.text for e in reopened.read(8, 5, 10**6)[0]], ["line 8", "line 9"])
+        total = 10 + INDEX_EVERY_LINES + 1
+        reopened.append_lines(ProcessOutputSource.StdOut, [f"line {i}" for i in range(10, total)], WHEN)
+        reopened.flush()
+        self.assertTrue(reopened.index_path.exists())
+        reopened.close()
+        again = ScriptLog(self.path)
+        self.check_pages(again, total, INDEX_EVERY_LINES * 60)
+
     def test_saved_index_read_after_a_restart(self) -> None:
         """
         The index is saved as it grows: a restarted agent reads it and

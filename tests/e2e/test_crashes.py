@@ -157,7 +157,7 @@ class StateFileCrashTests(CrashTestCase):
 
         folder = self.workspace(command.script_ticket)
         saved = json.loads((folder / STATE_FILE).read_text())
-        self.assertEqual(saved["State"], "Running", "the old state, whole: never a partial file")
+        self.assertEqual(saved["State"], "Pending", "the old state, whole: never a partial file")
         [temp] = [p for p in folder.iterdir() if p.name.startswith(f".{STATE_FILE}.")]
         self.assertEqual(json.loads(temp.read_text())["State"], "Complete")
 
