@@ -213,7 +213,8 @@ class PollingConnection(Service):
         if not role.identified.called:
             self.log.warn(
                 "Polling {server}: the server closed the connection after our identity; "
-                "it may not trust this agent's certificate {thumbprint}",
+                "it may not trust this agent's certificate {thumbprint}, or had no room yet "
+                "for another connection (this agent dials again)",
                 server=server.address, thumbprint=self._identity.thumbprint,
                 event=events.POLLING_REFUSED, subscription=server.subscription_id,
             )
