@@ -53,6 +53,11 @@ from tentacle.service import HEARTBEAT_FILE, METRICS_FILE
 from tentacle.systemd import DEFAULT_UNIT_DIRECTORY, ServiceError, Systemd, Unit, check_instance, unit_name
 
 
+#: Set (to anything), C{tentacle run} runs the agent in its own process
+#: instead of a fresh interpreter: under a profiler or coverage, say.
+IN_PROCESS_VARIABLE = "TENTACLE_RUN_IN_PROCESS"
+
+
 class CommandError(Exception):
     """
     The command was understood but cannot be done; exit status 1.
@@ -746,6 +751,15 @@ class _Command:
             "--nodaemon", "--pidfile=", "--umask=0077", "--logger", "tentacle.logs.observer", *privileges,
             "tentacle", "--home", str(self.home),
         ]
+        if sys.executable and not self.environ.get(IN_PROCESS_VARIABLE):
+            # A fresh interpreter for the agent (see tentacle.daemon): this
+            # command's modules would otherwise stay in its memory for good.
+            import subprocess
+
+            flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+            self.out.flush()
+            self.err.flush()
+            os.execv(sys.executable, [sys.executable, *flags, "-m", "tentacle.daemon", *arguments])
         sys.argv = ["twistd", *arguments]
         try:
             run_twistd(arguments)

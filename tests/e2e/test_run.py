@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tentacle.cli import IN_PROCESS_VARIABLE
 from tests.e2e.test_daemon import CHECKOUT, AgentProcess, child_environment, configure_home, free_port
 
 
@@ -60,6 +61,27 @@ class RunTests(TestCase):
         await configure_home(self, env, free_port())
         agent, _ = await self.start(env, "run", python=("-c", NO_PLUGINS.format(then=TENTACLE)), cwd=str(elsewhere))
         self.assertIn(b"Tentacle listening on port", agent.output)
+
+    async def test_the_agent_runs_in_a_fresh_interpreter(self) -> None:
+        """
+        C{tentacle run} becomes C{python -m tentacle.daemon} in the same
+        process (same PID, so signals and service managers still reach it),
+        and the command line's modules stay out of the agent's memory;
+        C{TENTACLE_RUN_IN_PROCESS} keeps the agent in the command's own
+        interpreter (for a profiler, or coverage).
+        """
+        for variable, expected in ((None, b"tentacle.daemon"), ("1", b"run")):
+            home = Path(self.mktemp()).absolute()
+            env = child_environment(home)
+            if variable is not None:
+                env[IN_PROCESS_VARIABLE] = variable
+            await configure_home(self, env, free_port())
+            agent, process = await self.start(env, "run")
+            arguments = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+            module = arguments[arguments.index(b"-m") + 1]
+            self.assertEqual(module, b"tentacle.daemon" if variable is None else b"tentacle")
+            self.assertIn(expected, arguments)
+            await self.stop(agent, process)
 
     async def test_a_named_instance(self) -> None:
         registry = Path(self.mktemp()).absolute()
