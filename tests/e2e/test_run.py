@@ -124,3 +124,25 @@ class RunTests(TestCase):
         process.signalProcess(signal.SIGHUP)
         await reloaded
         self.assertIn(b'"trigger": "SIGHUP"', agent.output)
+
+    async def test_an_unusable_identity_is_one_line(self) -> None:
+        """
+        A private key file that holds no key stops the agent with one error
+        line and status 1, in the fresh interpreter as in process (it used
+        to be a traceback once C{tentacle run} exec'd C{tentacle.daemon}).
+        """
+        for variable in (None, "1"):
+            home = Path(self.mktemp()).absolute()
+            env = child_environment(home)
+            if variable is not None:
+                env[IN_PROCESS_VARIABLE] = variable
+            await configure_home(self, env, free_port())
+            out, err, code = await getProcessOutputAndValue(sys.executable, ["-m", "tentacle", "new-certificate"], env=env)
+            self.assertEqual(code, 0, err)
+            (home / "private-key.pem").write_text("garbage\n")
+            out, err, code = await getProcessOutputAndValue(sys.executable, ["-m", "tentacle", "run"], env=env)
+            self.assertEqual(code, 1, out + err)
+            self.assertNotIn(b"Traceback", out + err)
+            lines = err.decode().splitlines()
+            self.assertEqual(len(lines), 1, err)
+            self.assertTrue(lines[0].startswith("tentacle: error: no usable PEM private key found"), err)
