@@ -22,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from twisted.python.usage import UsageError
 
+    from tentacle.config import ConfigError
+    from tentacle.errors import describe_os_error
+    from tentacle.identity import IdentityError
     from tentacle.tap import CannotStart, run_twistd
 
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -29,8 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = sys.stderr  # twistd points sys.stderr at its log once it starts
     try:
         run_twistd(arguments)
-    except (UsageError, CannotStart) as e:
-        err.write(f"tentacle: error: {e}\n")
+    except (UsageError, CannotStart, ConfigError, IdentityError, OSError) as e:
+        # The same failures, worded the same, as tentacle.cli's main reports
+        # when the agent runs in its process.
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        err.write(f"tentacle: error: {why}\n")
         err.flush()
         return 1
     return 0
