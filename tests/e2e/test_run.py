@@ -10,10 +10,12 @@ import os
 import signal
 import socket
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -46,7 +48,10 @@ class RunTests(TestCase):
 
     async def stop(self, agent: AgentProcess, process: Any) -> None:
         if not agent.ended.called:
-            process.signalProcess(signal.SIGTERM)
+            try:
+                process.signalProcess(signal.SIGTERM)
+            except ProcessExitedAlready:
+                pass  # it ended on its own (it failed to start), not yet told
         await agent.ended
 
     async def test_runs_without_twistd_plugin_discovery(self) -> None:
@@ -146,3 +151,28 @@ class RunTests(TestCase):
             lines = err.decode().splitlines()
             self.assertEqual(len(lines), 1, err)
             self.assertTrue(lines[0].startswith("tentacle: error: no usable PEM private key found"), err)
+
+    async def test_a_package_found_only_through_the_commands_path(self) -> None:
+        """
+        A C{tentacle} whose modules the interpreter finds only through the
+        path its launcher sets up at run time (a zipapp such as shiv or pex,
+        or a wrapper script that extends C{sys.path}; here C{python -S}
+        with the path given in the command) still runs.  The fresh
+        interpreter C{tentacle run} exec's is started with the same flags
+        but not the same path, so it finds no C{tentacle.daemon} and the
+        agent never starts ("No module named tentacle.daemon", status 1).
+        """
+        home = Path(self.mktemp()).absolute()
+        env = child_environment(home)
+        await configure_home(self, env, free_port())
+        del env["PYTHONPATH"]
+        elsewhere = Path(self.mktemp()).absolute()
+        elsewhere.mkdir()
+        path = [CHECKOUT, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        launcher = f"import sys; sys.path[:0] = {path!r}\n{TENTACLE}\n"
+        agent, _ = await self.start(env, "run", python=("-S", "-c", launcher), cwd=str(elsewhere))
+        self.assertIn(b"Tentacle listening on port", agent.output)
+
+    test_a_package_found_only_through_the_commands_path.todo = (  # type: ignore[attr-defined]
+        "tentacle run exec's 'python -m tentacle.daemon' without the command's sys.path"
+    )
