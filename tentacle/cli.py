@@ -58,6 +58,34 @@ from tentacle.systemd import DEFAULT_UNIT_DIRECTORY, ServiceError, Systemd, Unit
 IN_PROCESS_VARIABLE = "TENTACLE_RUN_IN_PROCESS"
 
 
+def _fresh_interpreter() -> list[str] | None:
+    """
+    The interpreter and flags to run the agent in afresh, if started so it
+    finds this very C{tentacle} (the same file); C{None} when it would not:
+    a launcher that set up C{sys.path} at run time (a zipapp, a wrapper
+    script) is not repeated by a fresh interpreter, and the agent then runs
+    in this one.
+    """
+    import subprocess
+
+    if not sys.executable:
+        return None
+    command = [sys.executable, *subprocess._args_from_interpreter_flags()]  # type: ignore[attr-defined]
+    try:
+        found = subprocess.run(
+            [*command, "-c", "import tentacle.daemon, sys; sys.stdout.write(tentacle.daemon.__file__)"],
+            capture_output=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    import tentacle.daemon
+
+    mine = os.path.realpath(tentacle.daemon.__file__)
+    if found.returncode != 0 or os.path.realpath(os.fsdecode(found.stdout)) != mine:
+        return None
+    return command
+
+
 class CommandError(Exception):
     """
     The command was understood but cannot be done; exit status 1.
@@ -751,15 +779,13 @@ class _Command:
             "--nodaemon", "--pidfile=", "--umask=0077", "--logger", "tentacle.logs.observer", *privileges,
             "tentacle", "--home", str(self.home),
         ]
-        if sys.executable and not self.environ.get(IN_PROCESS_VARIABLE):
+        fresh = None if self.environ.get(IN_PROCESS_VARIABLE) else _fresh_interpreter()
+        if fresh is not None:
             # A fresh interpreter for the agent (see tentacle.daemon): this
             # command's modules would otherwise stay in its memory for good.
-            import subprocess
-
-            flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
             self.out.flush()
             self.err.flush()
-            os.execv(sys.executable, [sys.executable, *flags, "-m", "tentacle.daemon", *arguments])
+            os.execv(fresh[0], [*fresh, "-m", "tentacle.daemon", *arguments])
         sys.argv = ["twistd", *arguments]
         try:
             run_twistd(arguments)

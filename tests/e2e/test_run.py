@@ -173,6 +173,3 @@ class RunTests(TestCase):
         agent, _ = await self.start(env, "run", python=("-S", "-c", launcher), cwd=str(elsewhere))
         self.assertIn(b"Tentacle listening on port", agent.output)
 
-    test_a_package_found_only_through_the_commands_path.todo = (  # type: ignore[attr-defined]
-        "tentacle run exec's 'python -m tentacle.daemon' without the command's sys.path"
-    )
