@@ -43,8 +43,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from OpenSSL import SSL
-from twisted.protocols.policies import ProtocolWrapper
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import implementer
 
 from tentacle import events
 from tentacle.addresses import describe_address
@@ -576,24 +575,6 @@ class ListeningTLS(DirectTLS):
     """
 
     _heard = False
-
-    def makeConnection(self, transport: Any) -> None:
-        # What Twisted's does, less its work twice over: it declares the
-        # transport's interfaces one at a time and then all at once, and
-        # connects and registers itself twice (some 30 us of a connection's
-        # CPU).  Here they are declared, and it connects, once.
-        self._no_delay(transport)
-        self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
-        if self._connectWrapped:
-            # Declares the interfaces, connects, registers, and connects
-            # the wrapped protocol.
-            ProtocolWrapper.makeConnection(self, transport)
-        else:
-            directlyProvides(self, providedBy(transport))
-            Protocol.makeConnection(self, transport)
-            self.factory.registerProtocol(self)
-        self._checkHandshakeStatus()
 
     def _checkHandshakeStatus(self) -> None:
         # A server has nothing to say before the ClientHello, and OpenSSL's

@@ -106,17 +106,13 @@ class DirectTLS(TLSMemoryBIOProtocol):
     """
 
     def makeConnection(self, transport: Any) -> None:
-        self._no_delay(transport)
-        super().makeConnection(transport)
-
-    @staticmethod
-    def _no_delay(transport: Any) -> None:
         set_no_delay = getattr(transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
                 set_no_delay(True)
             except OSError:
                 pass  # not a TCP socket after all (a test's fake, a UNIX socket)
+        super().makeConnection(transport)
 
     def write(self, data: bytes) -> None:
         super().write(data)
