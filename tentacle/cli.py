@@ -40,7 +40,7 @@ from tentacle.config import (
     resolve_home,
     split_host_port,
 )
-from tentacle.errors import describe_os_error
+from tentacle.errors import failure_sentence
 from tentacle.identity import Identity, IdentityError, IdentityStore, normalize_thumbprint
 from tentacle.instances import (
     Instance,
@@ -1056,11 +1056,8 @@ def main(
     except UsageError as e:
         err.write(f"{e}\n")
         return 2
-    except (CommandError, ConfigError, IdentityError, InstanceError) as e:
-        err.write(f"tentacle: error: {e}\n")
-        return 1
-    except OSError as e:
-        err.write(f"tentacle: error: {describe_os_error(e)}\n")
+    except (CommandError, ConfigError, IdentityError, InstanceError, OSError) as e:
+        err.write(f"tentacle: error: {failure_sentence(e)}\n")
         return 1
 
 

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.python.usage import UsageError
 
     from tentacle.config import ConfigError
-    from tentacle.errors import describe_os_error
+    from tentacle.errors import failure_sentence
     from tentacle.identity import IdentityError
     from tentacle.tap import CannotStart, run_twistd
 
@@ -35,8 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CannotStart, ConfigError, IdentityError, OSError) as e:
         # The same failures, worded the same, as tentacle.cli's main reports
         # when the agent runs in its process.
-        why = describe_os_error(e) if isinstance(e, OSError) else str(e)
-        err.write(f"tentacle: error: {why}\n")
+        err.write(f"tentacle: error: {failure_sentence(e)}\n")
         err.flush()
         return 1
     return 0

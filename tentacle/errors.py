@@ -40,3 +40,11 @@ def describe_os_error(error: OSError, name: object = None) -> str:
     text = error.strerror or str(error)
     text = text[:1].lower() + text[1:]
     return f"{subject}: {text}" if subject is not None else text
+
+
+def failure_sentence(error: BaseException) -> str:
+    """
+    A command's failure as one sentence: an OS error worded as
+    L{describe_os_error} words it, any other as it says itself.
+    """
+    return describe_os_error(error) if isinstance(error, OSError) else str(error)

@@ -33,7 +33,7 @@ from tentacle.client.targets import TargetError, load_targets_file, parse_target
 from tentacle.dialer import Proxy
 from tentacle.config import ConfigError, resolve_home
 from tentacle.contracts import ProcessOutput, ProcessOutputSource, ScriptIsolationLevel
-from tentacle.errors import describe_os_error
+from tentacle.errors import describe_os_error, failure_sentence
 from tentacle.identity import Identity, IdentityError, IdentityStore
 
 DEFAULT_TARGETS_FILE = Path("~/.config/tentacle/targets.json")
@@ -553,11 +553,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
     except UsageError as e:
         err.write(f"{e}\n")
         return 2
-    except (CommandError, IdentityError, ConfigError) as e:
-        err.write(f"tentacle-client: error: {e}\n")
-        return 1
-    except OSError as e:
-        err.write(f"tentacle-client: error: {describe_os_error(e)}\n")
+    except (CommandError, IdentityError, ConfigError, OSError) as e:
+        err.write(f"tentacle-client: error: {failure_sentence(e)}\n")
         return 1
 
 

@@ -20,7 +20,7 @@ import attrs
 from tentacle import __version__
 from tentacle.cli import CommandError, UsageError, _argument, _help_output, _Parser, _port, _seconds
 from tentacle.config import ConfigError, check_listen_address
-from tentacle.errors import describe_os_error
+from tentacle.errors import failure_sentence
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.hub.config import HubConfigFile, resolve_hub_home
 from tentacle.identity import Identity, IdentityError, IdentityStore, normalize_thumbprint
@@ -211,11 +211,8 @@ def main(
     except UsageError as e:
         err.write(f"{e}\n")
         return 2
-    except (CommandError, ConfigError, IdentityError) as e:
-        err.write(f"tentacle-hub: error: {e}\n")
-        return 1
-    except OSError as e:
-        err.write(f"tentacle-hub: error: {describe_os_error(e)}\n")
+    except (CommandError, ConfigError, IdentityError, OSError) as e:
+        err.write(f"tentacle-hub: error: {failure_sentence(e)}\n")
         return 1
 
 
