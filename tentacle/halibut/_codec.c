@@ -724,7 +724,13 @@ timespan_parse_ticks(PyObject *text, long long *out)
     if (pos != n || hours > 23 || minutes > 59 || seconds > 59) {
         return -1;
     }
-    /* days < 10^8, so this fits in 64 unsigned bits. */
+    /* Eight digits of days can overflow 64 bits (10^8 days are 8.64e19
+     * ticks): beyond TimeSpan's range, the text is Python's to refuse. */
+    if (days > (unsigned long long)INT64_MAX / TICKS_PER_DAY) {
+        return -1;
+    }
+    /* days * TICKS_PER_DAY <= INT64_MAX and the rest is under a day, so
+     * this fits in 64 unsigned bits. */
     unsigned long long magnitude = days * (unsigned long long)TICKS_PER_DAY +
                                    hours * TICKS_PER_HOUR + minutes * TICKS_PER_MINUTE +
                                    seconds * TICKS_PER_SECOND + fraction;
