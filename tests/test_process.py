@@ -38,9 +38,11 @@ from tentacle.workers.process import (
     ProcessResult,
     ScriptProcess,
     SpawnError,
+    env_with_chdir,
     resolve_executable,
     session_command,
 )
+from tentacle.workers import session_spawn
 
 OUT = ProcessOutputSource.StdOut
 ERR = ProcessOutputSource.StdErr
@@ -690,6 +692,50 @@ class RealProcessTests(TestCase):
         self.assertEqual(pgid, process.pgid)
         self.assertEqual((pgid, sid), (pid, pid))
         self.assertNotEqual(pgid, os.getpgid(0))
+
+    async def test_own_process_group_made_by_posix_spawn(self) -> None:
+        """
+        With the real reactor on Linux the session is made by
+        C{posix_spawn} itself, one program start per script: this fails if
+        a Twisted or C library without the hook makes scripts go through
+        the C{setsid} program again.
+        """
+        self.assertTrue(session_spawn.available(reactor))
+        process, d, output = self.python(
+            "import os; print(os.getpid(), os.getpgid(0), os.getsid(0), os.getppid())", enters_folder=True
+        )
+        self.assertEqual(process.launcher, sys.executable)
+        self.assertEqual((await d).exit_code, 0)
+        pid, pgid, sid, parent = (int(x) for x in output.text(OUT)[0].split())
+        self.assertEqual((pid, pgid, sid, parent), (process.pid, pid, pid, os.getpid()))
+        # Through env -C when the program does not change folder itself.
+        folder, output = self.workdir(), Output()
+        process = ScriptProcess(
+            reactor, sys.executable, ["-c", "import os; print(os.getpid(), os.getsid(0), os.getcwd())"],
+            ENV, folder, output,
+        )
+        d = process.start()
+        self.assertEqual(process.launcher, env_with_chdir())
+        self.assertEqual((await d).exit_code, 0)
+        pid, sid, cwd = output.text(OUT)[0].split()
+        self.assertEqual((int(pid), int(sid), cwd), (process.pid, process.pid, os.path.realpath(folder)))
+
+    async def test_descriptors_not_inherited(self) -> None:
+        """
+        A descriptor the agent holds open without close-on-exec (one some
+        other library made inheritable) is closed in the script, on the
+        C{posix_spawn} path and the C{setsid} program's alike.
+        """
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        os.set_inheritable(write_end, True)
+        for kwargs in ({"enters_folder": True}, {"use_setsid": True}, {"use_setsid": False}):
+            process, d, output = self.python("import os; print(' '.join(os.listdir('/proc/self/fd')))", **kwargs)
+            self.assertEqual((await d).exit_code, 0)
+            open_fds = {int(fd) for fd in output.text(OUT)[0].split()}
+            self.assertNotIn(write_end, open_fds, kwargs)
+            self.assertLessEqual(open_fds, {0, 1, 2, 3}, kwargs)  # 3: the listing's own
 
     async def test_exec_failure_after_spawn(self) -> None:
         """

@@ -2,8 +2,9 @@
 Run one script as a child process tree, stream its output as lines, and stop
 the whole tree on request.
 
-Each script starts in a session (and so a process group) of its own, through
-util-linux C{setsid} or, failing that, a tiny Python shim.  Forking and
+Each script starts in a session (and so a process group) of its own: made
+by C{posix_spawn} itself where the C library can (L{session_spawn}), else
+through util-linux C{setsid} or, failing that, a tiny Python shim.  Forking and
 calling C{os.setsid} in Twisted's C{_setupChild} would not do: since Twisted
 23.8 a child may be started with C{posix_spawnp}, which skips that hook.
 Because the group id equals the script's pid, a cancel can signal everything
@@ -184,6 +185,7 @@ def session_command(
     cwd: str,
     env_chdir: str | None,
     enters_folder: bool = False,
+    in_session: bool = False,
 ) -> tuple[str, list[str]]:
     """
     The program and argv that run C{executable} with C{args} in a new
@@ -197,6 +199,12 @@ def session_command(
     forks the whole agent instead, which is slower and lets a signal land
     between the fork and the exec.
     """
+    if in_session:  # started as a session leader already (session_spawn)
+        if enters_folder:
+            return executable, [executable, *args]
+        if env_chdir is None:
+            raise ValueError("A program that does not enter its folder needs env -C")
+        return env_chdir, [env_chdir, "-C", cwd, "--", executable, *args]
     if setsid is not None and enters_folder:
         return setsid, [setsid, "--", executable, *args]
     if setsid is not None and env_chdir is not None:
@@ -433,6 +441,7 @@ class ScriptProcess:
     _started: bool = attrs.field(init=False, default=False)
     _transport: IProcessTransport | None = attrs.field(init=False, default=None)
     _pid: int | None = attrs.field(init=False, default=None)
+    _launcher: str | None = attrs.field(init=False, default=None)
     _result: Deferred[ProcessResult] | None = attrs.field(init=False, default=None)
     #: Why we are stopping it: "cancel", "timeout", or None while it runs.
     _stopping: str | None = attrs.field(init=False, default=None)
@@ -449,6 +458,15 @@ class ScriptProcess:
         The script's pid once started (kept after it has been reaped).
         """
         return self._pid
+
+    @property
+    def launcher(self) -> str | None:
+        """
+        The program started once the script is (C{setsid}, C{env}, the
+        shim's interpreter, or the script's own program when the session
+        was made by C{posix_spawn}).
+        """
+        return self._launcher
 
     @property
     def pgid(self) -> int | None:
@@ -479,29 +497,14 @@ class ScriptProcess:
             if not os.path.isdir(self._path):
                 raise SpawnError(f"Cannot run in {self._path!r}: no such directory")
             executable = resolve_executable(self._executable, self._env, self._path)
-            setsid = setsid_program() if self._use_setsid else None
-            program, argv = session_command(
-                executable,
-                self._args,
-                setsid,
-                os.path.abspath(self._path),
-                None if self._enters_folder else env_with_chdir(),
-                enters_folder=self._enters_folder,
-            )
+            env_chdir = None if self._enters_folder else env_with_chdir()
             self._streams = {
                 fd: _Lines(source, self._report) for fd, source in _SOURCES.items()
             }
             env = dict(self._env)
             env[COOKIE_VARIABLE] = self._cookie
             self._result = Deferred(lambda d: self.cancel())
-            self._transport = self._reactor.spawnProcess(
-                _ScriptProtocol(self),
-                program,
-                argv,
-                env=env,
-                path=None,  # see session_command
-                usePTY=False,
-            )
+            program = self._launcher = self._spawn(executable, env, env_chdir)
         except SpawnError as e:
             self._finished = True
             self.log.warn("{error}", error=str(e), executable=self._executable)
@@ -523,6 +526,40 @@ class ScriptProcess:
         if self._max_time is not None:
             self._timers["max_time"] = self._reactor.callLater(self._max_time, self._timeout)
         return self._result
+
+    def _spawn(self, executable: str, env: dict[str, str], env_chdir: str | None) -> str:
+        """
+        Start the process in a session of its own: with one C{posix_spawn}
+        that makes the session (L{session_spawn}) when it can, else through
+        the C{setsid} program (or the shim); the program started.
+        """
+        folder = os.path.abspath(self._path)
+        if self._use_setsid and (self._enters_folder or env_chdir is not None):
+            from tentacle.workers import session_spawn
+
+            if session_spawn.available(self._reactor):
+                program, argv = session_command(
+                    executable, self._args, None, folder, env_chdir, self._enters_folder, in_session=True
+                )
+                try:
+                    self._transport = session_spawn.spawn_in_session(
+                        self._reactor, _ScriptProtocol(self), program, argv, env
+                    )
+                except session_spawn.SetsidUnsupported:
+                    self.log.info("posix_spawn cannot make a session here; scripts start through setsid")
+                else:
+                    return program
+        setsid = setsid_program() if self._use_setsid else None
+        program, argv = session_command(executable, self._args, setsid, folder, env_chdir, self._enters_folder)
+        self._transport = self._reactor.spawnProcess(
+            _ScriptProtocol(self),
+            program,
+            argv,
+            env=env,
+            path=None,  # see session_command
+            usePTY=False,
+        )
+        return program
 
     def cancel(self) -> None:
         """
