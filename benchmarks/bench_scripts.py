@@ -11,15 +11,16 @@ Child processes, so that this process (the client) shares a GIL with none:
     with Tentacle's own services, as deployed, plus a trivial
     C{IBenchService.Echo};
   - C{bare} (C{scripts_server.py bare}): a bare Twisted program that spawns
-    C{setsid -- /bin/bash -c SCRIPT} with C{reactor.spawnProcess} and no
-    working folder, so Twisted uses C{posix_spawnp}, as the agent does, and
-    times the processes itself;
+    C{/bin/bash -c SCRIPT} with C{reactor.spawnProcess} and no working
+    folder, so Twisted uses C{posix_spawnp}: one program start per script,
+    as the agent's (whose C{posix_spawn} also makes the script a session);
+    it times the processes itself;
   - C{pipe.py serve}, for the C{tentacle-client run} row's baseline.
 
 B{Concurrent scripts}, one sample per kind per round, the order turning:
 
   - C{client}: 200 C{TentacleClient.run_script("sleep 1")} at once on one
-    client (default settings: StartScript waits up to 1 s for the script,
+    client (default settings: StartScript waits up to 5 s for the script,
     then GetStatus at once, then every 300 ms x 1.15 up to 5 s while
     nothing new arrives; CompleteScript at the end).  Timed from the first
     call until the last returned.  The goal's figure.
@@ -37,7 +38,7 @@ samples per kind, the kinds taking turns:
     on_log=...)}, timed from the call until C{on_log} sees the first line.
   - C{client-rt}: one pooled C{GetCapabilities} through the same client.
   - C{spawn-first-byte}, C{spawn-exit}: the bare program spawns
-    C{setsid -- /bin/bash -c "echo hello"} (posix_spawnp) and times its
+    C{/bin/bash -c "echo hello"} (posix_spawnp) and times its
     first stdout byte and C{processEnded}.
   - raw wire: C{wire-wait} (StartScript waiting up to 10 s, until its
     answer), C{wire-poll} (StartScript without a wait, then GetStatus back

@@ -24,12 +24,13 @@ under cProfile and writes the statistics to FILE when it stops (wall
 time; the reactor thread's CPU time with C{TENTACLE_BENCH_PROFILE_CLOCK=thread}).
 
 C{bare} mode is the baseline: a bare Twisted program that spawns processes
-the way the agent does (through C{setsid}, with C{/bin/bash}, an environment
-and a working directory), with a L{ProcessProtocol} that only notes when
-output arrives and when the process ends. It prints C{"ready"}, then reads
+with C{spawnProcess}, one program start each (C{/bin/bash}, with an
+environment, as the agent's scripts; the agent's also get a session of their
+own, made in the same C{posix_spawn} call), with a L{ProcessProtocol} that
+only notes when output arrives and when the process ends. It prints C{"ready"}, then reads
 one command a line from its standard input and answers each with one line:
 
-  - C{many <n> <cwd|nocwd> <script>}: spawn n C{setsid /bin/bash -c <script>}
+  - C{many <n> <cwd|nocwd> <script>}: spawn n C{/bin/bash -c <script>}
     at once; answer C{"<spawned> <ended>"}, the seconds from the first spawn
     until the last C{spawnProcess} returned and until the last
     C{processEnded}.
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -172,16 +172,16 @@ class Watch(ProcessProtocol):
 
 def bare(workdir: str) -> None:
     quiet_logging()
-    setsid = shutil.which("setsid")
-    if setsid is None:
-        raise SystemExit("bare mode needs util-linux setsid")
     env = dict(os.environ)
 
     def spawn(protocol: ProcessProtocol, where: str, script: str) -> None:
+        # One program start, as the agent's scripts (whose session
+        # posix_spawn makes in the same call, which Twisted's own
+        # spawnProcess cannot ask for; the bare baseline goes without).
         reactor.spawnProcess(
             protocol,
-            setsid,
-            [setsid, "--", "/bin/bash", "-c", script],
+            "/bin/bash",
+            ["/bin/bash", "-c", script],
             env=env,
             path=workdir if where == "cwd" else None,
             usePTY=False,
