@@ -41,6 +41,7 @@ from tentacle.workers.process import (
     env_with_chdir,
     resolve_executable,
     session_command,
+    setsid_program,
 )
 from tentacle.workers import session_spawn
 
@@ -719,6 +720,29 @@ class RealProcessTests(TestCase):
         self.assertEqual((await d).exit_code, 0)
         pid, sid, cwd = output.text(OUT)[0].split()
         self.assertEqual((int(pid), int(sid), cwd), (process.pid, process.pid, os.path.realpath(folder)))
+
+    async def test_c_library_without_posix_spawn_setsid(self) -> None:
+        """
+        Where C{posix_spawn} cannot make a session (CPython built against a
+        C library without C{POSIX_SPAWN_SETSID} raises C{NotImplementedError}),
+        the script starts through the C{setsid} program instead, still a
+        session leader, and later scripts go that way at once.
+        """
+        real = os.posix_spawn
+
+        def without_setsid(*args: Any, **kwargs: Any) -> int:
+            if kwargs.get("setsid"):
+                raise NotImplementedError("setsid is not supported by this platform")
+            return real(*args, **kwargs)
+
+        self.patch(os, "posix_spawn", without_setsid)
+        self.addCleanup(session_spawn._refused.clear)
+        process, d, output = self.python("import os; print(os.getpid(), os.getsid(0))", enters_folder=True)
+        self.assertEqual(process.launcher, setsid_program())
+        self.assertFalse(session_spawn.available(reactor))
+        self.assertEqual((await d).exit_code, 0)
+        pid, sid = (int(x) for x in output.text(OUT)[0].split())
+        self.assertEqual((pid, sid), (process.pid, process.pid))
 
     async def test_descriptors_not_inherited(self) -> None:
         """
