@@ -33,6 +33,9 @@ DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS = 50
 DEFAULT_FIRST_BYTE_TIMEOUT = 5.0
 #: Seconds from the accept to a trusted identity line (C{handshake-timeout}).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Log lines per kind and per 10 s for connections that never authenticate
+#: (C{connection-log-lines}; L{tentacle.log_budget}).
+DEFAULT_CONNECTION_LOG_LINES = 20
 
 #: Connections the kernel may queue before a listener (the agent's, a
 #: hub's) accepts them (capped by net.core.somaxconn, 4096 by default since
@@ -57,6 +60,11 @@ def _at_least_one(_instance: object, attribute: attrs.Attribute[Any], value: Any
         raise ValueError(f"{attribute.name} must be at least 1, not {value!r}")
 
 
+def _not_negative(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, not {value!r}")
+
+
 def _positive(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be a positive number of seconds, not {value!r}")
@@ -78,6 +86,9 @@ class AdmissionLimits:
         of TLS.
     @ivar handshake_timeout: seconds from the accept to the end of the
         identity line: TLS, the first request, the trust check, the identity.
+    @ivar connection_log_lines: log lines of each kind (evicted, timed out,
+        refused) written per 10 s for connections that never authenticate;
+        the rest go on at debug level, summed up in one line.
     """
 
     max_connections: int | None = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_at_least_one)
@@ -87,6 +98,7 @@ class AdmissionLimits:
     )
     first_byte_timeout: float = attrs.field(default=DEFAULT_FIRST_BYTE_TIMEOUT, validator=_positive)
     handshake_timeout: float = attrs.field(default=DEFAULT_HANDSHAKE_TIMEOUT, validator=_positive)
+    connection_log_lines: int = attrs.field(default=DEFAULT_CONNECTION_LOG_LINES, validator=_not_negative)
 
 
 def source_of(host: str) -> str:

@@ -32,6 +32,7 @@ from tentacle.config import (
     TentacleConfig,
     check_keepalive,
     check_listen_address,
+    check_log_lines,
     check_output_limit,
     check_polling_connections,
     check_port,
@@ -145,6 +146,13 @@ def _seconds(value: str) -> float:
         return check_timeout(float(value))
     except ValueError:
         raise ValueError(f"expected a positive number of seconds, not {value!r}") from None
+
+
+def _log_lines(value: str) -> int:
+    try:
+        return check_log_lines(int(value))
+    except ValueError:
+        raise ValueError(f"expected a whole number of 0 or more, not {value!r}") from None
 
 
 def _count(value: str) -> int:
@@ -410,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a new connection has to send its first byte of TLS",
     )
     configure.add_argument(
+        "--connection-log-lines", type=_argument(_log_lines), metavar="N",
+        help="log lines of each kind (evicted, timed out, refused) per 10 s for connections that "
+        "never authenticate; the rest are summed up in one line (default 20; 0: the summaries only)",
+    )
+    configure.add_argument(
         "--tcp-keepalive", type=_argument(_or_none(_keepalive)), default=_NOT_GIVEN, metavar="IDLE,INTERVAL,COUNT",
         help="TCP keepalive on every connection: seconds idle, seconds between probes, probes "
         "(default 15,5,10, as Halibut; 'none': off)",
@@ -651,6 +664,7 @@ class _Command:
             "max_unauthenticated_connections": args.max_unauthenticated_connections,
             "max_unauthenticated_per_address": args.max_unauthenticated_per_address,
             "first_byte_timeout": args.first_byte_timeout,
+            "connection_log_lines": args.connection_log_lines,
         }
         optional = (
             "max_concurrent_scripts", "script_timeout", "max_connections", "metrics_port", "script_output_limit",
@@ -702,6 +716,7 @@ class _Command:
         for name in (
             "handshake_timeout", "workspace_max_age", "audit_log", "instance_name", "proxy",
             "max_unauthenticated_connections", "max_unauthenticated_per_address", "first_byte_timeout",
+            "connection_log_lines",
         ):
             if settings[name] is not None:
                 changed[name] = settings[name]
@@ -937,6 +952,7 @@ _LABELS = {
     "max-unauthenticated-connections": "Max unauthenticated connections",
     "max-unauthenticated-per-address": "Max unauthenticated per address",
     "first-byte-timeout": "First byte timeout",
+    "connection-log-lines": "Connection log lines",
 }
 _UNITS = {"handshake-timeout": " s", "script-timeout": " s", "workspace-max-age": " s", "first-byte-timeout": " s"}
 
@@ -969,6 +985,7 @@ def _settings_text(command: _Command, config: TentacleConfig, identity: Identity
         ("Max unauthenticated", f"{config.max_unauthenticated_connections}, "
                                 f"{config.max_unauthenticated_per_address} per address"),
         ("First byte timeout", f"{config.first_byte_timeout:g} s"),
+        ("Connection log lines", f"{config.connection_log_lines} per kind per 10 s"),
         ("Max concurrent scripts", str(config.max_concurrent_scripts) if config.max_concurrent_scripts else "no limit"),
         ("Script timeout", f"{config.script_timeout:g} s" if config.script_timeout else "none (scripts may run forever)"),
         ("Workspace max age", f"{config.workspace_max_age:g} s"),

@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 
 from tentacle.admission import (
+    DEFAULT_CONNECTION_LOG_LINES,
     DEFAULT_FIRST_BYTE_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -293,6 +294,8 @@ class TentacleConfig:
         line, before it is cut off.
     @ivar first_byte_timeout: seconds a new connection has to send its
         first byte of TLS.
+    @ivar connection_log_lines: log lines per kind and per 10 s for
+        connections that never authenticate (L{tentacle.log_budget}).
     @ivar allowed_roots: when not empty, file transfers are confined to
         these folders; empty means any path, as Tentacle allows.
     @ivar max_concurrent_scripts: scripts beyond this many wait as Pending
@@ -341,6 +344,7 @@ class TentacleConfig:
     max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    connection_log_lines: int = DEFAULT_CONNECTION_LOG_LINES
     audit_log: bool = True
     metrics_port: int | None = None
     listen: bool = True
@@ -361,6 +365,7 @@ class TentacleConfig:
             max_unauthenticated_per_address=self.max_unauthenticated_per_address,
             first_byte_timeout=self.first_byte_timeout,
             handshake_timeout=self.handshake_timeout,
+            connection_log_lines=self.connection_log_lines,
         )
 
     @property
@@ -473,6 +478,7 @@ class TentacleConfig:
             "max-unauthenticated-connections": self.max_unauthenticated_connections,
             "max-unauthenticated-per-address": self.max_unauthenticated_per_address,
             "first-byte-timeout": self.first_byte_timeout,
+            "connection-log-lines": self.connection_log_lines,
             "audit-log": self.audit_log,
             "metrics-port": self.metrics_port,
             "listen": self.listen,
@@ -514,6 +520,15 @@ def _directory(value: object) -> Path | None:
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, not {value!r}")
+    return value
+
+
+def check_log_lines(value: object) -> int:
+    """
+    C{connection-log-lines}: a whole number, 0 or more.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of 0 or more, not {value!r}")
     return value
 
 
@@ -578,6 +593,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "max-unauthenticated-connections": ("max_unauthenticated_connections", lambda v: _count(v)),
     "max-unauthenticated-per-address": ("max_unauthenticated_per_address", lambda v: _count(v)),
     "first-byte-timeout": ("first_byte_timeout", check_timeout),
+    "connection-log-lines": ("connection_log_lines", lambda v: check_log_lines(v)),
     "audit-log": ("audit_log", lambda v: _boolean(v)),
     "metrics-port": ("metrics_port", lambda v: _optional(v, check_port)),
     "listen": ("listen", lambda v: _boolean(v)),
@@ -595,6 +611,7 @@ LIVE_SETTINGS = frozenset({
     "trusted-thumbprints", "allowed-roots", "max-concurrent-scripts", "script-timeout",
     "handshake-timeout", "max-connections", "workspace-max-age", "polling-servers",
     "max-unauthenticated-connections", "max-unauthenticated-per-address", "first-byte-timeout",
+    "connection-log-lines",
 })
 
 

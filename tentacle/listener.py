@@ -39,7 +39,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from OpenSSL import SSL
@@ -72,6 +72,7 @@ from tentacle.halibut.serializer import TypeRegistry
 from tentacle.page import FRIENDLY_PAGE
 from tentacle.sockets import ListeningKeepAlive
 from tentacle.halibut.deadline import Deadline
+from tentacle.log_budget import LineBudget
 from tentacle.tls import DirectTLS
 from tentacle.trust import PeerIdentity, TrustList
 
@@ -249,7 +250,9 @@ class AgentConnection(Protocol):
             return False
         peer = self._peer_identity()
         if peer is None:
-            self.log.warn(
+            self.factory.lines.emit(
+                "clients refused (no client certificate)",
+                LogLevel.warn,
                 "Refused a client at {peer}: it attempted a message exchange "
                 "without a client certificate",
                 peer=self._address,
@@ -258,7 +261,9 @@ class AgentConnection(Protocol):
             self._reset()
             return False
         if not self.factory.trust.trusts(peer):
-            self.log.warn(
+            self.factory.lines.emit(
+                "clients refused (untrusted certificate)",
+                LogLevel.warn,
                 "Refused a client at {peer}: its certificate {thumbprint} "
                 "(SHA-256 {sha256}, subject {subject}) is not in the trust list",
                 peer=self._address,
@@ -336,7 +341,9 @@ class AgentConnection(Protocol):
             self._timed_out()
 
     def _no_first_byte(self) -> None:
-        self.log.info(
+        self.factory.lines.emit(
+            f"connections timed out ({FIRST_BYTE_TIMEOUT})",
+            LogLevel.info,
             "Disconnected {peer}: no TLS within {timeout} seconds ({reason})",
             peer=self._address,
             timeout=self.factory.limits.first_byte_timeout,
@@ -346,7 +353,9 @@ class AgentConnection(Protocol):
         self._abort()
 
     def _timed_out(self) -> None:
-        self.log.info(
+        self.factory.lines.emit(
+            f"connections timed out ({HANDSHAKE_TIMEOUT})",
+            LogLevel.info,
             "Disconnected {peer}: no complete request within {timeout} seconds ({reason})",
             peer=self._address,
             timeout=self.factory.limits.handshake_timeout,
@@ -362,7 +371,9 @@ class AgentConnection(Protocol):
         """
         if self._finished:
             return
-        self.log.warn(
+        self.factory.lines.emit(
+            f"connections evicted ({reason})",
+            LogLevel.warn,
             "Closed the unauthenticated connection from {peer} to make room for a new one "
             "({reason}: {limit})",
             peer=self._address,
@@ -393,7 +404,9 @@ class AgentConnection(Protocol):
         """
         self._finished = True
         self._refused = True
-        self.log.warn(
+        self.factory.lines.emit(
+            f"connections refused ({MAX_CONNECTIONS})",
+            LogLevel.warn,
             "Refused a connection from {peer}: all {limit} places are held by authenticated "
             "connections ({reason})",
             peer=self._address,
@@ -488,6 +501,8 @@ class ListenerFactory(Factory):
         self.session_factory = session_factory
         self._admission: Admission[AgentConnection] = Admission(limits)
         self._unsubscribe: Callable[[], None] | None = None
+        #: The lines of connections that never authenticate (L{LineBudget}).
+        self.lines = LineBudget(clock, self.log, limits.connection_log_lines)
 
     def set_limits(self, limits: AdmissionLimits) -> None:
         """
@@ -495,6 +510,7 @@ class ListenerFactory(Factory):
         """
         self.limits = limits
         self._admission.limits = limits
+        self.lines.lines = limits.connection_log_lines
 
     def startFactory(self) -> None:
         self._unsubscribe = self.trust.on_removal(self._trust_removed)
@@ -503,6 +519,7 @@ class ListenerFactory(Factory):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self.lines.stop()
 
     def admit(self, connection: AgentConnection, source: str) -> bool:
         """

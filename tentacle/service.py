@@ -537,6 +537,7 @@ class TentacleService(MultiService):
             max_unauthenticated_connections=config.max_unauthenticated_connections,
             max_unauthenticated_per_address=config.max_unauthenticated_per_address,
             first_byte_timeout=config.first_byte_timeout,
+            connection_log_lines=config.connection_log_lines,
             workspace_max_age=config.workspace_max_age,
         )
         if not live:

@@ -7,7 +7,7 @@ Child side: C{python -m tests.agent_process --home H --trust T
 [--allowed-root R]... [--file-size-limit BYTES] [--port N] [--scripts]
 [--handshake-timeout S] [--heartbeat-timeout S] [--max-connections N]
 [--max-unauthenticated-connections N] [--max-unauthenticated-per-address N]
-[--first-byte-timeout S]
+[--first-byte-timeout S] [--connection-log-lines N]
 [--crash-writing-state STATE]} listens on a loopback port (a free one
 unless given), prints C{AGENT-PORT <n>}, then logs to stdout until SIGTERM.
 Parent side: L{spawn_agent}.
@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-unauthenticated-connections", type=int, default=250)
     parser.add_argument("--max-unauthenticated-per-address", type=int, default=50)
     parser.add_argument("--first-byte-timeout", type=float, default=5.0)
+    parser.add_argument("--connection-log-lines", type=int, default=20)
     parser.add_argument("--crash-writing-state")
     args = parser.parse_args(argv)
     if args.crash_writing_state:
@@ -92,6 +93,7 @@ def main(argv: list[str]) -> None:
         max_unauthenticated_connections=args.max_unauthenticated_connections,
         max_unauthenticated_per_address=args.max_unauthenticated_per_address,
         first_byte_timeout=args.first_byte_timeout,
+        connection_log_lines=args.connection_log_lines,
     )
     dispatcher: Dispatcher | None = None
     if not args.scripts:

@@ -388,6 +388,15 @@ class ConfigureEverySettingTests(CLITestCase):
         self.assertFails(2, "expected on or off, not 'maybe'", "configure", "--audit-log", "maybe")
         self.assertFails(2, "expected a positive number of seconds, not '-1'", "configure", "--handshake-timeout", "-1")
         self.assertFails(2, "expected a port number from 1 to 65535", "configure", "--metrics-port", "70000")
+        self.assertFails(2, "expected a whole number of 0 or more, not '-1'", "configure", "--connection-log-lines", "-1")
+
+    def test_connection_log_lines(self) -> None:
+        code, out, err = self.run_cli("configure", "--connection-log-lines", "0")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(ConfigFile(self.home).load().connection_log_lines, 0)
+        self.assertIn("Connection log lines set to 0 (a running agent applies it within seconds)\n", out)
+        code, out, _ = self.run_cli("show-configuration")
+        self.assertIn("Connection log lines:  0 per kind per 10 s", out)
 
     def test_every_documented_setting_has_a_flag(self) -> None:
         from tentacle.cli import build_parser

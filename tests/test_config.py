@@ -103,18 +103,19 @@ class ConfigFileTests(SynchronousTestCase):
         defaults = self.file.load().admission
         self.assertEqual(
             (defaults.max_connections, defaults.max_unauthenticated, defaults.max_unauthenticated_per_address,
-             defaults.first_byte_timeout, defaults.handshake_timeout),
-            (1000, 250, 50, 5.0, 10.0),
+             defaults.first_byte_timeout, defaults.handshake_timeout, defaults.connection_log_lines),
+            (1000, 250, 50, 5.0, 10.0, 20),
         )
         self.write({
             "max-connections": 2000, "max-unauthenticated-connections": 300,
             "max-unauthenticated-per-address": 20, "first-byte-timeout": 2, "handshake-timeout": 8,
+            "connection-log-lines": 0,
         })
         loaded = self.file.load()
         self.assertEqual(
             loaded.admission,
             AdmissionLimits(max_connections=2000, max_unauthenticated=300, max_unauthenticated_per_address=20,
-                            first_byte_timeout=2.0, handshake_timeout=8.0),
+                            first_byte_timeout=2.0, handshake_timeout=8.0, connection_log_lines=0),
         )
         self.file.save(loaded)
         self.assertEqual(self.file.load().admission, loaded.admission)
@@ -123,6 +124,9 @@ class ConfigFileTests(SynchronousTestCase):
             ("max-unauthenticated-connections", None, "expected a whole number of at least 1"),
             ("max-unauthenticated-per-address", 1.5, "expected a whole number of at least 1"),
             ("first-byte-timeout", 0, "a timeout must be a positive number"),
+            ("connection-log-lines", -1, "expected a whole number of 0 or more"),
+            ("connection-log-lines", True, "expected a whole number of 0 or more"),
+            ("connection-log-lines", "20", "expected a whole number of 0 or more"),
         ]:
             self.file.path.write_text(json.dumps({key: value}))
             e = self.assertRaises(ConfigError, self.file.load)

@@ -10,6 +10,7 @@ import attrs
 
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.address import IPv4Address
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
@@ -430,6 +431,38 @@ class UnauthenticatedBudgetTests(SynchronousTestCase):
         [event] = self.logs.matching(event="handshake_timed_out")
         self.assertEqual((event["peer"], event["reason"], event["timeout"]), ("192.0.2.7:50123", "first-byte-timeout", 5))
         self.assertEqual(agent.factory.open_connections, 0)
+
+    def test_a_flood_of_silent_peers_writes_a_bounded_log(self) -> None:
+        """
+        Beyond C{connection-log-lines} a window, the lines of silent peers
+        go on at debug level (each still an event the metrics count), and
+        one line sums them up when the window ends.
+        """
+        agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=5, connection_log_lines=2))
+        pumps = [agent.connect_raw()[2] for _ in range(6)]
+        agent.clock.advance(5)
+        for pump in pumps:
+            pump.flush()
+        timed_out = self.logs.matching(event="handshake_timed_out")
+        self.assertEqual(len(timed_out), 6)
+        self.assertEqual([e["log_level"] for e in timed_out], [LogLevel.info] * 2 + [LogLevel.debug] * 4)
+        self.assertEqual(self.logs.matching(held_back=4), [])
+        agent.clock.advance(10)
+        [summary] = self.logs.matching(held_back=4)
+        self.assertEqual(summary["kind"], "connections timed out (first-byte-timeout)")
+        self.assertEqual(agent.factory.open_connections, 0)
+
+    def test_the_log_budget_follows_a_reload(self) -> None:
+        agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=5, connection_log_lines=1))
+        agent.factory.set_limits(AdmissionLimits(first_byte_timeout=5, connection_log_lines=3))
+        pumps = [agent.connect_raw()[2] for _ in range(4)]
+        agent.clock.advance(5)
+        for pump in pumps:
+            pump.flush()
+        levels = [e["log_level"] for e in self.logs.matching(event="handshake_timed_out")]
+        self.assertEqual(levels, [LogLevel.info] * 3 + [LogLevel.debug])
+        agent.factory.doStop()
+        self.assertEqual(len(self.logs.matching(held_back=1)), 1)
 
     def test_half_a_client_hello_gets_the_handshake_timeout(self) -> None:
         """

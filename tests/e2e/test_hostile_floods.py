@@ -76,6 +76,8 @@ class FloodTests(TestCase):
                 "--max-unauthenticated-per-address", str(LIMITS.max_unauthenticated_per_address),
                 "--first-byte-timeout", str(LIMITS.first_byte_timeout),
                 "--handshake-timeout", str(LIMITS.handshake_timeout),
+                # Every eviction a line: the checks below read them all.
+                "--connection-log-lines", str(10**9),
             ),
         )
         target = Target("127.0.0.1", port, Pin(AGENT.thumbprint))
