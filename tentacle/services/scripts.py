@@ -287,6 +287,9 @@ class ScriptRunner:
         #: Workspaces being removed (in the thread pool), by ticket, with
         #: whoever waits for that.
         self._deleting: dict[str, list[Deferred[None]]] = {}
+        #: Tickets whose files are being copied in (L{begin}), with whoever
+        #: waits for that.
+        self._copying: dict[str, list[Deferred[None]]] = {}
         self._flush_call: IDelayedCall | None = None
         self._unflushed: set[RunningScript] = set()
         self._disk_workspaces: OrderedDict[str, ScriptWorkspace] = OrderedDict()
@@ -322,25 +325,69 @@ class ScriptRunner:
 
     # --- starting ---------------------------------------------------------------
 
-    def start(self, launch: ScriptLaunch, context: CallContext) -> RunningScript:
+    async def begin(self, launch: ScriptLaunch, context: CallContext) -> RunningScript:
+        """
+        L{start}, after copying the script's files into its workspace in
+        the thread pool: they may be large (and are encrypted as they are
+        copied), so never on the reactor thread.  A file that cannot be
+        written fails the call, as Tentacle's StartScript does, and leaves
+        no workspace behind; the same ticket sent again meanwhile waits
+        for this one.
+        """
+        key = launch.ticket.task_id.lower()
+        while key in self._copying:
+            waiter: Deferred[None] = Deferred()
+            self._copying[key].append(waiter)
+            await waiter
+        if key in self._scripts or not launch.files:
+            return self.start(launch, context)
+        workspace = self._store.workspace(launch.ticket.task_id)
+        for script_file in launch.files:
+            safe_file_name(workspace.root, script_file.name)  # refuse before creating anything
+        # A file whose data stream did not come is refused here too.  The
+        # request's streams stay open until StartScript answers, after this.
+        payloads = [(script_file, context.payload(script_file.contents)) for script_file in launch.files]
+        workspace.create()
+
+        def copy() -> None:
+            for script_file, payload in payloads:
+                workspace.add_file(script_file.name, _contents(script_file, payload))
+
+        self._copying[key] = []
+        try:
+            try:
+                await self._in_thread(copy)
+            except BaseException:
+                await self._in_thread(workspace.delete)
+                raise
+            return self.start(launch, context, files_copied=True)
+        finally:
+            for waiter in self._copying.pop(key):
+                waiter.callback(None)
+
+    def start(self, launch: ScriptLaunch, context: CallContext, files_copied: bool = False) -> RunningScript:
         """
         Create the workspace and set the script going; an already known
         ticket is returned as it is, never started twice.
+
+        @param files_copied: L{begin} has made the workspace and copied the
+            script's files into it; otherwise they are copied here.
         """
         key = launch.ticket.task_id.lower()
         existing = self._scripts.get(key)
         if existing is not None:
             return existing
         workspace = self._store.workspace(launch.ticket.task_id)
-        for script_file in launch.files:
-            safe_file_name(workspace.root, script_file.name)  # refuse before creating anything
-        workspace.create()
-        try:
+        if not files_copied:
             for script_file in launch.files:
-                workspace.add_file(script_file.name, _contents(script_file, context))
-        except BaseException:
-            workspace.delete()
-            raise
+                safe_file_name(workspace.root, script_file.name)  # refuse before creating anything
+            workspace.create()
+            try:
+                for script_file in launch.files:
+                    workspace.add_file(script_file.name, _contents(script_file, context.payload(script_file.contents)))
+            except BaseException:
+                workspace.delete()
+                raise
         state = ScriptState(created=_now())
         script = RunningScript(launch, workspace, state)
         script.command, bootstrap = self._command(script)
@@ -685,6 +732,8 @@ class ScriptRunner:
         key = ticket.task_id.lower()
         if key in self._deleting:
             return None  # CompleteScript removes it
+        if key in self._copying:
+            return None  # not started yet: its files are being copied in
         workspace = self._disk_workspaces.pop(key, None)
         if workspace is None:
             workspace = self._store.workspace(ticket.task_id)
@@ -791,6 +840,8 @@ class ScriptRunner:
         (it ran before a restart), or one being removed.
         """
         key = ticket.task_id.lower()
+        if key in self._copying:
+            return False  # being started (L{begin}): not from before a restart
         return key in self._deleting or self._store.workspace(ticket.task_id).exists()
 
     def wait(
@@ -824,12 +875,11 @@ class ScriptRunner:
         return done
 
 
-def _contents(script_file: ScriptFile, context: CallContext) -> IO[bytes]:
+def _contents(script_file: ScriptFile, payload: IO[bytes]) -> IO[bytes]:
     """
     A file as it lands in the workspace: encrypted, as Tentacle writes it,
     when it came with a password (a sensitive-variables file).
     """
-    payload = context.payload(script_file.contents)
     if script_file.encryption_password is None:
         return payload
     # The ciphers are loaded for the first encrypted file, not into every agent.
@@ -878,7 +928,7 @@ class ScriptServiceV2:
         if self._runner.find(ticket) is None and self._runner.on_disk(ticket):
             # Started before a restart: report it, never run it twice.
             return await self._response(ticket, 0)
-        script = self._runner.start(_launch(command, ticket), context)
+        script = await self._runner.begin(_launch(command, ticket), context)
         await self._runner.accepted(script)
         wait = _seconds(command.duration_to_wait_for_script_to_finish)
         if wait:
@@ -921,7 +971,7 @@ class ScriptService:
 
     async def start_script(self, command: StartScriptCommand, *, context: CallContext) -> ScriptTicket:
         ticket = self._ticket(command.task_id)
-        await self._runner.accepted(self._runner.start(_launch(command, ticket), context))
+        await self._runner.accepted(await self._runner.begin(_launch(command, ticket), context))
         return ticket
 
     async def get_status(self, request: ScriptStatusRequest) -> ScriptStatusResponse:

@@ -5,7 +5,9 @@ on a real agent over TLS, and real bash processes run the scripts.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import time
 import uuid
 from datetime import timedelta
@@ -14,6 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.python.threadable import isInIOThread
 from twisted.trial.unittest import TestCase
 
 from tentacle.contracts import (
@@ -325,6 +328,61 @@ class ScriptTests(TestCase):
             return [e.text for e in logs]
 
         self.assertEqual(await self.in_client(run), ["hello"])
+
+    async def test_script_files_are_copied_off_the_reactor_thread(self) -> None:
+        """
+        A script's files may be big (and encrypted as they are copied):
+        the copy runs in the thread pool, so the reactor keeps serving
+        everyone else meanwhile.
+        """
+        copied_in: list[bool] = []
+        real = shutil.copyfileobj
+
+        def copy(source: Any, target: Any, *args: Any) -> None:
+            copied_in.append(isInIOThread())
+            real(source, target, *args)
+
+        self.patch(shutil, "copyfileobj", copy)
+        data = os.urandom(1 << 20)
+        ref = DataStream.fresh(len(data))
+        command = v2_command("sha256sum big.bin", files=(ScriptFile("big.bin", ref),))
+
+        def run(client: ScriptClient) -> list[str]:
+            client.start(command, {ref.id: [data]})
+            logs, _ = client.run_to_end(command.script_ticket)
+            return [e.text for e in logs]
+
+        [line] = await self.in_client(run)
+        self.assertEqual(line.split()[0], hashlib.sha256(data).hexdigest())
+        self.assertEqual(copied_in, [False])
+
+    async def test_a_script_file_that_cannot_be_written_fails_start_script(self) -> None:
+        """
+        A file that cannot be written (here one named like a folder another
+        file needs) fails StartScript with the reason, as Tentacle's does,
+        and leaves no workspace; the same ticket sent again with files that
+        fit then runs.
+        """
+        a, b = DataStream.fresh(1), DataStream.fresh(1)
+        ticket = uuid.uuid4().hex
+        bad = v2_command("echo ran", ticket, files=(ScriptFile("x", a), ScriptFile("x/y", b)))
+        good = v2_command("cat x/y", ticket, files=(ScriptFile("x/y", b),))
+
+        def run(client: ScriptClient) -> Any:
+            client.wire.send_request(request("IScriptServiceV2", "StartScript", bad), {a.id: [b"a"], b.id: [b"b"]})
+            response, _ = client.wire.read_response()
+            assert response.error is not None
+            left = list((self.home / "Work").iterdir())
+            client.first = False  # the next call sends NEXT first
+            client.start(good, {b.id: [b"b"]})
+            logs, status = client.run_to_end(good.script_ticket)
+            return response.error.message, left, [e.text for e in logs], status.exit_code
+
+        message, left, logs, exit_code = await self.in_client(run)
+        self.assertIn("Not a directory", message)
+        self.assertEqual(left, [])
+        self.assertEqual((logs, exit_code), (["b"], 0))
+        self.flushLoggedErrors(NotADirectoryError)
 
     async def test_complete_removes_the_workspace(self) -> None:
         command = v2_command("echo done")
