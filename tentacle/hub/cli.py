@@ -18,7 +18,18 @@ from typing import IO, Any, Mapping, Sequence
 import attrs
 
 from tentacle import __version__
-from tentacle.cli import CommandError, UsageError, _argument, _help_output, _Parser, _port, _seconds
+from tentacle.cli import (
+    CommandError,
+    UsageError,
+    _argument,
+    _count,
+    _help_output,
+    _log_lines,
+    _or_none,
+    _Parser,
+    _port,
+    _seconds,
+)
 from tentacle.config import ConfigError, check_listen_address
 from tentacle.errors import failure_sentence
 from tentacle.halibut.handshake import normalize_subscription
@@ -57,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     configure = add(
         "configure", help="change whom the hub trusts, its port and its subscription bindings",
-        description="Change the hub's settings. A running hub applies trust and bindings within seconds.",
+        description="Change the hub's settings. A running hub applies trust, bindings and connection budgets "
+        "within seconds.",
     )
     thumbprint = _argument(normalize_thumbprint)
     configure.add_argument("--trust", action="append", default=[], type=thumbprint, metavar="THUMBPRINT",
@@ -78,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="ADDRESS", help="listen on this IP address only, or 'any'")
     configure.add_argument("--collect-timeout", type=_argument(_seconds), metavar="SECONDS",
                            help="fail a request no agent collects within this long (default 120)")
+    configure.add_argument("--max-connections", type=_argument(_or_none(_count)), default=argparse.SUPPRESS,
+                           metavar="N|none",
+                           help="connections open at once, counting each agent's polling connections "
+                           "(default 1000)")
+    configure.add_argument("--max-unauthenticated-connections", type=_argument(_count), metavar="N",
+                           help="of those, how many may not have shown a trusted certificate yet (default 250; "
+                           "no cap per address, as agents behind one NAT share it)")
+    configure.add_argument("--connection-log-lines", type=_argument(_log_lines), metavar="N",
+                           help="log lines of each kind per 10 s for connections that never authenticate "
+                           "(default 20; 0: the summaries only)")
 
     show_config = add("show-configuration", help="print the hub's settings",
                       description="Print the hub's settings and identity.")
@@ -119,7 +141,9 @@ class _Command:
     def configure(self, args: argparse.Namespace) -> int:
         if not (args.trust or args.remove_trust or args.trust_user or args.remove_user
                 or args.bind or args.unbind or args.port is not None
-                or args.listen_address is not None or args.collect_timeout is not None):
+                or args.listen_address is not None or args.collect_timeout is not None
+                or hasattr(args, "max_connections") or args.max_unauthenticated_connections is not None
+                or args.connection_log_lines is not None):
             raise UsageError("tentacle-hub configure: nothing to change; give --trust, --bind, --port "
                              "or another setting (see 'tentacle-hub configure --help')")
         config = self.config_file.load()
@@ -151,6 +175,18 @@ class _Command:
         if args.collect_timeout is not None:
             config = attrs.evolve(config, collect_timeout=args.collect_timeout)
             self.out.write(f"Collect timeout set to {args.collect_timeout:g} s (takes effect on restart)\n")
+        if hasattr(args, "max_connections"):
+            config = attrs.evolve(config, max_connections=args.max_connections)
+            shown = args.max_connections if args.max_connections is not None else "no limit"
+            self.out.write(f"Max connections set to {shown} (a running hub applies it within seconds)\n")
+        if args.max_unauthenticated_connections is not None:
+            config = attrs.evolve(config, max_unauthenticated_connections=args.max_unauthenticated_connections)
+            self.out.write(f"Max unauthenticated connections set to {args.max_unauthenticated_connections} "
+                           "(a running hub applies it within seconds)\n")
+        if args.connection_log_lines is not None:
+            config = attrs.evolve(config, connection_log_lines=args.connection_log_lines)
+            self.out.write(f"Connection log lines set to {args.connection_log_lines} "
+                           "(a running hub applies it within seconds)\n")
         self.config_file.save(config)
         return 0
 
@@ -171,6 +207,9 @@ class _Command:
             f"Listen port:      {config.port}\n"
             f"Listen address:   {config.listen_address or 'any (IPv4 and IPv6)'}\n"
             f"Collect timeout:  {config.collect_timeout:g} s\n"
+            f"Max connections:  {config.max_connections or 'no limit'}, "
+            f"{config.max_unauthenticated_connections} unauthenticated\n"
+            f"Connection log lines: {config.connection_log_lines} per kind per 10 s\n"
             f"Agents:{trusted}\n"
             f"Users:{users}\n"
             f"Bindings:{bindings}\n"

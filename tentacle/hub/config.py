@@ -12,7 +12,20 @@ from typing import Any, ClassVar, Mapping
 
 import attrs
 
-from tentacle.config import ConfigError, SettingsFile, check_listen_address, check_port, check_timeout
+from tentacle.admission import (
+    DEFAULT_CONNECTION_LOG_LINES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    AdmissionLimits,
+)
+from tentacle.config import (
+    ConfigError,
+    SettingsFile,
+    check_listen_address,
+    check_log_lines,
+    check_port,
+    check_timeout,
+)
 from tentacle.halibut.handshake import normalize_subscription
 from tentacle.identity import normalize_thumbprint
 
@@ -37,6 +50,16 @@ def _thumbprints(values: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(normalize_thumbprint(v) for v in values))
 
 
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _count_or_none(value: object) -> int | None:
+    return None if value is None else _count(value)
+
+
 def _bindings(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if not isinstance(value, dict):
         raise ValueError("expected an object of poll://ID/ -> [thumbprints]")
@@ -52,6 +75,14 @@ class HubConfig:
     @ivar bindings: subscription -> the only thumbprints that may claim it.
     @ivar collect_timeout: seconds a request waits for its agent to collect
         it before it fails (Halibut's 2 minutes).
+    @ivar max_connections: connections open at once, agents', users' and
+        unauthenticated (C{None}: no limit); each agent holds one per
+        polling connection it is configured with.
+    @ivar max_unauthenticated_connections: of those, how many may not have
+        shown a trusted certificate yet; there is no cap per address, since
+        agents behind one NAT share it.
+    @ivar connection_log_lines: log lines per kind and per 10 s for
+        connections that never authenticate (L{tentacle.log_budget}).
     """
 
     home: Path
@@ -62,6 +93,22 @@ class HubConfig:
     bindings: tuple[tuple[str, tuple[str, ...]], ...] = ()
     collect_timeout: float = DEFAULT_COLLECT_TIMEOUT
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED
+    connection_log_lines: int = DEFAULT_CONNECTION_LOG_LINES
+
+    @property
+    def admission(self) -> AdmissionLimits:
+        """
+        The polling port's connection budgets (no cap per address).
+        """
+        return AdmissionLimits(
+            max_connections=self.max_connections,
+            max_unauthenticated=self.max_unauthenticated_connections,
+            max_unauthenticated_per_address=self.max_unauthenticated_connections,
+            handshake_timeout=self.handshake_timeout,
+            connection_log_lines=self.connection_log_lines,
+        )
 
     def trust(self, thumbprint: str, as_user: bool = False) -> HubConfig:
         """
@@ -106,6 +153,9 @@ class HubConfig:
             "bindings": {sub: list(thumbprints) for sub, thumbprints in self.bindings},
             "collect-timeout": self.collect_timeout,
             "handshake-timeout": self.handshake_timeout,
+            "max-connections": self.max_connections,
+            "max-unauthenticated-connections": self.max_unauthenticated_connections,
+            "connection-log-lines": self.connection_log_lines,
         }
 
     @classmethod
@@ -133,6 +183,9 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "bindings": ("bindings", _bindings),
     "collect-timeout": ("collect_timeout", check_timeout),
     "handshake-timeout": ("handshake_timeout", check_timeout),
+    "max-connections": ("max_connections", _count_or_none),
+    "max-unauthenticated-connections": ("max_unauthenticated_connections", _count),
+    "connection-log-lines": ("connection_log_lines", check_log_lines),
 }
 
 

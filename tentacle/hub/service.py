@@ -135,6 +135,7 @@ class HubService(MultiService):
             bindings=dict(config.bindings),
             collect_timeout=config.collect_timeout,
             handshake_timeout=config.handshake_timeout,
+            admission=config.admission,
             on_collected=lambda seconds: self.metrics.collected(seconds),
             log=Logger(namespace="tentacle.hub", observer=self.events),
         )
@@ -187,8 +188,9 @@ class HubService(MultiService):
 
     def reload(self) -> None:
         """
-        Re-read trust and bindings; agents and users no longer trusted are
-        cut off at once.  A broken file changes nothing.
+        Re-read trust, bindings and the connection budgets; agents and
+        users no longer trusted are cut off at once.  A broken file changes
+        nothing.
         """
         if self._config_file is None:
             return
@@ -203,4 +205,14 @@ class HubService(MultiService):
         for t in sorted(removed):
             self.log.info("No longer trusting {thumbprint}", thumbprint=t, event=events.TRUST_REMOVED)
         self.server.set_bindings(dict(config.bindings))
+        if config.admission != self.config.admission:
+            self.server.factory.set_limits(config.admission)
+            self.log.info(
+                "Connection budgets now {max_connections} connections, {max_unauthenticated} "
+                "unauthenticated, {log_lines} log lines per kind per 10 s; applied",
+                max_connections=config.max_connections or "unlimited",
+                max_unauthenticated=config.max_unauthenticated_connections,
+                log_lines=config.connection_log_lines,
+                event="setting_applied",
+            )
         self.config = config

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.internet import reactor
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from tentacle.client.api import RemoteError, RetryPolicy, Target, TentacleClient
@@ -182,6 +184,43 @@ class HubTests(TestCase):
         self.assertEqual(refused["subscription"], SUBSCRIPTION)
 
 
+    def test_connection_budgets_reload(self) -> None:
+        """
+        The polling port's budgets: defaults as the agent's but no cap per
+        address (agents behind one NAT), and a reload applies new ones.
+        """
+        hub = start_hub(self)
+        limits = hub.server.factory.limits
+        self.assertEqual(
+            (limits.max_connections, limits.max_unauthenticated, limits.max_unauthenticated_per_address,
+             limits.connection_log_lines),
+            (1000, 250, 250, 20),
+        )
+        config_file = HubConfigFile(hub.config.home)
+        config_file.save(attrs.evolve(
+            hub.config, port=10943, max_connections=5000, max_unauthenticated_connections=900, connection_log_lines=0,
+        ))
+        hub._config_file = config_file
+        hub.reload()
+        limits = hub.server.factory.limits
+        self.assertEqual(
+            (limits.max_connections, limits.max_unauthenticated, limits.max_unauthenticated_per_address,
+             limits.connection_log_lines),
+            (5000, 900, 900, 0),
+        )
+        self.assertEqual(hub.server.factory.lines.lines, 0)
+        [applied] = self.logs.matching(event="setting_applied")
+        self.assertIn("5000 connections, 900 unauthenticated", formatEvent(applied))
+        for key, value in [("max-connections", 0), ("max-unauthenticated-connections", None),
+                           ("connection-log-lines", -1), ("connection-log-lines", 1.5)]:
+            config_file.path.write_text(json.dumps({**attrs.evolve(hub.config, port=10943).to_json(), key: value}))
+            hub.reload()
+            [error] = self.logs.matching(log_format="Configuration not reloaded: {error}")
+            self.assertIn(key, error["error"])
+            self.logs.events.remove(error)
+            self.assertEqual(hub.server.factory.limits.max_unauthenticated, 900)
+
+
 class HubCLITests(TestCase):
     """
     C{tentacle-client --hub} as a user runs it (a child process), and
@@ -248,6 +287,23 @@ class HubCLITests(TestCase):
         self.assertIn("is not a trusted agent", err)
         code, out, err = run("configure", "--trust-user", "ef" * 20)
         self.assertEqual((code, HubConfigFile(home).load().users), (0, ("EF" * 20,)), err)
+        code, out, err = run(
+            "configure", "--max-connections", "none", "--max-unauthenticated-connections", "600",
+            "--connection-log-lines", "5",
+        )
+        self.assertEqual(code, 0, err)
+        config = HubConfigFile(home).load()
+        self.assertEqual((config.max_connections, config.max_unauthenticated_connections, config.connection_log_lines),
+                         (None, 600, 5))
+        self.assertIn("Max connections set to no limit", out)
+        shown = run("show-configuration")[1]
+        self.assertIn("Max connections:  no limit, 600 unauthenticated", shown)
+        self.assertIn("Connection log lines: 5 per kind per 10 s", shown)
+        code, out, err = run("configure", "--max-connections", "2000")
+        self.assertEqual((code, HubConfigFile(home).load().max_connections), (0, 2000), err)
+        code, _, err = run("configure", "--max-unauthenticated-connections", "0")
+        self.assertEqual(code, 2)
+        self.assertIn("expected a whole number of at least 1", err)
 
 
 class HubProcessTests(TestCase):
