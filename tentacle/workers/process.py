@@ -509,7 +509,7 @@ class ScriptProcess:
             self._finished = True
             self.log.warn("{error}", error=str(e), executable=self._executable)
             return fail(e)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL, or a name with "=", in args or env
             self._finished = True
             error = SpawnError(f"Cannot run {self._executable!r}: {e}")
             self.log.warn("{error}", error=str(error), executable=self._executable)
