@@ -790,6 +790,20 @@ class RealProcessTests(TestCase):
         self.assertEqual(result.exit_code, 0)
         self.assertEqual(output.text(OUT), [])
 
+    async def test_signals_the_agent_ignores_are_not_ignored_by_scripts(self) -> None:
+        """
+        Python ignores C{SIGPIPE} and C{SIGXFSZ}; a script gets their
+        defaults back on every path (C{posix_spawn}'s session, the C{setsid}
+        program, and the shim, itself a Python that ignores them again), so
+        C{yes | head -1} ends as in a terminal.
+        """
+        ignored = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+        for kwargs in ({"enters_folder": True}, {"use_setsid": True}, {"use_setsid": False}):
+            process, d, output = self.run_script("grep SigIgn /proc/self/status", **kwargs)
+            self.assertEqual((await d).exit_code, 0)
+            [line] = output.text(OUT)
+            self.assertEqual(int(line.split()[1], 16) & ignored, 0, kwargs)
+
     async def test_descriptors_not_inherited(self) -> None:
         """
         A descriptor the agent holds open without close-on-exec (one some
