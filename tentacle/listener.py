@@ -217,7 +217,9 @@ class AgentConnection(Protocol):
             try:
                 done = self._preamble.feed(data)
             except InitialRequestTooLong:
-                self.log.warn(
+                self.factory.lines.emit(
+                    "initial requests too long",
+                    LogLevel.warn,
                     "Disconnected {peer}: its initial request passed {limit} characters",
                     peer=self._address,
                     limit=MAX_INITIAL_REQUEST,
@@ -237,7 +239,9 @@ class AgentConnection(Protocol):
         @return: whether the connection goes on to the identity line.
         """
         if not request.strip():
-            self.log.info("Ignoring an empty request from {peer}", peer=self._address)
+            self.factory.lines.emit(
+                "empty requests", LogLevel.info, "Ignoring an empty request from {peer}", peer=self._address
+            )
             self._close()
             return False
         if not request.startswith("MX"):
@@ -353,15 +357,27 @@ class AgentConnection(Protocol):
         self._abort()
 
     def _timed_out(self) -> None:
-        self.factory.lines.emit(
-            f"connections timed out ({HANDSHAKE_TIMEOUT})",
-            LogLevel.info,
-            "Disconnected {peer}: no complete request within {timeout} seconds ({reason})",
-            peer=self._address,
-            timeout=self.factory.limits.handshake_timeout,
-            reason=HANDSHAKE_TIMEOUT,
-            event=events.HANDSHAKE_TIMED_OUT,
-        )
+        if self._peer is not None:
+            # A trusted server's certificate passed but its identity line
+            # never came: its trouble, not a flood's; never held back.
+            self.log.info(
+                "Disconnected {peer} ({thumbprint}): no complete request within {timeout} seconds ({reason})",
+                peer=self._address,
+                thumbprint=self._peer.thumbprint,
+                timeout=self.factory.limits.handshake_timeout,
+                reason=HANDSHAKE_TIMEOUT,
+                event=events.HANDSHAKE_TIMED_OUT,
+            )
+        else:
+            self.factory.lines.emit(
+                f"connections timed out ({HANDSHAKE_TIMEOUT})",
+                LogLevel.info,
+                "Disconnected {peer}: no complete request within {timeout} seconds ({reason})",
+                peer=self._address,
+                timeout=self.factory.limits.handshake_timeout,
+                reason=HANDSHAKE_TIMEOUT,
+                event=events.HANDSHAKE_TIMED_OUT,
+            )
         self._abort()
 
     def evict(self, reason: str, limit: int) -> None:
@@ -456,7 +472,9 @@ class AgentConnection(Protocol):
         if self._refused:
             return
         if reason.check(SSL.Error) and self._preamble is not None:
-            self.log.info(
+            self.factory.lines.emit(
+                "connections that failed TLS",
+                LogLevel.info,
                 "TLS with {peer} failed: {error}",
                 peer=self._address,
                 error=reason.getErrorMessage(),

@@ -2,8 +2,9 @@
 Keep a flood of unauthenticated connections from flooding the log too.
 
 Each connection that never proves itself ends with a line: cut off silent,
-timed out in its handshake, evicted to make room, refused for want of
-places, or refused for its certificate.  At a flood's rate (thousands a
+timed out in its handshake, failed TLS, sent an empty or over-long first
+request, evicted to make room, refused for want of places, or refused for
+its certificate.  (A trusted server's handshake timeout is not among them.)  At a flood's rate (thousands a
 second in C{tests/e2e/test_hostile_floods.py}) those lines would rotate the
 whole log away within minutes, and the lines that matter with it.
 

@@ -452,6 +452,80 @@ class UnauthenticatedBudgetTests(SynchronousTestCase):
         self.assertEqual(summary["kind"], "connections timed out (first-byte-timeout)")
         self.assertEqual(agent.factory.open_connections, 0)
 
+    def test_a_flood_of_peers_that_fail_tls_writes_a_bounded_log(self) -> None:
+        """
+        A peer that sends anything but TLS (a port scanner's plain HTTP)
+        costs the agent no handshake and the attacker one packet: its line
+        (TLS failed) is the cheapest flood of all, so it has a budget too.
+        """
+        agent = InMemoryAgent(limits=AdmissionLimits(connection_log_lines=2))
+        for _ in range(6):
+            recorder, _, pump = agent.connect_raw()
+            recorder.transport.write(b"GET / HTTP/1.0\r\n\r\n")
+            pump.flush()
+            self.assertIsNotNone(recorder.lost)
+        failed = [e for e in self.logs.events if "TLS with" in e.get("log_format", "")]
+        self.assertEqual(len(failed), 6)
+        self.assertEqual([e["log_level"] for e in failed], [LogLevel.info] * 2 + [LogLevel.debug] * 4)
+        agent.clock.advance(10)
+        [summary] = self.logs.matching(held_back=4)
+        self.assertEqual(agent.clock.getDelayedCalls(), [])
+
+    def test_a_flood_of_empty_or_overlong_requests_writes_a_bounded_log(self) -> None:
+        """
+        TLS without a client certificate, then an empty or an over-long
+        first request: lines of peers that never authenticate, budgeted.
+        """
+        agent = InMemoryAgent(limits=AdmissionLimits(connection_log_lines=1))
+        for _ in range(3):
+            recorder, _, pump = agent.connect()
+            recorder.transport.write(b"\r\n\r\n")
+            pump.flush()
+            recorder, _, pump = agent.connect()
+            recorder.transport.write(b"A" * (MAX_INITIAL_REQUEST + 1))
+            pump.flush()
+        empty = [e for e in self.logs.events if "empty request" in e.get("log_format", "")]
+        overlong = self.logs.matching(limit=MAX_INITIAL_REQUEST)
+        self.assertEqual([e["log_level"] for e in empty], [LogLevel.info] + [LogLevel.debug] * 2)
+        self.assertEqual([e["log_level"] for e in overlong], [LogLevel.warn] + [LogLevel.debug] * 2)
+        agent.clock.advance(10)
+        self.assertEqual(len(self.logs.matching(held_back=2)), 2)
+
+    def test_a_trusted_server_that_times_out_is_logged_whatever_the_flood(self) -> None:
+        """
+        A flood of silent peers has used the window's budget; a trusted
+        server whose certificate passed but whose identity line never came
+        is still logged at info, with its thumbprint: the budget is for
+        peers that never authenticate, not for a trusted server's trouble.
+        """
+        server = identity("server")
+        agent = InMemoryAgent(
+            trusted=(server.thumbprint,),
+            handshake_timeout=10,
+            with_sessions=True,
+            limits=AdmissionLimits(first_byte_timeout=5, connection_log_lines=1),
+        )
+        flood = []
+        for _ in range(3):
+            peer, _, p = agent.connect_raw()
+            peer.transport.write(b"\x16\x03\x01\x02\x00\x01")  # half a client hello
+            p.flush()
+            flood.append(p)
+        agent.clock.advance(5)
+        recorder, _, pump = agent.connect(server)
+        recorder.transport.write(MX_PREAMBLE)  # and no identity line
+        pump.flush()
+        agent.clock.advance(5)
+        for p in flood:
+            p.flush()
+        self.assertEqual(len(self.logs.matching(event="handshake_timed_out", log_level=LogLevel.debug)), 2)
+        agent.clock.advance(5)
+        pump.flush()
+        self.assertIsNotNone(recorder.lost)
+        event = self.logs.matching(event="handshake_timed_out")[-1]
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event.get("thumbprint"), server.thumbprint)
+
     def test_the_log_budget_follows_a_reload(self) -> None:
         agent = InMemoryAgent(limits=AdmissionLimits(first_byte_timeout=5, connection_log_lines=1))
         agent.factory.set_limits(AdmissionLimits(first_byte_timeout=5, connection_log_lines=3))

@@ -744,6 +744,66 @@ class RealProcessTests(TestCase):
         pid, sid = (int(x) for x in output.text(OUT)[0].split())
         self.assertEqual((pid, sid), (process.pid, process.pid))
 
+    async def test_argument_or_environment_the_system_cannot_pass(self) -> None:
+        """
+        An argument or a variable with a NUL byte (a server's JSON may carry
+        one), or a variable name with C{=}: C{start} fails with
+        L{SpawnError}, as documented, on every spawning path, rather than
+        raising C{ValueError} at its caller (which left the script running
+        for ever as far as the server could tell).
+        """
+        for kwargs in ({"enters_folder": True}, {"use_setsid": True}, {"use_setsid": False}):
+            for args, env in (
+                (["-c", "pass", "a\0b"], ENV),
+                (["-c", "pass"], {**ENV, "X": "a\0b"}),
+                (["-c", "pass"], {**ENV, "A=B": "c"}),
+            ):
+                process = ScriptProcess(reactor, sys.executable, args, env, self.workdir(), Output(), **kwargs)
+                with self.assertRaises(SpawnError, msg=(kwargs, args, env)):
+                    await process.start()
+
+    async def test_descriptors_closed_without_proc(self) -> None:
+        """
+        Where C{/proc} cannot be read (a chroot, a sandbox), scripts still
+        start, and an inheritable descriptor of the agent still does not
+        reach them: the listing falls back to Twisted's own, as before
+        C{posix_spawn} made the session.
+        """
+        real = os.listdir
+
+        def no_proc(path: Any = ".") -> list[str]:
+            if str(path).startswith("/proc"):
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real(path)
+
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        os.set_inheritable(write_end, True)
+        self.patch(os, "listdir", no_proc)
+        process, d, output = self.python(
+            "import os\nfor fd in range(3, 1024):\n    try:\n        os.fstat(fd)\n    except OSError:\n"
+            "        continue\n    print(fd)",
+            enters_folder=True,
+        )
+        result = await d
+        self.assertEqual(result.exit_code, 0)
+        self.assertEqual(output.text(OUT), [])
+
+    async def test_signals_the_agent_ignores_are_not_ignored_by_scripts(self) -> None:
+        """
+        Python ignores C{SIGPIPE} and C{SIGXFSZ}; a script gets their
+        defaults back on every path (C{posix_spawn}'s session, the C{setsid}
+        program, and the shim, itself a Python that ignores them again), so
+        C{yes | head -1} ends as in a terminal.
+        """
+        ignored = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+        for kwargs in ({"enters_folder": True}, {"use_setsid": True}, {"use_setsid": False}):
+            process, d, output = self.run_script("grep SigIgn /proc/self/status", **kwargs)
+            self.assertEqual((await d).exit_code, 0)
+            [line] = output.text(OUT)
+            self.assertEqual(int(line.split()[1], 16) & ignored, 0, kwargs)
+
     async def test_descriptors_not_inherited(self) -> None:
         """
         A descriptor the agent holds open without close-on-exec (one some

@@ -65,8 +65,11 @@ MAX_LINE = 1 << 20
 #: become the script.  C{-I -S} keep the script's environment (PYTHONPATH and
 #: friends) from changing how this interpreter starts.
 _SESSION_SHIM = """\
-import os, sys
+import os, signal, sys
 os.setsid()
+# This interpreter ignores these again; the script must not inherit that.
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 try:
     os.chdir(sys.argv[1])
     os.execv(sys.argv[2], sys.argv[2:])
@@ -509,7 +512,7 @@ class ScriptProcess:
             self._finished = True
             self.log.warn("{error}", error=str(e), executable=self._executable)
             return fail(e)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL, or a name with "=", in args or env
             self._finished = True
             error = SpawnError(f"Cannot run {self._executable!r}: {e}")
             self.log.warn("{error}", error=str(error), executable=self._executable)

@@ -50,6 +50,7 @@ def _hook_present() -> bool:
     return (
         callable(getattr(_twisted_process.Process, "_trySpawnInsteadOfFork", None))
         and callable(getattr(_twisted_process, "_getFileActions", None))
+        and callable(getattr(_twisted_process, "_listOpenFDs", None))
         and hasattr(os, "posix_spawn")
         and hasattr(os, "POSIX_SPAWN_CLOSE")
         and hasattr(os, "POSIX_SPAWN_DUP2")
@@ -77,10 +78,16 @@ def available(reactor: Any) -> bool:
 
 def _descriptors() -> list[tuple[int, bool]]:
     """
-    Every open descriptor, with whether it closes on exec.
+    Every open descriptor, with whether it closes on exec.  Where
+    C{/proc} cannot be read (a chroot, a sandbox), Twisted's own listing
+    (C{/dev/fd}, else every number below the limit), as for any child.
     """
+    try:
+        names: Any = os.listdir("/proc/self/fd")
+    except OSError:
+        names = _twisted_process._listOpenFDs()
     state = []
-    for name in os.listdir("/proc/self/fd"):
+    for name in names:
         fd = int(name)
         try:
             flags = fcntl.fcntl(fd, fcntl.F_GETFD)
