@@ -24,10 +24,11 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import (
     ConnectError,
+    ConnectingCancelledError,
     ConnectionRefusedError,
     DNSLookupError,
     NoRouteError,
@@ -417,6 +418,10 @@ async def dial(
     factory.noisy = False
     try:
         await tcp.connect(_ClientTLSFactory(tls, factory, reactor))
+    except ConnectingCancelledError:
+        # What a plain TCP endpoint raises when the dial is cancelled;
+        # HostnameEndpoint raises CancelledError, as callers expect.
+        raise CancelledError() from None
     except DNSLookupError as e:
         raise HostNotFound(f"cannot resolve {host}: {e}") from None
     except ConnectionRefusedError as e:
