@@ -159,6 +159,8 @@ class AgentConnection(Protocol):
         self._accepted_at = 0.0
         self._heard = False
         self._address = "?"
+        #: The peer's address as budgets count it (L{source_of}).
+        self._source = "?"
         self._finished = False
         self._refused = False
 
@@ -182,7 +184,8 @@ class AgentConnection(Protocol):
         self.log = self.factory.log
         peer = self._link.getPeer()
         self._address = describe_address(peer)
-        if not self.factory.admit(self, _source(peer, self._address)):
+        self._source = _source(peer, self._address)
+        if not self.factory.admit(self, self._source):
             self._refuse()
             return
         limits = self.factory.limits
@@ -191,6 +194,13 @@ class AgentConnection(Protocol):
         self._timeout = Deadline(clock, self._expired)
         self._timeout.arm(min(limits.first_byte_timeout, limits.handshake_timeout))
         self.factory.listening_keepalive.apply(self.transport, self.factory.keepalive)
+
+    def _budgeted(self, kind: str, level: LogLevel, format: str, **fields: Any) -> None:
+        """
+        A line about a connection that did not authenticate, within the
+        budget of its kind (L{LineBudget}), tallied under its source.
+        """
+        self.factory.lines.emit(kind, level, format, source=self._source, **fields)
 
     def tls_bytes_received(self) -> None:
         """
@@ -217,7 +227,7 @@ class AgentConnection(Protocol):
             try:
                 done = self._preamble.feed(data)
             except InitialRequestTooLong:
-                self.factory.lines.emit(
+                self._budgeted(
                     "initial requests too long",
                     LogLevel.warn,
                     "Disconnected {peer}: its initial request passed {limit} characters",
@@ -239,7 +249,7 @@ class AgentConnection(Protocol):
         @return: whether the connection goes on to the identity line.
         """
         if not request.strip():
-            self.factory.lines.emit(
+            self._budgeted(
                 "empty requests", LogLevel.info, "Ignoring an empty request from {peer}", peer=self._address
             )
             self._close()
@@ -254,7 +264,7 @@ class AgentConnection(Protocol):
             return False
         peer = self._peer_identity()
         if peer is None:
-            self.factory.lines.emit(
+            self._budgeted(
                 "clients refused (no client certificate)",
                 LogLevel.warn,
                 "Refused a client at {peer}: it attempted a message exchange "
@@ -265,7 +275,7 @@ class AgentConnection(Protocol):
             self._reset()
             return False
         if not self.factory.trust.trusts(peer):
-            self.factory.lines.emit(
+            self._budgeted(
                 "clients refused (untrusted certificate)",
                 LogLevel.warn,
                 "Refused a client at {peer}: its certificate {thumbprint} "
@@ -345,7 +355,7 @@ class AgentConnection(Protocol):
             self._timed_out()
 
     def _no_first_byte(self) -> None:
-        self.factory.lines.emit(
+        self._budgeted(
             f"connections timed out ({FIRST_BYTE_TIMEOUT})",
             LogLevel.info,
             "Disconnected {peer}: no TLS within {timeout} seconds ({reason})",
@@ -369,7 +379,7 @@ class AgentConnection(Protocol):
                 event=events.HANDSHAKE_TIMED_OUT,
             )
         else:
-            self.factory.lines.emit(
+            self._budgeted(
                 f"connections timed out ({HANDSHAKE_TIMEOUT})",
                 LogLevel.info,
                 "Disconnected {peer}: no complete request within {timeout} seconds ({reason})",
@@ -387,7 +397,7 @@ class AgentConnection(Protocol):
         """
         if self._finished:
             return
-        self.factory.lines.emit(
+        self._budgeted(
             f"connections evicted ({reason})",
             LogLevel.warn,
             "Closed the unauthenticated connection from {peer} to make room for a new one "
@@ -420,7 +430,7 @@ class AgentConnection(Protocol):
         """
         self._finished = True
         self._refused = True
-        self.factory.lines.emit(
+        self._budgeted(
             f"connections refused ({MAX_CONNECTIONS})",
             LogLevel.warn,
             "Refused a connection from {peer}: all {limit} places are held by authenticated "
@@ -472,7 +482,7 @@ class AgentConnection(Protocol):
         if self._refused:
             return
         if reason.check(SSL.Error) and self._preamble is not None:
-            self.factory.lines.emit(
+            self._budgeted(
                 "connections that failed TLS",
                 LogLevel.info,
                 "TLS with {peer} failed: {error}",

@@ -27,6 +27,12 @@ from twisted.logger import Logger, LogLevel
 DEFAULT_LINES = 20
 #: The window, in seconds.
 WINDOW = 10.0
+#: Source addresses a summary names, the busiest first.
+SOURCES_NAMED = 3
+#: Distinct source addresses counted per kind and window; beyond them the
+#: lines are counted under "others", so a flood from a million addresses
+#: costs no more memory than one from a thousand.
+SOURCES_COUNTED = 1000
 
 
 class LineBudget:
@@ -48,12 +54,15 @@ class LineBudget:
         self._window_end: float | None = None
         self._written: Counter[str] = Counter()
         self._held: Counter[str] = Counter()
+        self._sources: dict[str, Counter[str]] = {}
         self._summary: IDelayedCall | None = None
 
-    def level(self, kind: str, level: LogLevel) -> LogLevel:
+    def level(self, kind: str, level: LogLevel, source: str | None = None) -> LogLevel:
         """
         The level to emit one line of C{kind} at: C{level} while the
         window's budget lasts, C{debug} after it.
+
+        @param source: the peer's address, tallied for the summary.
         """
         now = self.clock.seconds()
         if self._window_end is None or now >= self._window_end:
@@ -63,15 +72,22 @@ class LineBudget:
             self._written[kind] += 1
             return level
         self._held[kind] += 1
+        if source is not None:
+            sources = self._sources.setdefault(kind, Counter())
+            if source in sources or len(sources) < SOURCES_COUNTED:
+                sources[source] += 1
         if self._summary is None:
             self._summary = self.clock.callLater(max(self._window_end - now, 0.0), self._window_over)
         return LogLevel.debug
 
-    def emit(self, kind: str, level: LogLevel, format: str, **fields: Any) -> None:
+    def emit(self, kind: str, level: LogLevel, format: str, source: str | None = None, **fields: Any) -> None:
         """
         C{log.emit(level, format, **fields)}, within the budget of C{kind}.
+
+        @param source: the peer's address (not its port), so the summary can
+            say where a flood came from.
         """
-        self.log.emit(self.level(kind, level), format, **fields)
+        self.log.emit(self.level(kind, level, source), format, **fields)
 
     def stop(self) -> None:
         """
@@ -91,14 +107,23 @@ class LineBudget:
                 self._summary.cancel()
             self._summary = None
         for kind, count in sorted(self._held.items()):
+            sources = self._sources.get(kind, Counter())
+            busiest = sources.most_common(SOURCES_NAMED)
+            named = ", ".join(f"{address} ({n})" for address, n in busiest)
+            others = count - sum(n for _, n in busiest)
+            if named and others:
+                named += f", others ({others})"
             self.log.warn(
                 "Held back {count} more log line(s) of {kind} in the last {window:g} s "
-                "(after {lines}); the metrics count every one",
+                "(after {lines}){from_}; the metrics count every one",
                 count=count,
                 kind=kind,
                 window=self.window,
                 lines=self.lines,
                 held_back=count,
+                from_=f", from {named}" if named else "",
+                sources=dict(busiest),
             )
         self._held.clear()
         self._written.clear()
+        self._sources.clear()

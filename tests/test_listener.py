@@ -450,6 +450,7 @@ class UnauthenticatedBudgetTests(SynchronousTestCase):
         agent.clock.advance(10)
         [summary] = self.logs.matching(held_back=4)
         self.assertEqual(summary["kind"], "connections timed out (first-byte-timeout)")
+        self.assertEqual(summary["sources"], {"192.0.2.7": 4})
         self.assertEqual(agent.factory.open_connections, 0)
 
     def test_a_flood_of_peers_that_fail_tls_writes_a_bounded_log(self) -> None:

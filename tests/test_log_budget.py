@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogEvent, LogLevel, LogPublisher
+from twisted.logger import Logger, LogEvent, LogLevel, LogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from tentacle.log_budget import LineBudget
+from tentacle.log_budget import SOURCES_COUNTED, LineBudget
 
 
 class Budget:
@@ -25,8 +25,8 @@ class Budget:
         publisher = LogPublisher(self.events.append)
         self.budget = LineBudget(self.clock, Logger(observer=publisher), lines=lines, window=window)
 
-    def line(self, kind: str = "connections evicted", **fields: Any) -> None:
-        self.budget.emit(kind, LogLevel.warn, "evicted {peer}", peer="192.0.2.1:1", event="e", **fields)
+    def line(self, kind: str = "connections evicted", source: str | None = "192.0.2.1", **fields: Any) -> None:
+        self.budget.emit(kind, LogLevel.warn, "evicted {peer}", source=source, peer=f"{source}:1", event="e", **fields)
 
     def at(self, level: LogLevel) -> list[LogEvent]:
         return [e for e in self.events if e["log_level"] is level and "peer" in e]
@@ -97,6 +97,29 @@ class LineBudgetTests(SynchronousTestCase):
         self.assertEqual(b.clock.getDelayedCalls(), [])
         b.budget.stop()
         self.assertEqual(len(b.summaries()), 1)
+
+    def test_the_summary_names_the_busiest_sources(self) -> None:
+        b = Budget(lines=1)
+        for source, n in [("198.51.100.1", 5), ("203.0.113.9", 9), ("192.0.2.4", 2), ("192.0.2.5", 1), (None, 1)]:
+            for _ in range(n):
+                b.line(source=source)
+        b.clock.advance(10)
+        [summary] = b.summaries()
+        self.assertEqual(summary["held_back"], 17)
+        self.assertEqual(summary["sources"], {"203.0.113.9": 9, "198.51.100.1": 4, "192.0.2.4": 2})  # the first line was written
+        self.assertIn("from 203.0.113.9 (9), 198.51.100.1 (4), 192.0.2.4 (2), others (2)", formatEvent(summary))
+
+    def test_sources_counted_are_bounded(self) -> None:
+        b = Budget(lines=0)
+        for n in range(SOURCES_COUNTED + 500):
+            b.line(source=f"10.0.{n // 256}.{n % 256}")
+        b.line(source="10.0.0.0")  # counted already: still tallied
+        self.assertEqual(len(b.budget._sources["connections evicted"]), SOURCES_COUNTED)
+        b.clock.advance(10)
+        [summary] = b.summaries()
+        self.assertEqual(summary["held_back"], SOURCES_COUNTED + 501)
+        self.assertEqual(summary["sources"]["10.0.0.0"], 2)
+        self.assertEqual(b.budget._sources, {})
 
     def test_a_quiet_window_writes_nothing_more(self) -> None:
         b = Budget(lines=3)
