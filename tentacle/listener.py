@@ -367,26 +367,26 @@ class AgentConnection(Protocol):
         self._abort()
 
     def _timed_out(self) -> None:
+        fields = dict(
+            peer=self._address,
+            timeout=self.factory.limits.handshake_timeout,
+            reason=HANDSHAKE_TIMEOUT,
+            event=events.HANDSHAKE_TIMED_OUT,
+        )
         if self._peer is not None:
             # A trusted server's certificate passed but its identity line
             # never came: its trouble, not a flood's; never held back.
             self.log.info(
                 "Disconnected {peer} ({thumbprint}): no complete request within {timeout} seconds ({reason})",
-                peer=self._address,
                 thumbprint=self._peer.thumbprint,
-                timeout=self.factory.limits.handshake_timeout,
-                reason=HANDSHAKE_TIMEOUT,
-                event=events.HANDSHAKE_TIMED_OUT,
+                **fields,
             )
         else:
             self._budgeted(
                 f"connections timed out ({HANDSHAKE_TIMEOUT})",
                 LogLevel.info,
                 "Disconnected {peer}: no complete request within {timeout} seconds ({reason})",
-                peer=self._address,
-                timeout=self.factory.limits.handshake_timeout,
-                reason=HANDSHAKE_TIMEOUT,
-                event=events.HANDSHAKE_TIMED_OUT,
+                **fields,
             )
         self._abort()
 

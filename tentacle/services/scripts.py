@@ -341,18 +341,7 @@ class ScriptRunner:
             await waiter
         if key in self._scripts or not launch.files:
             return self.start(launch, context)
-        workspace = self._store.workspace(launch.ticket.task_id)
-        for script_file in launch.files:
-            safe_file_name(workspace.root, script_file.name)  # refuse before creating anything
-        # A file whose data stream did not come is refused here too.  The
-        # request's streams stay open until StartScript answers, after this.
-        payloads = [(script_file, context.payload(script_file.contents)) for script_file in launch.files]
-        workspace.create()
-
-        def copy() -> None:
-            for script_file, payload in payloads:
-                workspace.add_file(script_file.name, _contents(script_file, payload))
-
+        workspace, copy = self._new_workspace(launch, context)
         self._copying[key] = []
         try:
             try:
@@ -360,31 +349,48 @@ class ScriptRunner:
             except BaseException:
                 await self._in_thread(workspace.delete)
                 raise
-            return self.start(launch, context, files_copied=True)
+            return self.start(launch, context, workspace)
         finally:
             for waiter in self._copying.pop(key):
                 waiter.callback(None)
 
-    def start(self, launch: ScriptLaunch, context: CallContext, files_copied: bool = False) -> RunningScript:
+    def _new_workspace(self, launch: ScriptLaunch, context: CallContext) -> tuple[ScriptWorkspace, Callable[[], None]]:
+        """
+        The script's workspace, made, and the (blocking) copying of its
+        files into it.  A file name that would leave the workspace, or whose
+        data stream did not come, is refused before anything is made; the
+        request's streams stay open until StartScript answers.
+        """
+        workspace = self._store.workspace(launch.ticket.task_id)
+        for script_file in launch.files:
+            safe_file_name(workspace.root, script_file.name)
+        payloads = [(script_file, context.payload(script_file.contents)) for script_file in launch.files]
+        workspace.create()
+
+        def copy() -> None:
+            for script_file, payload in payloads:
+                workspace.add_file(script_file.name, _contents(script_file, payload))
+
+        return workspace, copy
+
+    def start(
+        self, launch: ScriptLaunch, context: CallContext, workspace: ScriptWorkspace | None = None
+    ) -> RunningScript:
         """
         Create the workspace and set the script going; an already known
         ticket is returned as it is, never started twice.
 
-        @param files_copied: L{begin} has made the workspace and copied the
-            script's files into it; otherwise they are copied here.
+        @param workspace: made by L{begin}, with the script's files copied
+            in; otherwise it is made, and they are copied, here.
         """
         key = launch.ticket.task_id.lower()
         existing = self._scripts.get(key)
         if existing is not None:
             return existing
-        workspace = self._store.workspace(launch.ticket.task_id)
-        if not files_copied:
-            for script_file in launch.files:
-                safe_file_name(workspace.root, script_file.name)  # refuse before creating anything
-            workspace.create()
+        if workspace is None:
+            workspace, copy = self._new_workspace(launch, context)
             try:
-                for script_file in launch.files:
-                    workspace.add_file(script_file.name, _contents(script_file, context.payload(script_file.contents)))
+                copy()
             except BaseException:
                 workspace.delete()
                 raise

@@ -78,17 +78,12 @@ def available(reactor: Any) -> bool:
 
 def _descriptors() -> list[tuple[int, bool]]:
     """
-    Every open descriptor, with whether it closes on exec.  Where
-    C{/proc} cannot be read (a chroot, a sandbox), Twisted's own listing
-    (C{/dev/fd}, else every number below the limit), as for any child.
+    Every open descriptor, with whether it closes on exec: Twisted's own
+    listing, as for any child (C{/proc}, else C{/dev/fd}, else every number
+    below the limit, where C{/proc} cannot be read: a chroot, a sandbox).
     """
-    try:
-        names: Any = os.listdir("/proc/self/fd")
-    except OSError:
-        names = _twisted_process._listOpenFDs()
     state = []
-    for name in names:
-        fd = int(name)
+    for fd in _twisted_process._listOpenFDs():
         try:
             flags = fcntl.fcntl(fd, fcntl.F_GETFD)
         except OSError:  # the listing's own descriptor, closed since
